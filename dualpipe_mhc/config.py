@@ -1,0 +1,389 @@
+"""Typed run configuration: pydantic models validated once, at load time.
+
+A config is a TOML, YAML or JSON file (or a bundled preset name such as
+``paper-27b``) plus ``a.b=value`` overrides. Every invalid value fails here
+with a single line naming the field, the value and what would be valid; code
+deeper in the project takes the validated object and never re-checks it.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ResidualKind = Literal["plain", "hc", "mhc"]
+ScheduleName = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
+MlpKind = Literal["gelu", "swiglu"]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message is one line and says what would be valid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _positive(section: BaseModel, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise ConfigError(f"{prefix}.{name}={value} is invalid: it must be positive")
+
+
+class ModelConfig(_Section):
+    """Decoder-only LM shape. ``width`` is C, ``streams`` is n (DESIGN.md §4)."""
+
+    vocab_size: int = 512
+    width: int = 64
+    heads: int = 4
+    layers: int = 4
+    streams: int = 4
+    residual: ResidualKind = "mhc"
+    mlp: MlpKind = "gelu"
+    mlp_ratio: float = 4.0
+    mlp_hidden: int | None = None  # overrides mlp_ratio when set (e.g. SwiGLU 11008)
+    seq_len: int = 64
+    sinkhorn_iters: int = 20
+    tie_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        _positive(self, "model", "vocab_size", "width", "heads", "layers", "seq_len")
+        if self.streams < 1:
+            raise ConfigError(f"model.streams={self.streams} is invalid: n must be >= 1 (the paper uses 4)")
+        if self.width % self.heads:
+            divisors = [h for h in range(1, min(self.width, 128) + 1) if self.width % h == 0]
+            raise ConfigError(
+                f"model.heads={self.heads} does not divide model.width={self.width}; "
+                f"use one of {divisors[-6:]}"
+            )
+        if (self.width // self.heads) % 2:
+            raise ConfigError(
+                f"model.width/heads={self.width // self.heads} is odd; rotary embeddings need an even head dim"
+            )
+        if self.residual == "plain" and self.streams != 1:
+            raise ConfigError(
+                f"model.residual='plain' needs model.streams=1, got {self.streams}; "
+                "set model.streams=1 or model.residual='mhc'"
+            )
+        if self.sinkhorn_iters < 1:
+            raise ConfigError(f"model.sinkhorn_iters={self.sinkhorn_iters} is invalid: use >= 1 (the paper uses 20)")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"model.mlp_ratio={self.mlp_ratio} is invalid: use a positive number such as 4")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ConfigError(f"model.mlp_hidden={self.mlp_hidden} is invalid: use a positive int or leave it unset")
+        return self
+
+    @property
+    def hidden(self) -> int:
+        """MLP hidden width."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return int(round(self.mlp_ratio * self.width))
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+class PipelineConfig(_Section):
+    """How the model is cut and scheduled. ``microbatch_size`` counts sequences."""
+
+    schedule: ScheduleName = "dualpipev"
+    ranks: int = 2
+    microbatches: int = 4
+    microbatch_size: int = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        _positive(self, "pipeline", "ranks", "microbatches", "microbatch_size")
+        if self.schedule == "dualpipe" and self.ranks % 2:
+            raise ConfigError(
+                f"pipeline.ranks={self.ranks}: DualPipe needs an even number of ranks; "
+                f"use 1f1b, zb1p or dualpipev, or ranks={self.ranks + 1}"
+            )
+        if self.schedule in ("dualpipe", "dualpipev"):
+            need = 2 * self.ranks
+            if self.microbatches < need or self.microbatches % 2:
+                raise ConfigError(
+                    f"pipeline.microbatches={self.microbatches}: {self.schedule} needs an even count "
+                    f">= 2*ranks={need}; use microbatches={max(need, self.microbatches + self.microbatches % 2)}"
+                )
+        return self
+
+    def stages(self) -> int:
+        """Pipeline stages: two per rank for the bidirectional schedules."""
+        return self.ranks * (2 if self.schedule in ("dualpipe", "dualpipev") else 1)
+
+
+LINK_PRESETS: dict[str, tuple[float, float]] = {
+    # name: (one-way bandwidth GB/s, latency us). DESIGN.md §6.
+    "h800-nvlink": (200.0, 3.0),   # 400 GB/s bidirectional
+    "h100-nvlink": (450.0, 3.0),   # 900 GB/s bidirectional
+    "h200-nvlink": (450.0, 3.0),
+    "ib-400g": (50.0, 5.0),        # 400 Gb/s InfiniBand per GPU
+    "pcie-gen5": (64.0, 5.0),      # x16, one way
+    "gloo-cpu": (3.0, 50.0),       # two CPU Ray actors over gloo on the 2-core box
+}
+
+
+class LinkConfig(_Section):
+    """A point-to-point link between neighbouring ranks: a preset, or explicit figures."""
+
+    preset: str | None = "h800-nvlink"
+    bandwidth_gbps: float | None = None  # one-way GB/s (1e9 bytes/s); overrides the preset
+    latency_us: float | None = None
+    shape: bool = False  # runtime: pace sends to this link's rate (emulate a slower link)
+
+    @model_validator(mode="after")
+    def _check(self) -> LinkConfig:
+        if self.preset is not None and self.preset not in LINK_PRESETS:
+            raise ConfigError(
+                f"link.preset={self.preset!r} is unknown; use one of {sorted(LINK_PRESETS)} "
+                "or set link.preset=none with link.bandwidth_gbps and link.latency_us"
+            )
+        if self.preset is None and self.bandwidth_gbps is None:
+            raise ConfigError("link.preset is none but link.bandwidth_gbps is unset; set it (one-way GB/s) or pick a preset")
+        if self.bandwidth_gbps is not None and self.bandwidth_gbps <= 0:
+            raise ConfigError(f"link.bandwidth_gbps={self.bandwidth_gbps} is invalid: use a positive one-way GB/s")
+        if self.latency_us is not None and self.latency_us < 0:
+            raise ConfigError(f"link.latency_us={self.latency_us} is invalid: use >= 0")
+        return self
+
+    @property
+    def bandwidth(self) -> float:
+        """One-way bandwidth in bytes per second."""
+        gbps = self.bandwidth_gbps if self.bandwidth_gbps is not None else LINK_PRESETS[self.preset][0]
+        return gbps * 1e9
+
+    @property
+    def latency(self) -> float:
+        """One-way latency in seconds."""
+        us = self.latency_us if self.latency_us is not None else LINK_PRESETS[self.preset][1]
+        return us * 1e-6
+
+
+HARDWARE_PRESETS: dict[str, tuple[float, float]] = {
+    # name: (achieved dense bf16 matmul TFLOP/s, achieved HBM copy TB/s).
+    # h200: copy measured here (DESIGN.md §6), matmul from the device notes (~790).
+    # h100/h800 share a die; their HBM3 runs at ~3.35 TB/s peak, ~2.9 achieved.
+    "h200": (790.0, 4.27),
+    "h100": (700.0, 2.9),
+    "h800": (700.0, 2.9),
+    "cpu": (0.2, 0.02),
+}
+
+
+class HardwareConfig(_Section):
+    preset: str = "h800"
+    matmul_tflops: float | None = None
+    hbm_tbps: float | None = None
+    memory_gib: float = 80.0
+
+    @model_validator(mode="after")
+    def _check(self) -> HardwareConfig:
+        if self.preset not in HARDWARE_PRESETS:
+            raise ConfigError(f"hardware.preset={self.preset!r} is unknown; use one of {sorted(HARDWARE_PRESETS)}")
+        for name in ("matmul_tflops", "hbm_tbps", "memory_gib"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"hardware.{name}={v} is invalid: use a positive number")
+        return self
+
+    @property
+    def flops(self) -> float:
+        """Achieved matmul rate, FLOP/s."""
+        t = self.matmul_tflops if self.matmul_tflops is not None else HARDWARE_PRESETS[self.preset][0]
+        return t * 1e12
+
+    @property
+    def bandwidth(self) -> float:
+        """Achieved memory bandwidth, bytes/s."""
+        t = self.hbm_tbps if self.hbm_tbps is not None else HARDWARE_PRESETS[self.preset][1]
+        return t * 1e12
+
+
+class RecomputeConfig(_Section):
+    """mHC recomputation in blocks of ``block_layers`` consecutive sublayer-pairs (DESIGN.md §4)."""
+
+    enabled: bool = False
+    block_layers: int | Literal["auto"] = "auto"
+    memory_budget_gib: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RecomputeConfig:
+        if isinstance(self.block_layers, int) and self.block_layers < 1:
+            raise ConfigError(f"recompute.block_layers={self.block_layers} is invalid: use >= 1 or 'auto'")
+        if self.memory_budget_gib is not None and self.memory_budget_gib <= 0:
+            raise ConfigError(f"recompute.memory_budget_gib={self.memory_budget_gib} is invalid: use a positive GiB")
+        return self
+
+
+class RunSettings(_Section):
+    """Training-loop settings for ``run`` / ``profile``."""
+
+    steps: int = 3
+    seed: int = 0
+    lr: float = 1e-3
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    kernels: Literal["auto", "triton", "reference"] = "auto"
+    checkpoint_every: int = 0  # 0: never
+    checkpoint_dir: str = "checkpoints"
+    timeout_s: float = 60.0  # a stuck rank or transfer ends the run after this long
+
+    @model_validator(mode="after")
+    def _check(self) -> RunSettings:
+        _positive(self, "run", "steps", "lr", "timeout_s")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"run.checkpoint_every={self.checkpoint_every} is invalid: use 0 (never) or a step count")
+        return self
+
+
+class ClusterConfig(_Section):
+    """Where the Ray workers run."""
+
+    address: str | None = None  # None: start a local Ray cluster
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    use_gpus: Literal["auto", "yes", "no"] = "auto"
+
+
+class RunConfig(_Section):
+    """The whole configuration, one section per concern."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    link: LinkConfig = Field(default_factory=LinkConfig)
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    recompute: RecomputeConfig = Field(default_factory=RecomputeConfig)
+    run: RunSettings = Field(default_factory=RunSettings)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        stages = self.pipeline.stages()
+        if self.model.layers < stages:
+            raise ConfigError(
+                f"model.layers={self.model.layers} is fewer than the {stages} pipeline stages of "
+                f"{self.pipeline.schedule} on {self.pipeline.ranks} ranks; use model.layers>={stages} or fewer ranks"
+            )
+        return self
+
+    def tokens_per_microbatch(self) -> int:
+        return self.pipeline.microbatch_size * self.model.seq_len
+
+
+def bundled_presets() -> list[str]:
+    """Names of the config files that ship with the package."""
+    files = resources.files("dualpipe_mhc.configs").iterdir()
+    return sorted(f.name[: -len(".toml")] for f in files if f.name.endswith(".toml"))
+
+
+def _read_file(source: str | Path) -> dict[str, Any]:
+    path = Path(source)
+    if not path.exists():
+        name = str(source)
+        if name in bundled_presets():
+            return _parse(resources.files("dualpipe_mhc.configs").joinpath(f"{name}.toml").read_text(), ".toml", name)
+        raise ConfigError(f"config {name!r} is neither a file nor a bundled preset; presets: {bundled_presets()}")
+    return _parse(path.read_text(), path.suffix.lower(), str(path))
+
+
+def _parse(text: str, suffix: str, origin: str) -> dict[str, Any]:
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config {origin}: unknown format {suffix!r}; use .toml, .yaml or .json")
+    except ConfigError:
+        raise
+    except Exception as exc:  # parser errors differ per format; all mean the same to the user
+        raise ConfigError(f"config {origin} does not parse: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {origin} must hold a table of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_value(raw: str) -> Any:
+    """An override's value: JSON-ish scalars (1, 2.5, true, none, "x") or a bare string."""
+    low = raw.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``section.field=value`` applied."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value, e.g. model.streams=4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in RunConfig.model_fields:
+            raise ConfigError(
+                f"override key {key!r} is invalid; use section.field with section one of {list(RunConfig.model_fields)}"
+            )
+        section, field = parts
+        out.setdefault(section, {})
+        out[section] = dict(out[section])
+        out[section][field] = _parse_value(raw)
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict into a RunConfig, turning pydantic's report into one line."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    ctx_error = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, ConfigError):
+        return str(ctx_error)
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        section = err["loc"][0] if len(err["loc"]) > 1 else None
+        fields = (
+            list(RunConfig.model_fields[section].annotation.model_fields)
+            if section in RunConfig.model_fields
+            else list(RunConfig.model_fields)
+        )
+        return f"{loc} is not a config field; valid here: {fields}"
+    return f"{loc}={err.get('input')!r} is invalid: {err['msg']}"
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """File (or bundled preset name) + ``section.field=value`` overrides -> validated RunConfig.
+
+    With ``source=None`` the defaults apply: a tiny mHC model that trains on a CPU.
+    """
+    data = _read_file(source) if source is not None else {}
+    return config_from_dict(apply_overrides(data, overrides))
+
+
+def dump_config(cfg: RunConfig) -> dict[str, Any]:
+    """Plain-dict form, suitable for JSON reports and re-loading."""
+    return cfg.model_dump(mode="json")

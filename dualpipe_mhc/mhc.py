@@ -1,0 +1,92 @@
+"""The hyper-connection wrapper: one module around any sublayer F (DESIGN.md §4).
+
+    x_{l+1} = H_res @ x_l + H_post^T * F(H_pre @ x_l)        x: [..., n, C]
+
+Residual kinds:
+    plain  x + F(x), one stream (n = 1), no mappings: the baseline.
+    hc     Hyper-Connections: linear dynamic mappings, H_res unconstrained.
+    mhc    manifold-constrained: H_pre = sigmoid, H_post = 2 sigmoid, H_res Sinkhorn-projected.
+
+Initialisation (so that at step 0 the block behaves like a residual block):
+    alpha = 0.01 for all three, so the dynamic parts start near zero and the
+    mappings sit near their static biases;
+    b_pre gives every stream weight 1/n (mhc: sigmoid(b_pre) = 1/n; hc: b_pre = 1/n),
+    so F sees the mean of the streams;
+    b_post gives every stream weight 1 (mhc: 2 sigmoid(0) = 1; hc: 1);
+    b_res is ``res_init`` on the diagonal and 0 off it: for mhc, Sinkhorn of that
+    is I up to off-diagonals of about 1/(e^res_init + n - 1) (0.017 at n = 4),
+    close to identity while keeping gradients for mixing alive; for hc, exactly I.
+With the streams widened by copying and reduced by their mean, such a block
+reduces to x + F(x) at n = 1 and to the same function as a plain block for
+identical streams.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import get_ops, resolve_backend
+
+ALPHA_INIT = 0.01
+RES_INIT = 4.0
+
+
+class HyperConnection(nn.Module):
+    """Wraps ``sublayer`` (F: ``[..., C] -> [..., C]``) with the three mappings over ``streams`` streams."""
+
+    def __init__(
+        self,
+        sublayer: nn.Module,
+        width: int,
+        streams: int,
+        kind: str = "mhc",
+        sinkhorn_iters: int = 20,
+        kernels: str = "auto",
+        res_init: float = RES_INIT,
+    ) -> None:
+        super().__init__()
+        if kind == "plain" and streams != 1:
+            raise ValueError(f"residual kind 'plain' needs streams=1, got {streams}")
+        self.sublayer = sublayer
+        self.width, self.streams, self.kind = width, streams, kind
+        self.sinkhorn_iters = sinkhorn_iters
+        self.kernels = kernels
+        if kind == "plain":
+            return
+        n = streams
+        m = 2 * n + n * n
+        self.phi = nn.Parameter(torch.randn(n * width, m) / math.sqrt(n * width))  # [n*C, 2n+n²]
+        self.alpha = nn.Parameter(torch.full((3,), ALPHA_INIT))
+        self.bias = nn.Parameter(self.initial_bias(n, kind, res_init))  # [2n+n²]
+
+    @staticmethod
+    def initial_bias(n: int, kind: str, res_init: float = RES_INIT) -> Tensor:
+        if kind == "mhc":
+            # sigmoid(b) = 1/n; n = 1 has no finite solution, so it takes 0 (weight 1/2).
+            b_pre = torch.full((n,), -math.log(n - 1) if n > 1 else 0.0)
+            b_post = torch.zeros(n)
+            b_res = torch.eye(n) * res_init
+        else:
+            b_pre = torch.full((n,), 1.0 / n)
+            b_post = torch.ones(n)
+            b_res = torch.eye(n)
+        return torch.cat([b_pre, b_post, b_res.flatten()])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [..., n, C] -> [..., n, C]``."""
+        if self.kind == "plain":
+            return x + self.sublayer(x.squeeze(-2)).unsqueeze(-2)
+        ops = get_ops(resolve_backend(self.kernels, x.device.type, self.kind))
+        u, h_post, h_res = ops.pre(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.kind)
+        y = self.sublayer(u)  # [..., C]
+        return ops.post_res(x, y, h_post, h_res)
+
+    def mappings(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(h_pre, h_post, h_res) for input ``x``, through the reference: for reports, not the hot path."""
+        from .kernels import reference
+
+        proj, _ = reference.rms_project(x, self.phi)
+        return reference.mappings_from_proj(proj, self.alpha, self.bias, self.streams, self.sinkhorn_iters, self.kind)

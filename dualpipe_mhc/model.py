@@ -1,0 +1,225 @@
+"""The n-stream decoder-only LM and its split into pipeline stage chunks.
+
+    tokens [B, S] -> embed [B, S, C] -> widen (copy) [B, S, n, C]
+      -> L x (attention sublayer, MLP sublayer), each wrapped by a HyperConnection
+      -> reduce (mean over streams) [B, S, C] -> RMSNorm -> head [B, S, V] -> loss
+
+A stage chunk is a contiguous slice of that: the first takes tokens, the last
+returns the loss, the rest map ``[B, S, n, C] -> [B, S, n, C]``. Every chunk
+holds the same parameter objects as the whole model, so splitting changes no
+arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .mhc import HyperConnection
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        cd = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(cd)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotary(x: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding over the sequence dim of ``x [B, H, S, D]``."""
+    s, d = x.shape[-2], x.shape[-1]
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d))
+    angles = torch.arange(s, device=x.device, dtype=torch.float64)[:, None] * inv[None, :]  # [S, D/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Pre-norm causal self-attention: ``[B, S, C] -> [B, S, C]``."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = RMSNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.out = nn.Linear(width, width, bias=False)
+
+    def forward(self, u: Tensor) -> Tensor:
+        b, s, c = u.shape
+        q, k, v = self.qkv(self.norm(u)).view(b, s, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(rotary(q), rotary(k), v, is_causal=True)  # [B, H, S, D]
+        return self.out(o.transpose(1, 2).reshape(b, s, c))
+
+
+class Mlp(nn.Module):
+    """Pre-norm MLP, GELU or SwiGLU: ``[B, S, C] -> [B, S, C]``."""
+
+    def __init__(self, width: int, hidden: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(width)
+        self.up = nn.Linear(width, hidden * (2 if kind == "swiglu" else 1), bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, u: Tensor) -> Tensor:
+        h = self.up(self.norm(u))
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.down(h)
+
+
+class Block(nn.Module):
+    """One transformer layer: two hyper-connected sublayers, ``[B, S, n, C] -> [B, S, n, C]``."""
+
+    def __init__(self, cfg: ModelConfig, kernels: str = "auto") -> None:
+        super().__init__()
+        wrap = dict(
+            width=cfg.width, streams=cfg.streams, kind=cfg.residual, sinkhorn_iters=cfg.sinkhorn_iters, kernels=kernels
+        )
+        self.attn = HyperConnection(Attention(cfg.width, cfg.heads), **wrap)
+        self.mlp = HyperConnection(Mlp(cfg.width, cfg.hidden, cfg.mlp), **wrap)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.attn(x))
+
+
+class Embed(nn.Module):
+    """tokens ``[B, S]`` -> widened streams ``[B, S, n, C]`` (the embedding copied to every stream)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.streams = cfg.streams
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.width)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        e = self.tok(tokens)
+        return e.unsqueeze(-2).expand(*e.shape[:-1], self.streams, e.shape[-1]).contiguous()
+
+
+class Head(nn.Module):
+    """streams ``[B, S, n, C]`` -> mean-reduce -> RMSNorm -> logits ``[B, S, V]``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.norm(x.mean(dim=-2)))
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy over every position of the micro-batch."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+class StageChunk(nn.Module):
+    """A contiguous slice of the model, the unit the pipeline places on a rank.
+
+    ``forward(x, targets=None)``: ``x`` is tokens ``[B, S]`` if ``is_first`` else
+    streams ``[B, S, n, C]``; returns the scalar loss if ``is_last`` (``targets``
+    required) else streams ``[B, S, n, C]``.
+    """
+
+    def __init__(self, embed: Embed | None, blocks: list[Block], head: Head | None, layer_range: tuple[int, int]) -> None:
+        super().__init__()
+        self.embed = embed
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.layer_range = layer_range
+
+    @property
+    def is_first(self) -> bool:
+        return self.embed is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.head is not None
+
+    def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
+        if self.embed is not None:
+            x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        if self.head is None:
+            return x
+        if targets is None:
+            raise ValueError("the last stage chunk needs targets to compute the loss")
+        return lm_loss(self.head(x), targets)
+
+
+def split_layers(layers: int, stages: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` layer ranges for ``stages`` chunks, sizes differing by at most one."""
+    if not 1 <= stages <= layers:
+        raise ValueError(f"cannot split {layers} layers into {stages} stages; use 1..{layers} stages")
+    base, extra = divmod(layers, stages)
+    ranges, start = [], 0
+    for s in range(stages):
+        end = start + base + (1 if s < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+class MhcLM(nn.Module):
+    """The whole model: ``forward(tokens [B, S], targets [B, S]) -> loss``."""
+
+    def __init__(self, cfg: ModelConfig, kernels: str = "auto") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.layers))
+        self.head = Head(cfg)
+        self.apply(_init_weights)
+
+    def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return lm_loss(self.head(x), targets)
+
+    def stage_chunks(self, stages: int) -> list[StageChunk]:
+        """Split into ``stages`` contiguous chunks sharing this model's parameters."""
+        ranges = split_layers(len(self.blocks), stages)
+        return [
+            StageChunk(
+                self.embed if s == 0 else None,
+                list(self.blocks[a:b]),
+                self.head if s == stages - 1 else None,
+                (a, b),
+            )
+            for s, (a, b) in enumerate(ranges)
+        ]
+
+    def hyper_connections(self) -> list[HyperConnection]:
+        """Every wrapped sublayer in depth order (attention, MLP, attention, ...)."""
+        return [hc for block in self.blocks for hc in (block.attn, block.mlp)]
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, kernels: str = "auto", dtype: torch.dtype = torch.float32) -> MhcLM:
+    """The model for ``cfg`` with parameters drawn from ``seed``: the same seed gives the same weights everywhere."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = MhcLM(cfg, kernels).to(dtype)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return model

@@ -1,0 +1,57 @@
+"""mHC ops: a float64-capable PyTorch reference and fused Triton kernels behind one dispatch point.
+
+The layer calls :func:`get_ops` and never names an implementation, so a fused
+kernel replaces the reference without touching the module. Triton is imported
+only when the Triton backend is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+BACKENDS = ("auto", "triton", "reference")
+ENV_VAR = "DUALPIPE_MHC_KERNELS"
+
+
+def _reference_ops() -> SimpleNamespace:
+    from . import reference
+
+    return SimpleNamespace(name="reference", pre=reference.mhc_pre, post_res=reference.post_res)
+
+
+def _triton_ops() -> SimpleNamespace:
+    from . import fused  # noqa: F401  (imports triton)
+
+    return SimpleNamespace(name="triton", pre=fused.mhc_pre, post_res=fused.post_res)
+
+
+def resolve_backend(requested: str | None, device_type: str, kind: str = "mhc") -> str:
+    """'auto' -> 'triton' on CUDA for mHC, else 'reference'. ``$DUALPIPE_MHC_KERNELS`` overrides 'auto'."""
+    name = requested or "auto"
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"kernels backend {name!r} is unknown; use one of {BACKENDS}")
+    if name == "auto":
+        return "triton" if device_type == "cuda" and kind == "mhc" and _fused_available() else "reference"
+    return name
+
+
+def _fused_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from . import fused  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_ops(backend: str) -> SimpleNamespace:
+    """The op table for a resolved backend name: ``.pre(x, phi, alpha, bias, iters, kind)`` and ``.post_res(x, y, h_post, h_res)``."""
+    if backend == "triton":
+        return _triton_ops()
+    if backend == "reference":
+        return _reference_ops()
+    raise ValueError(f"kernels backend {backend!r} is unknown; use 'triton' or 'reference'")

@@ -1,0 +1,136 @@
+"""Plain-PyTorch reference of every mHC op (DESIGN.md §4): the twin each fused kernel is tested against.
+
+Dtype-generic: run it in float64 for ground truth. The small mappings, the norm
+and Sinkhorn compute in at least float32 whatever the stream dtype (the paper's
+mixed-precision rule); the stream outputs come back in the stream dtype.
+
+Shapes (leading batch dims ``...`` are allowed everywhere; kernels flatten them to T):
+    x:      [..., n, C]     the n residual streams
+    phi:    [n*C, 2n + n*n] the three projections side by side: pre | post | res
+    alpha:  [3]             a_pre, a_post, a_res
+    bias:   [2n + n*n]      b_pre | b_post | vec(b_res)
+    h_pre:  [..., n]
+    h_post: [..., n]
+    h_res:  [..., n, n]
+    y:      [..., C]        the sublayer output F(h_pre @ x)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+RMS_EPS = 1e-6
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, otherwise the dtype itself (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rms_project(x: Tensor, phi: Tensor, eps: float = RMS_EPS) -> tuple[Tensor, Tensor]:
+    """One pass over vec(x): the projections x' @ phi with RMSNorm's 1/rms applied after the matmul.
+
+    Returns ``(proj [..., m], rstd [...])`` where ``proj = (vec(x) @ phi) * rstd``,
+    identical to ``RMSNorm(vec(x)) @ phi`` without a learned gain (fold a gain into phi).
+    """
+    cd = compute_dtype(x.dtype)
+    flat = x.reshape(*x.shape[:-2], -1).to(cd)  # [..., n*C]
+    rstd = torch.rsqrt(flat.pow(2).mean(dim=-1) + eps)  # [...]
+    proj = (flat @ phi.to(cd)) * rstd.unsqueeze(-1)
+    return proj, rstd
+
+
+def sinkhorn(logits: Tensor, iters: int) -> Tensor:
+    """Sinkhorn-Knopp on exp(logits) [..., n, n]: ``iters`` rounds of column- then row-normalisation.
+
+    Rows end exactly stochastic; columns are only as close as ``iters`` allows.
+    """
+    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))  # the shift cancels in the first T_c
+    for _ in range(iters):
+        m = m / m.sum(dim=-2, keepdim=True)  # T_c: each column sums to 1
+        m = m / m.sum(dim=-1, keepdim=True)  # T_r: each row sums to 1
+    return m
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def _two_sigmoid(t: Tensor) -> Tensor:
+    return 2.0 * torch.sigmoid(t)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """How raw mapping logits become H_pre, H_post, H_res: one entry per residual kind.
+
+    A variant such as DeepSeek-V4's (sigmoid + eps for all three, then Sinkhorn)
+    is one more entry here, not a rewrite of the layer.
+    """
+
+    pre: Callable[[Tensor], Tensor]
+    post: Callable[[Tensor], Tensor]
+    res: Callable[[Tensor, int], Tensor]  # (logits [..., n, n], sinkhorn_iters) -> H_res
+
+
+MAPPINGS: dict[str, Mapping] = {
+    "mhc": Mapping(pre=torch.sigmoid, post=_two_sigmoid, res=sinkhorn),
+    # Hyper-Connections: linear dynamic mappings, H_res unconstrained.
+    "hc": Mapping(pre=_identity, post=_identity, res=lambda logits, iters: logits),
+}
+
+
+def mappings_from_proj(
+    proj: Tensor, alpha: Tensor, bias: Tensor, n: int, sinkhorn_iters: int, kind: str = "mhc"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``proj [..., 2n+n²]`` -> (h_pre [..., n], h_post [..., n], h_res [..., n, n])."""
+    mapping = MAPPINGS[kind]
+    alpha = alpha.to(proj.dtype)
+    bias = bias.to(proj.dtype)
+    pre_logit = alpha[0] * proj[..., :n] + bias[:n]
+    post_logit = alpha[1] * proj[..., n : 2 * n] + bias[n : 2 * n]
+    res_logit = alpha[2] * proj[..., 2 * n :] + bias[2 * n :]
+    res_logit = res_logit.reshape(*res_logit.shape[:-1], n, n)
+    return mapping.pre(pre_logit), mapping.post(post_logit), mapping.res(res_logit, sinkhorn_iters)
+
+
+def pre_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
+    """u = H_pre @ x: ``[..., n, C]``, ``[..., n]`` -> ``[..., C]`` in x's dtype."""
+    cd = compute_dtype(x.dtype)
+    return torch.einsum("...i,...ic->...c", h_pre.to(cd), x.to(cd)).to(x.dtype)
+
+
+def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """x_next = H_res @ x + H_post^T ⊗ y: ``[..., n, C]`` in x's dtype."""
+    cd = compute_dtype(x.dtype)
+    mixed = torch.einsum("...ij,...jc->...ic", h_res.to(cd), x.to(cd))
+    return (mixed + h_post.to(cd).unsqueeze(-1) * y.to(cd).unsqueeze(-2)).to(x.dtype)
+
+
+def mhc_pre(
+    x: Tensor,
+    phi: Tensor,
+    alpha: Tensor,
+    bias: Tensor,
+    sinkhorn_iters: int,
+    kind: str = "mhc",
+    eps: float = RMS_EPS,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The whole 'pre' half of an mHC sublayer: x -> (u [..., C], h_post [..., n], h_res [..., n, n])."""
+    n = x.shape[-2]
+    proj, _ = rms_project(x, phi, eps)
+    h_pre, h_post, h_res = mappings_from_proj(proj, alpha, bias, n, sinkhorn_iters, kind)
+    return pre_aggregate(x, h_pre), h_post, h_res
+
+
+def amax_gain(product: Tensor) -> tuple[Tensor, Tensor]:
+    """Amax Gain Magnitude of a mixing-matrix product ``[..., n, n]``: (forward, backward).
+
+    Forward gain is the largest absolute row sum, backward the largest absolute column sum.
+    """
+    a = product.abs()
+    return a.sum(dim=-1).amax(dim=-1), a.sum(dim=-2).amax(dim=-1)

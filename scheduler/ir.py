@@ -1,0 +1,152 @@
+"""The schedule IR: per-rank ordered action lists, plain data shared by the validator,
+the simulator, the trace exporter and the runtime (DESIGN.md §5, STYLE.md practice 1).
+
+Vocabulary:
+    stage       position of a model chunk along a micro-batch's path, 0 .. num_stages-1;
+                model stage s is the s-th of ``num_stages`` contiguous layer slices.
+    chunk       which of a rank's (at most two) model chunks an action runs on.
+    path        the (rank, chunk) locations a micro-batch visits, in stage order.
+                1F1B/ZB1P: one path [(0,0), (1,0), ...]; DualPipeV: one V-shaped path
+                [(0,0) .. (P-1,0), (P-1,1) .. (0,1)]; DualPipe: two paths, one per
+                direction, [(0,0) .. (P-1,0)] and [(P-1,1) .. (0,1)].
+    microbatch  global id 0 .. M-1; ``direction_of`` says which path it takes.
+
+Action kinds:
+    F       forward of (stage, microbatch)
+    B       backward for input gradients (the weight gradients are queued when the
+            schedule has W actions, computed in place otherwise)
+    W       weight gradients of (stage, microbatch), deferred (zero-bubble split)
+    FB      an overlapped pair issued together: the F half is the action's own
+            stage/chunk/microbatch, the B half is ``pair``
+    SEND_F / RECV_F / SEND_B / RECV_B
+            explicit transfers of activations (F) or their gradients (B) to/from ``peer``;
+            inserted by :func:`scheduler.comms.add_comms` where the runtime needs them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Literal
+
+ActionKind = Literal["F", "B", "W", "FB", "SEND_F", "RECV_F", "SEND_B", "RECV_B"]
+COMPUTE_KINDS = ("F", "B", "W", "FB")
+COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
+
+Location = tuple[int, int]  # (rank, chunk)
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    rank: int
+    stage: int
+    chunk: int
+    microbatch: int
+    peer: int | None = None  # SEND_*/RECV_*: the other rank
+    pair: Action | None = None  # FB: the B half
+
+    def __str__(self) -> str:
+        if self.kind == "FB":
+            assert self.pair is not None
+            return f"F{self.microbatch}.s{self.stage}.c{self.chunk}&B{self.pair.microbatch}.s{self.pair.stage}.c{self.pair.chunk}@r{self.rank}"
+        peer = f"->r{self.peer}" if self.kind.startswith("SEND") else f"<-r{self.peer}" if self.peer is not None else ""
+        return f"{self.kind}{self.microbatch}.s{self.stage}.c{self.chunk}@r{self.rank}{peer}"
+
+    @property
+    def label(self) -> str:
+        """Short trace name like ``F3.c1`` (``F3.c1&B0.c0`` for a pair)."""
+        if self.kind == "FB":
+            assert self.pair is not None
+            return f"F{self.microbatch}.c{self.chunk}&B{self.pair.microbatch}.c{self.pair.chunk}"
+        return f"{self.kind}{self.microbatch}.c{self.chunk}"
+
+    def halves(self) -> tuple[Action, ...]:
+        """The compute actions this one stands for: (F, B) for FB, else (self,)."""
+        if self.kind == "FB":
+            assert self.pair is not None
+            return (Action("F", self.rank, self.stage, self.chunk, self.microbatch), self.pair)
+        return (self,)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if v is not None and k != "pair"}
+        if self.pair is not None:
+            d["pair"] = self.pair.to_dict()
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Action:
+        pair = Action.from_dict(d["pair"]) if d.get("pair") else None
+        return Action(d["kind"], d["rank"], d["stage"], d["chunk"], d["microbatch"], d.get("peer"), pair)
+
+
+@dataclass
+class Schedule:
+    """A whole pipeline step: ``actions[rank]`` is that rank's ordered list."""
+
+    name: str
+    ranks: int
+    microbatches: int
+    num_stages: int
+    paths: list[list[Location]]  # paths[d][stage] = (rank, chunk)
+    directions: list[int]  # directions[microbatch] = index into paths
+    actions: list[list[Action]] = field(default_factory=list)
+    split_backward: bool = False  # True when B computes input grads only and W actions follow
+
+    def direction_of(self, microbatch: int) -> int:
+        return self.directions[microbatch]
+
+    def location(self, microbatch: int, stage: int) -> Location:
+        """(rank, chunk) that runs ``stage`` of ``microbatch``."""
+        return self.paths[self.directions[microbatch]][stage]
+
+    def chunks_of(self, rank: int) -> dict[int, int]:
+        """{chunk: model stage} held by ``rank`` (DualPipe rank i: {0: i, 1: P-1-i})."""
+        held: dict[int, int] = {}
+        for path in self.paths:
+            for stage, (r, c) in enumerate(path):
+                if r == rank:
+                    held.setdefault(c, stage)
+        return held
+
+    def __iter__(self) -> Iterator[Action]:
+        for rank_actions in self.actions:
+            yield from rank_actions
+
+    def compute_actions(self, rank: int) -> list[Action]:
+        return [a for a in self.actions[rank] if a.kind in COMPUTE_KINDS]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "ranks": self.ranks,
+            "microbatches": self.microbatches,
+            "num_stages": self.num_stages,
+            "paths": [[list(loc) for loc in p] for p in self.paths],
+            "directions": list(self.directions),
+            "split_backward": self.split_backward,
+            "actions": [[a.to_dict() for a in acts] for acts in self.actions],
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Schedule:
+        return Schedule(
+            name=d["name"],
+            ranks=d["ranks"],
+            microbatches=d["microbatches"],
+            num_stages=d["num_stages"],
+            paths=[[tuple(loc) for loc in p] for p in d["paths"]],
+            directions=list(d["directions"]),
+            split_backward=d.get("split_backward", False),
+            actions=[[Action.from_dict(a) for a in acts] for acts in d["actions"]],
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def format(self) -> str:
+        """One line per rank, compute actions only: a quick look at the shape of the schedule."""
+        lines = []
+        for r, acts in enumerate(self.actions):
+            lines.append(f"rank {r}: " + " ".join(a.label for a in acts if a.kind in COMPUTE_KINDS))
+        return "\n".join(lines)
