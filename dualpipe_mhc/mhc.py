@@ -4,7 +4,8 @@
 
 Residual kinds:
     plain  x + F(x), one stream (n = 1), no mappings: the baseline.
-    hc     Hyper-Connections: linear dynamic mappings, H_res unconstrained.
+    hc     Hyper-Connections (Zhu et al. 2024): H = alpha * tanh(x' @ phi) + b for all
+           three mappings, used as they are, so H_res is unconstrained.
     mhc    manifold-constrained: H_pre = sigmoid, H_post = 2 sigmoid, H_res Sinkhorn-projected.
 
 Initialisation (so that at step 0 the block behaves like a residual block):

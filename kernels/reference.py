@@ -64,23 +64,31 @@ def _two_sigmoid(t: Tensor) -> Tensor:
     return 2.0 * torch.sigmoid(t)
 
 
+def _unconstrained(logits: Tensor, iters: int) -> Tensor:
+    return logits
+
+
 @dataclass(frozen=True)
 class Mapping:
-    """How raw mapping logits become H_pre, H_post, H_res: one entry per residual kind.
+    """How the projections become H_pre, H_post, H_res: one entry per residual kind.
 
-    A variant such as DeepSeek-V4's (sigmoid + eps for all three, then Sinkhorn)
-    is one more entry here, not a rewrite of the layer.
+    ``logit = alpha * dynamic(proj) + bias``, then ``pre``/``post``/``res`` map the
+    logits. A variant such as DeepSeek-V4's (sigmoid + eps for all three, then
+    Sinkhorn) is one more entry here, not a rewrite of the layer.
     """
 
     pre: Callable[[Tensor], Tensor]
     post: Callable[[Tensor], Tensor]
     res: Callable[[Tensor, int], Tensor]  # (logits [..., n, n], sinkhorn_iters) -> H_res
+    dynamic: Callable[[Tensor], Tensor] = _identity  # applied to x' @ phi before the alpha scale
 
 
 MAPPINGS: dict[str, Mapping] = {
+    # mHC (paper eq. 7-8): linear dynamic part, then sigmoid / 2 sigmoid / Sinkhorn.
     "mhc": Mapping(pre=torch.sigmoid, post=_two_sigmoid, res=sinkhorn),
-    # Hyper-Connections: linear dynamic mappings, H_res unconstrained.
-    "hc": Mapping(pre=_identity, post=_identity, res=lambda logits, iters: logits),
+    # Hyper-Connections (Zhu et al. 2024; mHC paper eq. 5): H = alpha * tanh(x' @ phi) + b,
+    # used as is, so H_res is unconstrained.
+    "hc": Mapping(pre=_identity, post=_identity, res=_unconstrained, dynamic=torch.tanh),
 }
 
 
@@ -88,12 +96,15 @@ def mappings_from_proj(
     proj: Tensor, alpha: Tensor, bias: Tensor, n: int, sinkhorn_iters: int, kind: str = "mhc"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``proj [..., 2n+n²]`` -> (h_pre [..., n], h_post [..., n], h_res [..., n, n])."""
+    if kind not in MAPPINGS:
+        raise ValueError(f"mapping kind {kind!r} is unknown; use one of {sorted(MAPPINGS)}")
     mapping = MAPPINGS[kind]
     alpha = alpha.to(proj.dtype)
     bias = bias.to(proj.dtype)
-    pre_logit = alpha[0] * proj[..., :n] + bias[:n]
-    post_logit = alpha[1] * proj[..., n : 2 * n] + bias[n : 2 * n]
-    res_logit = alpha[2] * proj[..., 2 * n :] + bias[2 * n :]
+    dyn = mapping.dynamic(proj)
+    pre_logit = alpha[0] * dyn[..., :n] + bias[:n]
+    post_logit = alpha[1] * dyn[..., n : 2 * n] + bias[n : 2 * n]
+    res_logit = alpha[2] * dyn[..., 2 * n :] + bias[2 * n :]
     res_logit = res_logit.reshape(*res_logit.shape[:-1], n, n)
     return mapping.pre(pre_logit), mapping.post(post_logit), mapping.res(res_logit, sinkhorn_iters)
 
