@@ -8,6 +8,11 @@ A stage chunk is a contiguous slice of that: the first takes tokens, the last
 returns the loss, the rest map ``[B, S, n, C] -> [B, S, n, C]``. Every chunk
 holds the same parameter objects as the whole model, so splitting changes no
 arithmetic.
+
+Recomputation (``recompute_layers = L_r``, see :mod:`dualpipe_mhc.recompute`): the
+layers run in global blocks ``layer // L_r`` cut at chunk boundaries; each block
+keeps only its input streams and re-derives the mHC intermediates in the backward.
+The numbers are unchanged, only what is held between forward and backward.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .mhc import HyperConnection
+from .recompute import check_block_layers, run_blocks
 
 
 class RMSNorm(nn.Module):
@@ -132,12 +138,20 @@ class StageChunk(nn.Module):
     required) else streams ``[B, S, n, C]``.
     """
 
-    def __init__(self, embed: Embed | None, blocks: list[Block], head: Head | None, layer_range: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        embed: Embed | None,
+        blocks: list[Block],
+        head: Head | None,
+        layer_range: tuple[int, int],
+        recompute_layers: int | None = None,
+    ) -> None:
         super().__init__()
         self.embed = embed
         self.blocks = nn.ModuleList(blocks)
         self.head = head
         self.layer_range = layer_range
+        self.recompute_layers = check_block_layers(recompute_layers)
 
     @property
     def is_first(self) -> bool:
@@ -150,8 +164,7 @@ class StageChunk(nn.Module):
     def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
         if self.embed is not None:
             x = self.embed(x)
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, self.layer_range[0], self.recompute_layers)
         if self.head is None:
             return x
         if targets is None:
@@ -173,7 +186,11 @@ def split_layers(layers: int, stages: int) -> list[tuple[int, int]]:
 
 
 class MhcLM(nn.Module):
-    """The whole model: ``forward(tokens [B, S], targets [B, S]) -> loss``."""
+    """The whole model: ``forward(tokens [B, S], targets [B, S]) -> loss``.
+
+    ``recompute_layers``: L_r for mHC recomputation, ``None`` for none; set it with
+    :meth:`enable_recompute` (stage chunks built afterwards inherit it).
+    """
 
     def __init__(self, cfg: ModelConfig, kernels: str = "auto") -> None:
         super().__init__()
@@ -181,16 +198,20 @@ class MhcLM(nn.Module):
         self.embed = Embed(cfg)
         self.blocks = nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.layers))
         self.head = Head(cfg)
+        self.recompute_layers: int | None = None
         self.apply(_init_weights)
 
     def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, self.embed(tokens), 0, self.recompute_layers)
         return lm_loss(self.head(x), targets)
 
+    def enable_recompute(self, block_layers: int | None) -> MhcLM:
+        """Recompute the mHC intermediates in blocks of ``block_layers`` layers (``None``: off)."""
+        self.recompute_layers = check_block_layers(block_layers)
+        return self
+
     def stage_chunks(self, stages: int) -> list[StageChunk]:
-        """Split into ``stages`` contiguous chunks sharing this model's parameters."""
+        """Split into ``stages`` contiguous chunks sharing this model's parameters (and recompute setting)."""
         ranges = split_layers(len(self.blocks), stages)
         return [
             StageChunk(
@@ -198,6 +219,7 @@ class MhcLM(nn.Module):
                 list(self.blocks[a:b]),
                 self.head if s == stages - 1 else None,
                 (a, b),
+                self.recompute_layers,
             )
             for s, (a, b) in enumerate(ranges)
         ]
@@ -214,12 +236,23 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
 
 
-def build_model(cfg: ModelConfig, seed: int = 0, kernels: str = "auto", dtype: torch.dtype = torch.float32) -> MhcLM:
-    """The model for ``cfg`` with parameters drawn from ``seed``: the same seed gives the same weights everywhere."""
+def build_model(
+    cfg: ModelConfig,
+    seed: int = 0,
+    kernels: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    *,
+    recompute_layers: int | None = None,
+) -> MhcLM:
+    """The model for ``cfg`` with parameters drawn from ``seed``: the same seed gives the same weights everywhere.
+
+    ``recompute_layers``: L_r for mHC recomputation (``None``: off); resolve a config's
+    ``recompute.block_layers='auto'`` with the planner before passing it here.
+    """
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         model = MhcLM(cfg, kernels).to(dtype)
     finally:
         torch.random.set_rng_state(gen_state)
-    return model
+    return model.enable_recompute(recompute_layers)

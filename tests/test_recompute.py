@@ -1,0 +1,164 @@
+"""mHC recomputation: same loss and gradients as without it, less kept, blocks cut at stage boundaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dualpipe_mhc.config import ModelConfig
+from dualpipe_mhc.model import build_model
+from dualpipe_mhc.recompute import SavedTensorMeter, block_segments, check_block_layers
+
+# mlp_hidden differs from n*C so the meter can tell stream storages from MLP activations by size.
+CFG = ModelConfig(vocab_size=64, width=32, heads=2, layers=5, streams=4, seq_len=16, mlp_hidden=80)
+BATCH = 2
+TOKENS = BATCH * CFG.seq_len
+
+
+def _data(cfg: ModelConfig = CFG) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randint(0, cfg.vocab_size, (BATCH, cfg.seq_len), generator=g),
+        torch.randint(0, cfg.vocab_size, (BATCH, cfg.seq_len), generator=g),
+    )
+
+
+def _pipeline_step(cfg, block_layers, stages, dtype=torch.float32, kernels="reference", meter=None):
+    """Forward the chunks one after another, each stage taking a detached input like a real pipeline,
+    then backward them in reverse; returns (loss, {param: grad}, {stage: input grad})."""
+    model = build_model(cfg, seed=0, kernels=kernels, dtype=dtype, recompute_layers=block_layers)
+    tokens, targets = _data(cfg)
+    if kernels != "reference":
+        model, tokens, targets = model.cuda(), tokens.cuda(), targets.cuda()
+    chunks = model.stage_chunks(stages)
+    done, x = [], tokens
+    with meter if meter is not None else torch.enable_grad():
+        for chunk in chunks:
+            x_in = x if chunk.is_first else x.detach().requires_grad_()
+            out = chunk(x_in, targets if chunk.is_last else None)
+            done.append((x_in, out))
+            x = out
+    grad, input_grads = None, {}
+    for s in reversed(range(len(done))):
+        x_in, out = done[s]
+        out.backward(grad)
+        grad = x_in.grad
+        input_grads[s] = grad
+    return done[-1][1].detach(), {n: p.grad for n, p in model.named_parameters()}, input_grads
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return _pipeline_step(CFG, None, 1)
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("block_layers", [1, 2, 3, 7])  # 2, 3 do not divide L=5; 7 > L; 3 spans stages
+def test_gradients_bitwise_equal_on_reference_path(baseline, block_layers, stages):
+    loss, grads, _ = _pipeline_step(CFG, block_layers, stages)
+    ref_loss, ref_grads, _ = baseline
+    assert torch.equal(loss, ref_loss)
+    for name, g in ref_grads.items():
+        assert g is not None and torch.equal(grads[name], g), name
+
+
+def test_stage_input_gradients_bitwise_equal():
+    _, _, ref = _pipeline_step(CFG, None, 3)
+    _, _, got = _pipeline_step(CFG, 2, 3)
+    for s in (1, 2):
+        assert torch.equal(got[s], ref[s])
+
+
+@pytest.mark.parametrize("residual,streams", [("plain", 1), ("hc", 4), ("mhc", 2)])
+def test_other_residual_kinds(residual, streams):
+    cfg = CFG.model_copy(update=dict(residual=residual, streams=streams, layers=4))
+    ref_loss, ref_grads, _ = _pipeline_step(cfg, None, 2)
+    loss, grads, _ = _pipeline_step(cfg, 3, 2)
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(grads[k], g) for k, g in ref_grads.items())
+
+
+def test_bfloat16_streams_bitwise_equal():
+    ref_loss, ref_grads, _ = _pipeline_step(CFG, None, 2, dtype=torch.bfloat16)
+    loss, grads, _ = _pipeline_step(CFG, 2, 2, dtype=torch.bfloat16)
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(grads[k], g) for k, g in ref_grads.items())
+
+
+def test_whole_model_forward_and_retained_graph():
+    tokens, targets = _data()
+    ref = build_model(CFG, seed=0, kernels="reference")
+    ref(tokens, targets).backward()
+    model = build_model(CFG, seed=0, kernels="reference", recompute_layers=2)
+    loss = model(tokens, targets)
+    loss.backward(retain_graph=True)  # a second backward over the same graph replays again
+    first = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loss.backward()
+    for n, p in ref.named_parameters():
+        assert torch.equal(first[n], p.grad)
+        assert torch.equal(model.get_parameter(n).grad, 2 * p.grad)
+
+
+def test_no_grad_forward_skips_recompute():
+    tokens, targets = _data()
+    model = build_model(CFG, seed=0, kernels="reference", recompute_layers=2)
+    with torch.no_grad():
+        assert torch.equal(model(tokens, targets), build_model(CFG, seed=0, kernels="reference")(tokens, targets))
+
+
+@pytest.mark.parametrize(
+    "first,count,lr,expected",
+    [
+        (0, 5, 2, [(0, 2), (2, 4), (4, 5)]),
+        (3, 3, 2, [(0, 1), (1, 3)]),  # the chunk starts mid-block: it caches its own first input
+        (3, 2, 4, [(0, 1), (1, 2)]),
+        (0, 4, 10, [(0, 4)]),
+    ],
+)
+def test_block_segments(first, count, lr, expected):
+    assert block_segments(first, count, lr) == expected
+
+
+@pytest.mark.parametrize("bad", [0.5, -1, "2", True])
+def test_bad_block_layers_one_line_error(bad):
+    with pytest.raises(ValueError, match="block_layers") as err:
+        check_block_layers(bad)
+    assert "\n" not in str(err.value)
+    assert check_block_layers(None) is None and check_block_layers(0) is None
+
+
+def _measure(block_layers, stages):
+    meter = SavedTensorMeter(CFG.streams, CFG.width, TOKENS)
+    _pipeline_step(CFG, block_layers, stages, meter=meter)
+    return meter
+
+
+@pytest.mark.parametrize("block_layers,stages", [(1, 1), (2, 1), (2, 2), (3, 2), (7, 3)])
+def test_only_block_inputs_kept(block_layers, stages):
+    """Kept n-stream storages are exactly one per (block x stage) segment, n*C per token each."""
+    from dualpipe_mhc.model import split_layers
+
+    base = _measure(None, stages)
+    got = _measure(block_layers, stages)
+    segments = sum(len(block_segments(a, b - a, block_layers)) for a, b in split_layers(CFG.layers, stages))
+    per_input = CFG.streams * CFG.width * TOKENS * 4
+    assert got.kept_bytes("streams") == segments * per_input
+    sublayers = 2 * CFG.layers
+    assert base.kept_bytes("streams") == sublayers * per_input  # every x_l saved without recomputation
+    # Everything recompute drops was kept before; nothing else changes.
+    assert got.kept_bytes() + got.dropped_bytes() == base.kept_bytes()
+    # The backward materialises one block at a time: at most L_r layers' worth of what was dropped
+    # (a layer that opens a block drops one stream tensor fewer than the average).
+    per_layer = got.dropped_bytes() / CFG.layers + per_input
+    assert 0 < got.replay_peak_bytes <= min(block_layers, CFG.layers) * per_layer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the fused kernels")
+def test_fused_kernels_bf16_within_tolerance():
+    cfg = CFG.model_copy(update=dict(width=128, heads=4, mlp_hidden=320))
+    ref_loss, ref_grads, _ = _pipeline_step(cfg, None, 2, dtype=torch.bfloat16, kernels="triton")
+    loss, grads, _ = _pipeline_step(cfg, 2, 2, dtype=torch.bfloat16, kernels="triton")
+    torch.testing.assert_close(loss, ref_loss, atol=1e-2, rtol=1e-2)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(grads[k].float(), g.float(), atol=2e-2, rtol=5e-2, msg=k)
