@@ -21,6 +21,14 @@ Action kinds:
     SEND_F / RECV_F / SEND_B / RECV_B
             explicit transfers of activations (F) or their gradients (B) to/from ``peer``;
             inserted by :func:`scheduler.comms.add_comms` where the runtime needs them.
+            Each names the stage *on its own rank*: SEND_F(s) carries F(s)'s output and
+            matches RECV_F(s+1) on the peer; SEND_B(s) carries B(s)'s input gradient and
+            matches RECV_B(s-1). Sends are buffered (non-blocking), receives block.
+
+Full or split backward: a B whose (stage, microbatch) has a W action anywhere in the
+schedule queues its weight gradients for that W; a B without one computes them in place
+(a "full" backward, DeepSeek's ``enable_zb=False``). :meth:`Schedule.deferred_weights`
+lists the former. DualPipe(V) mixes both kinds in one step.
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ COMPUTE_KINDS = ("F", "B", "W", "FB")
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
 
 Location = tuple[int, int]  # (rank, chunk)
+
+
+class ScheduleError(ValueError):
+    """A schedule is invalid or cannot be built; the message names the rule or the action."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,10 @@ class Schedule:
     def __iter__(self) -> Iterator[Action]:
         for rank_actions in self.actions:
             yield from rank_actions
+
+    def deferred_weights(self) -> set[tuple[int, int]]:
+        """{(stage, microbatch)} whose B defers its weight gradients to a W action."""
+        return {(a.stage, a.microbatch) for a in self if a.kind == "W"}
 
     def compute_actions(self, rank: int) -> list[Action]:
         return [a for a in self.actions[rank] if a.kind in COMPUTE_KINDS]

@@ -1,0 +1,261 @@
+"""Discrete-event simulation of one pipeline step.
+
+Each rank runs its compute actions in order on one compute stream; an action starts when
+the rank is free and every input has arrived. An output needed on another rank leaves
+when its action ends (for an F&B pair: when the pair ends, as in DeepSeek's reference)
+over the directed link (src -> dst), which carries one message at a time in the order the
+sender produced them: a message takes bytes / bandwidth on the link plus the latency.
+Sends never block the sender, so communication overlaps compute unless the receiver has
+nothing else to run; that waiting is the *exposed* communication.
+
+Every directed link is fed by a single rank whose outputs appear in program order, so the
+simulation needs no global event queue: each rank runs ahead until an input is missing,
+parks on it, and is woken when it is produced. That is O(actions) in plain Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .costs import Costs
+from .ir import Action, Schedule, ScheduleError
+
+COMPUTE_STREAM = "compute"
+
+
+@dataclass
+class Event:
+    """One interval on a track: a compute action, or a message on a link."""
+
+    rank: int
+    stream: str  # "compute" or "send->r<peer>"
+    name: str  # action label like "F3.c1", or "F3.s2" for a message carrying F3's stage-2 output
+    kind: str  # F, B, W, FB, or SEND_F / SEND_B for messages
+    start: float
+    end: float
+    microbatch: int
+    chunk: int
+
+
+@dataclass
+class SimResult:
+    """What one simulated step costs. Times in seconds, memory in bytes, lists per rank."""
+
+    schedule: str
+    ranks: int
+    microbatches: int
+    step_time: float
+    busy: list[float]  # compute time per rank
+    bubble: list[float]  # idle time per rank = step_time - busy
+    exposed_comm: list[float]  # part of the idle spent waiting for messages already produced
+    comm_time: list[float]  # transfer time of the messages each rank sent
+    peak_activation_bytes: list[float]
+    peak_inflight: list[int]  # micro-batch chunks held (F done, B not done)
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Mean idle share of the step over ranks."""
+        return sum(self.bubble) / (len(self.bubble) * self.step_time) if self.step_time else 0.0
+
+    @property
+    def exposed_comm_total(self) -> float:
+        """Exposed communication of the slowest-hit rank, seconds."""
+        return max(self.exposed_comm) if self.exposed_comm else 0.0
+
+    @property
+    def hidden_comm(self) -> list[float]:
+        return [max(0.0, c - e) for c, e in zip(self.comm_time, self.exposed_comm)]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule,
+            "ranks": self.ranks,
+            "microbatches": self.microbatches,
+            "step_time_s": self.step_time,
+            "bubble_fraction": self.bubble_fraction,
+            "bubble_s": self.bubble,
+            "exposed_comm_s": self.exposed_comm,
+            "comm_s": self.comm_time,
+            "peak_activation_bytes": self.peak_activation_bytes,
+            "peak_inflight": self.peak_inflight,
+        }
+
+
+def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimResult:
+    """Simulate one step of ``sched`` under ``costs`` (explicit SEND/RECV actions are ignored:
+    the transfers follow from the paths)."""
+    if costs.num_stages != sched.num_stages:
+        raise ScheduleError(
+            f"costs give {costs.num_stages} stages but the {sched.name} schedule has {sched.num_stages}; "
+            f"build the costs for num_stages={sched.num_stages}"
+        )
+    num_stages, num_mb, ranks = sched.num_stages, sched.microbatches, sched.ranks
+    deferred = sched.deferred_weights()
+    # Output keys: F(s, mb) -> 2*(s*M + mb), B(s, mb) -> 2*(s*M + mb) + 1.
+    dest_rank = _destinations(sched)
+    nkeys = 2 * num_stages * num_mb
+    # ready[k]: when output k is usable by its consumer (after the transfer, if any);
+    # ready[nkeys + k]: when it was produced, for a consumer on the producing rank.
+    ready = [-1.0] * (2 * nkeys)
+    programs = [_compile(sched, r, costs, deferred, num_mb, nkeys) for r in range(ranks)]
+    link_free: dict[tuple[int, int], float] = {}
+    bw, lat = costs.link_bandwidth, costs.link_latency
+
+    ptr = [0] * ranks
+    clock = [0.0] * ranks
+    busy = [0.0] * ranks
+    exposed = [0.0] * ranks
+    comm = [0.0] * ranks
+    waiting: dict[int, int] = {}
+    compute_events: list[tuple[int, float, float, Action]] = []
+    sends: list[tuple[int, int, float, float, int]] = []
+    runnable = list(range(ranks))
+    while runnable:
+        r = runnable.pop()
+        prog = programs[r]
+        i, t = ptr[r], clock[r]
+        while i < len(prog):
+            dur, needs, outputs, action = prog[i]
+            start, binding, blocked = t, -1, False
+            for k in needs:
+                a = ready[k]
+                if a < 0:
+                    waiting[k] = r
+                    blocked = True
+                    break
+                if a > start:
+                    start, binding = a, k
+            if blocked:
+                break
+            if 0 <= binding < nkeys:
+                exposed[r] += start - max(t, ready[nkeys + binding])
+            end = start + dur
+            busy[r] += dur
+            if record_events:
+                compute_events.append((r, start, end, action))
+            for k, nbytes in outputs:
+                ready[nkeys + k] = end
+                dst = dest_rank[k]
+                if dst < 0 or dst == r:
+                    ready[k] = end
+                else:
+                    link = (r, dst)
+                    send_start = max(end, link_free.get(link, 0.0))
+                    wire = nbytes / bw
+                    link_free[link] = send_start + wire
+                    ready[k] = send_start + wire + lat
+                    comm[r] += wire + lat
+                    if record_events:
+                        sends.append((r, dst, send_start, ready[k], k))
+                for wk in (k, nkeys + k):
+                    waiter = waiting.pop(wk, None)
+                    if waiter is not None:
+                        runnable.append(waiter)
+            t = end
+            i += 1
+        ptr[r], clock[r] = i, t
+
+    stuck = [r for r in range(ranks) if ptr[r] < len(programs[r])]
+    if stuck:
+        where = "; ".join(f"rank {r} at {programs[r][ptr[r]][3]}" for r in stuck[:4])
+        raise ScheduleError(f"simulation deadlocked: {where}; run validate(schedule) for the cause")
+
+    step = max(clock) if ranks else 0.0
+    peak_bytes, peak_count = _memory(sched, costs)
+    events = _events(compute_events, sends, num_mb) if record_events else []
+    return SimResult(
+        schedule=sched.name,
+        ranks=ranks,
+        microbatches=num_mb,
+        step_time=step,
+        busy=busy,
+        bubble=[step - b for b in busy],
+        exposed_comm=exposed,
+        comm_time=comm,
+        peak_activation_bytes=peak_bytes,
+        peak_inflight=peak_count,
+        events=events,
+    )
+
+
+def _destinations(sched: Schedule) -> list[int]:
+    """Rank that consumes each output key: the next stage for F, the previous for B; -1: none."""
+    num_stages, num_mb = sched.num_stages, sched.microbatches
+    dest = [-1] * (2 * num_stages * num_mb)
+    for mb in range(num_mb):
+        path = sched.paths[sched.directions[mb]]
+        for s in range(num_stages):
+            base = 2 * (s * num_mb + mb)
+            if s + 1 < num_stages:
+                dest[base] = path[s + 1][0]
+            if s > 0:
+                dest[base + 1] = path[s - 1][0]
+    return dest
+
+
+def _compile(sched: Schedule, rank: int, costs: Costs, deferred: set, num_mb: int, nkeys: int) -> list[tuple]:
+    """(duration, input keys, [(output key, bytes)], action) per compute action of ``rank``.
+    An input produced on this rank by design (a B's own F, a W's B) is keyed ``nkeys + key``."""
+    last = sched.num_stages - 1
+    out = []
+    for action in sched.actions[rank]:
+        kind = action.kind
+        if kind not in ("F", "B", "W", "FB"):
+            continue
+        dur = 0.0
+        needs: list[int] = []
+        outputs: list[tuple[int, float]] = []
+        for half in action.halves():
+            s, mb = half.stage, half.microbatch
+            key = 2 * (s * num_mb + mb)
+            if half.kind == "F":
+                dur += costs.f[s]
+                if s > 0:
+                    needs.append(key - 2 * num_mb)
+                outputs.append((key, costs.act_bytes[s]))
+            elif half.kind == "B":
+                dur += costs.b[s] + (0.0 if (s, mb) in deferred else costs.w[s])
+                needs.append(nkeys + key)  # this stage's own forward
+                if s < last:
+                    needs.append(key + 2 * num_mb + 1)
+                outputs.append((key + 1, costs.act_bytes[s - 1] if s > 0 else 0.0))
+            else:
+                dur += costs.w[s]
+                needs.append(nkeys + key + 1)
+        if kind == "FB":
+            dur *= costs.fb_overlap
+        out.append((dur, needs, outputs, action))
+    return out
+
+
+def _memory(sched: Schedule, costs: Costs) -> tuple[list[float], list[int]]:
+    """Peak activation bytes and chunk count per rank: an F holds its stage's activations
+    until its B ends (program order; a pair's F allocates before its B frees)."""
+    peak_bytes, peak_count = [], []
+    for acts in sched.actions:
+        held = count = top = 0.0
+        top_count = 0
+        for action in acts:
+            for half in action.halves():
+                if half.kind == "F":
+                    held += costs.act_mem_bytes[half.stage]
+                    count += 1
+                    top, top_count = max(top, held), max(top_count, int(count))
+            for half in action.halves():
+                if half.kind == "B":
+                    held -= costs.act_mem_bytes[half.stage]
+                    count -= 1
+        peak_bytes.append(top)
+        peak_count.append(top_count)
+    return peak_bytes, peak_count
+
+
+def _events(compute: list, sends: list, num_mb: int) -> list[Event]:
+    events = [Event(r, COMPUTE_STREAM, a.label, a.kind, s, e, a.microbatch, a.chunk) for r, s, e, a in compute]
+    for src, dst, start, end, key in sends:
+        s, mb = divmod(key // 2, num_mb)
+        kind = "SEND_B" if key % 2 else "SEND_F"
+        events.append(Event(src, f"send->r{dst}", f"{kind[-1]}{mb}.s{s}", kind, start, end, mb, -1))
+    return events
