@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ResidualKind = Literal["plain", "hc", "mhc"]
 ScheduleName = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: "nan" passes every "<= 0" check, so it must be refused by type.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def _positive(section: BaseModel, prefix: str, *names: str) -> None:
@@ -56,15 +57,16 @@ class ModelConfig(_Section):
         _positive(self, "model", "vocab_size", "width", "heads", "layers", "seq_len")
         if self.streams < 1:
             raise ConfigError(f"model.streams={self.streams} is invalid: n must be >= 1 (the paper uses 4)")
+        # Suggest only head counts that pass both checks: dividing C, with an even head dim.
+        valid_heads = [h for h in range(1, min(self.width, 128) + 1) if self.width % h == 0 and (self.width // h) % 2 == 0]
         if self.width % self.heads:
-            divisors = [h for h in range(1, min(self.width, 128) + 1) if self.width % h == 0]
             raise ConfigError(
-                f"model.heads={self.heads} does not divide model.width={self.width}; "
-                f"use one of {divisors[-6:]}"
+                f"model.heads={self.heads} does not divide model.width={self.width}; use one of {valid_heads[-6:]}"
             )
         if (self.width // self.heads) % 2:
             raise ConfigError(
-                f"model.width/heads={self.width // self.heads} is odd; rotary embeddings need an even head dim"
+                f"model.width/heads={self.width // self.heads} is odd; rotary embeddings need an even head dim; "
+                f"use model.heads in {valid_heads[-6:]}"
             )
         if self.residual == "plain" and self.streams != 1:
             raise ConfigError(
@@ -139,6 +141,12 @@ class LinkConfig(_Section):
     bandwidth_gbps: float | None = None  # one-way GB/s (1e9 bytes/s); overrides the preset
     latency_us: float | None = None
     shape: bool = False  # runtime: pace sends to this link's rate (emulate a slower link)
+
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _none_string(cls, value: Any) -> Any:
+        # TOML has no null, so a file can only say preset = "none" for a custom link.
+        return None if isinstance(value, str) and value.strip().lower() in ("none", "null", "") else value
 
     @model_validator(mode="after")
     def _check(self) -> LinkConfig:
@@ -344,8 +352,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
                 f"override key {key!r} is invalid; use section.field with section one of {list(RunConfig.model_fields)}"
             )
         section, field = parts
-        out.setdefault(section, {})
-        out[section] = dict(out[section])
+        current = out.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"config section {section!r} must be a table of fields, got {current!r}")
+        out[section] = dict(current)
         out[section][field] = _parse_value(raw)
     return out
 
