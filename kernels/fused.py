@@ -1,0 +1,148 @@
+"""Fused Triton mHC ops: the ``triton`` backend of :func:`kernels.get_ops`.
+
+Same semantics and shapes as :mod:`kernels.reference` (leading batch dims allowed):
+    mhc_pre(x [..., n, C], phi, alpha, bias, sinkhorn_iters, kind) -> (u [..., C], h_post [..., n], h_res [..., n, n])
+    post_res(x [..., n, C], y [..., C], h_post, h_res) -> x_next [..., n, C]
+Streams stay in their dtype (bf16, fp16 or fp32); mappings, norm and Sinkhorn are fp32.
+
+Two autograd Functions launch the kernels of :mod:`kernels.mhc_pre` and
+:mod:`kernels.mhc_post`. What they save for backward is x and y (which the
+sublayer keeps alive anyway) and per-token mapping tensors of a few dozen floats.
+
+Gradient fusion across the pair: x feeds both ops, so autograd would add the two
+gradients of x in a separate pass (read two [T, n, C] tensors, write one). When
+``post_res`` is called with the very ``x`` and ``h_res`` of an ``mhc_pre`` call, its
+backward hands dL/dx to the pre op's backward instead (a :class:`_GradLink` attached
+to ``h_res``), which adds it while writing its own dx. The pre backward always runs
+after the post/res backward, because it needs dL/dh_res.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .mhc_post import post_res_backward, post_res_forward
+from .mhc_pre import _pre_fwd_kernel, pre_backward, pre_forward
+from .reference import RMS_EPS
+
+SUPPORTED_KINDS = ("mhc",)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_LINK_ATTR = "_mhc_grad_link"
+
+
+class _GradLink:
+    """dL/dx handed from ``post_res``'s backward to ``mhc_pre``'s backward for the same x."""
+
+    __slots__ = ("x", "dx")
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+        self.dx: Tensor | None = None
+
+    def give(self, dx: Tensor) -> None:
+        if self.dx is None:
+            self.dx = dx
+        else:
+            self.dx.add_(dx)
+
+    def take(self) -> Tensor | None:
+        dx, self.dx = self.dx, None
+        return dx
+
+
+class MhcPreFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, phi, alpha, bias, iters, eps, link):  # x: [T, n, C] contiguous
+        u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, iters, eps)
+        ctx.save_for_backward(x, phi, alpha, bias, h_pre, proj, rstd)
+        ctx.iters, ctx.link = iters, link
+        return u, h_post, h_res
+
+    @staticmethod
+    def backward(ctx, du, dh_post, dh_res):
+        x, phi, alpha, bias, h_pre, proj, rstd = ctx.saved_tensors
+        t, n, c = x.shape
+        du = torch.zeros((t, c), device=x.device, dtype=x.dtype) if du is None else du.to(x.dtype).contiguous()
+        f32 = dict(device=x.device, dtype=torch.float32)
+        dh_post = torch.zeros((t, n), **f32) if dh_post is None else dh_post.float().contiguous()
+        dh_res = torch.zeros((t, n, n), **f32) if dh_res is None else dh_res.float().contiguous()
+        dx_accum = ctx.link.take() if ctx.link is not None else None
+        dx, dphi, dalpha, dbias = pre_backward(
+            x, phi, alpha, bias, h_pre, proj, rstd, du, dh_post, dh_res, ctx.iters, dx_accum=dx_accum
+        )
+        return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None
+
+
+class PostResFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, h_post, h_res, link):  # x: [T, n, C], y: [T, C], h_*: fp32, all contiguous
+        ctx.save_for_backward(x, y, h_post, h_res)
+        ctx.link = link
+        return post_res_forward(x, y, h_post, h_res)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, h_post, h_res = ctx.saved_tensors
+        dx, dy, dh_post, dh_res = post_res_backward(g.contiguous(), x, y, h_post, h_res)
+        if ctx.link is not None:
+            ctx.link.give(dx)
+            dx = None
+        return dx, dy, dh_post, dh_res, None
+
+
+def _check(x: Tensor, kind: str, op: str) -> None:
+    if kind not in SUPPORTED_KINDS:
+        raise ValueError(
+            f"fused {op} implements residual kind 'mhc' only, got {kind!r}; "
+            "use the reference backend for it (kernels='reference' or DUALPIPE_MHC_KERNELS=reference)"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fused {op} takes bf16, fp16 or fp32 streams, got {x.dtype}; use kernels.reference for float64 checks"
+        )
+    if x.device.type != "cuda" and type(_pre_fwd_kernel).__name__ != "InterpretedFunction":
+        raise RuntimeError(
+            f"fused {op} needs a CUDA tensor, got one on {x.device}; use the reference backend, "
+            "or set TRITON_INTERPRET=1 before triton is imported to run the kernels in Triton's CPU interpreter"
+        )
+
+
+def mhc_pre(
+    x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, sinkhorn_iters: int, kind: str = "mhc", eps: float = RMS_EPS
+) -> tuple[Tensor, Tensor, Tensor]:
+    """x ``[..., n, C]`` -> (u ``[..., C]``, h_post ``[..., n]`` fp32, h_res ``[..., n, n]`` fp32); see reference.mhc_pre."""
+    _check(x, kind, "mhc_pre")
+    *lead, n, c = x.shape
+    m = 2 * n + n * n
+    if tuple(phi.shape) != (n * c, m) or alpha.numel() != 3 or bias.numel() != m:
+        raise ValueError(
+            f"for x [..., {n}, {c}] mhc_pre needs phi [{n * c}, {m}], alpha [3], bias [{m}]; "
+            f"got phi {list(phi.shape)}, alpha {list(alpha.shape)}, bias {list(bias.shape)}"
+        )
+    link = _GradLink(x) if torch.is_grad_enabled() and x.requires_grad else None
+    u, h_post, h_res = MhcPreFunction.apply(
+        x.reshape(-1, n, c).contiguous(), phi.contiguous(), alpha.contiguous(), bias.contiguous(),
+        int(sinkhorn_iters), float(eps), link,
+    )  # fmt: skip
+    h_res = h_res.reshape(*lead, n, n)
+    if link is not None:
+        setattr(h_res, _LINK_ATTR, link)
+    return u.reshape(*lead, c), h_post.reshape(*lead, n), h_res
+
+
+def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
+    """x_next = H_res @ x + H_post^T ⊗ y, ``[..., n, C]`` in x's dtype; see reference.post_res."""
+    _check(x, "mhc", "post_res")
+    *lead, n, c = x.shape
+    link = getattr(h_res, _LINK_ATTR, None)
+    if link is not None and (link.x is not x or not torch.is_grad_enabled()):
+        link = None
+    out = PostResFunction.apply(
+        x.reshape(-1, n, c).contiguous(),
+        y.to(x.dtype).reshape(-1, c).contiguous(),
+        h_post.to(torch.float32).reshape(-1, n).contiguous(),
+        h_res.to(torch.float32).reshape(-1, n, n).contiguous(),
+        link,
+    )
+    return out.reshape(*lead, n, c)

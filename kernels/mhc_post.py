@@ -1,0 +1,146 @@
+"""Fused mHC 'post + res' op: x_next = H_res x + H_post^T ⊗ y, forward and backward (DESIGN.md §4).
+
+Reference twin: :func:`kernels.reference.post_res`.
+
+Shapes (T tokens, n streams, C channels):
+    x: [T, n, C], y: [T, C] stream dtype;  h_post: [T, n], h_res: [T, n, n] fp32
+    x_next: [T, n, C] stream dtype
+
+Kernels:
+    _post_res_fwd_kernel  grid (token blocks, channel blocks): one read of x and y, one write.
+    _post_res_bwd_kernel  grid (token blocks, channel splits): from g = dL/dx_next, in one pass
+                          dx = H_res^T g, dy = H_post g, and the per-token reductions over C
+                          dH_post = <g_i, y>, dH_res[i, j] = <g_i, x_j> (partials per split).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _post_res_fwd_kernel(
+    x_ptr, y_ptr, h_post_ptr, h_res_ptr, out_ptr,
+    T, C,
+    n: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    row_mask = rows < T
+    rows64 = rows.to(tl.int64)
+    cs = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = cs < C
+    i = tl.arange(0, N)
+    m2 = row_mask[:, None] & (i < n)[None, :]
+    tile_mask = row_mask[:, None] & cmask[None, :]
+    y = tl.load(y_ptr + rows64[:, None] * C + cs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    h_post = tl.load(h_post_ptr + rows64[:, None] * n + i[None, :], mask=m2, other=0.0)
+    acc = h_post[:, :, None] * y[:, None, :]  # [BT, N, BC]
+    for j in range(n):
+        xj = tl.load(x_ptr + rows64[:, None] * (n * C) + j * C + cs[None, :], mask=tile_mask, other=0.0)
+        h_col = tl.load(h_res_ptr + rows64[:, None] * (n * n) + i[None, :] * n + j, mask=m2, other=0.0)  # H_res[:, j]
+        acc += h_col[:, :, None] * xj.to(tl.float32)[:, None, :]
+    out_off = rows64[:, None, None] * (n * C) + i[None, :, None] * C + cs[None, None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m2[:, :, None] & cmask[None, None, :])
+
+
+@triton.jit
+def _post_res_bwd_kernel(
+    g_ptr, x_ptr, y_ptr, h_post_ptr, h_res_ptr, dx_ptr, dy_ptr, dh_post_part_ptr, dh_res_part_ptr,
+    T, C, CS,
+    n: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    row_mask = rows < T
+    rows64 = rows.to(tl.int64)
+    split = tl.program_id(1)
+    c_start = split * CS
+    c_end = tl.minimum(c_start + CS, C)
+    i = tl.arange(0, N)
+    m2 = row_mask[:, None] & (i < n)[None, :]
+    h_post = tl.load(h_post_ptr + rows64[:, None] * n + i[None, :], mask=m2, other=0.0)
+    dh_post = tl.zeros((BT, N), dtype=tl.float32)
+    dh_res = tl.zeros((BT, N, N), dtype=tl.float32)
+    jj = i[None, None, :]
+    for c0 in range(c_start, c_end, BC):
+        cs = c0 + tl.arange(0, BC)
+        cmask = cs < c_end
+        tile_mask = row_mask[:, None] & cmask[None, :]
+        g_off = rows64[:, None, None] * (n * C) + i[None, :, None] * C + cs[None, None, :]
+        g = tl.load(g_ptr + g_off, mask=m2[:, :, None] & cmask[None, None, :], other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + rows64[:, None] * C + cs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        dy = tl.sum(h_post[:, :, None] * g, axis=1)
+        tl.store(dy_ptr + rows64[:, None] * C + cs[None, :], dy.to(dy_ptr.dtype.element_ty), mask=tile_mask)
+        dh_post += tl.sum(g * y[:, None, :], axis=2)
+        for j in range(n):
+            xj_off = rows64[:, None] * (n * C) + j * C + cs[None, :]
+            xj = tl.load(x_ptr + xj_off, mask=tile_mask, other=0.0).to(tl.float32)
+            h_col = tl.load(h_res_ptr + rows64[:, None] * (n * n) + i[None, :] * n + j, mask=m2, other=0.0)
+            dxj = tl.sum(h_col[:, :, None] * g, axis=1)  # sum_i H_res[i, j] g_i
+            tl.store(dx_ptr + xj_off, dxj.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+            part = tl.sum(g * xj[:, None, :], axis=2)  # [BT, N]: <g_i, x_j> over this chunk
+            dh_res += tl.where(jj == j, part[:, :, None], 0.0)
+    base = split.to(tl.int64) * T
+    tl.store(dh_post_part_ptr + (base + rows64)[:, None] * n + i[None, :], dh_post, mask=m2)
+    res_off = (base + rows64)[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
+    tl.store(dh_res_part_ptr + res_off, dh_res, mask=m2[:, :, None] & (i < n)[None, None, :])
+
+
+def _pow2(v: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(v))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _tile(n: int, c: int, block_t: int | None, block_c: int) -> tuple[int, int]:
+    # keep the [BT, N, BC] register tile near 4K fp32 values: 32 per thread at 4 warps
+    if block_t is None:
+        block_t = max(1, 32 // _pow2(n, 2))
+    return block_t, min(block_c, _pow2(c, 16))
+
+
+def post_res_forward(
+    x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
+    block_t: int | None = None, block_c: int = 128, num_warps: int = 4,
+) -> torch.Tensor:  # fmt: skip
+    """``x [T, n, C], y [T, C], h_post [T, n] fp32, h_res [T, n, n] fp32`` (contiguous) -> x_next."""
+    t, n, c = x.shape
+    block_t, block_c = _tile(n, c, block_t, block_c)
+    out = torch.empty_like(x)
+    grid = (triton.cdiv(t, block_t), triton.cdiv(c, block_c))
+    _post_res_fwd_kernel[grid](
+        x, y, h_post, h_res, out, t, c, n=n, N=_pow2(n, 2), BT=block_t, BC=block_c, num_warps=num_warps
+    )
+    return out
+
+
+def post_res_backward(
+    g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
+    block_t: int | None = None, block_c: int = 128, num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``g = dL/dx_next [T, n, C]`` -> ``dx [T, n, C], dy [T, C], dh_post [T, n] fp32, dh_res [T, n, n] fp32``."""
+    t, n, c = x.shape
+    block_t, block_c = _tile(n, c, block_t, block_c)
+    t_blocks = triton.cdiv(t, block_t)
+    c_blocks = triton.cdiv(c, block_c)
+    # split C only when there are too few token blocks to fill the chip (small T)
+    splits = max(1, min(c_blocks, triton.cdiv(2 * _num_sms(x.device), t_blocks)))
+    per_split = triton.cdiv(c_blocks, splits) * block_c
+    splits = triton.cdiv(c, per_split)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.empty_like(x)
+    dy = torch.empty_like(y)
+    dh_post = torch.empty((splits, t, n), **f32)
+    dh_res = torch.empty((splits, t, n, n), **f32)
+    _post_res_bwd_kernel[(t_blocks, splits)](
+        g, x, y, h_post, h_res, dx, dy, dh_post, dh_res, t, c, per_split,
+        n=n, N=_pow2(n, 2), BT=block_t, BC=block_c, num_warps=num_warps,
+    )  # fmt: skip
+    if splits > 1:
+        return dx, dy, dh_post.sum(0), dh_res.sum(0)
+    return dx, dy, dh_post[0], dh_res[0]

@@ -1,0 +1,326 @@
+"""Fused mHC 'pre' op: x -> (u, H_post, H_res), forward and backward (DESIGN.md §4).
+
+Reference twin: :func:`kernels.reference.mhc_pre` (``rms_project`` ->
+``mappings_from_proj`` -> ``pre_aggregate``).
+
+Shapes (T tokens, n streams, C channels, K = n*C, M = 2n + n²):
+    x:     [T, n, C]  stream dtype (bf16 / fp16 / fp32), read as vec(x) [T, K]
+    phi:   [K, M]     pre | post | res columns
+    u:     [T, C]     stream dtype
+    h_pre, h_post: [T, n] fp32;  h_res: [T, n, n] fp32
+    proj:  [T, M] fp32 (x' @ phi, 1/rms folded in), rstd: [T] fp32  -- saved for backward
+
+Kernels:
+    _pre_fwd_kernel         one program per BT tokens: pass 1 over vec(x) gives the sum of squares
+                            and x @ phi (tensor cores, tf32); then sigmoid, 2 sigmoid and Sinkhorn
+                            on-chip; pass 2 over x (reverse order, so the tail of pass 1 is still
+                            in L2) writes u = H_pre x.
+    _pre_bwd_reduce_kernel  one program per BT tokens: dH_pre = <du, x_i> over C, then every
+                            per-token scalar of the backward (Sinkhorn backward by recompute).
+    _pre_bwd_apply_kernel   grid (token splits, channel blocks): dx = H_pre du + draw @ phi^T
+                            + coef x (+ the post/res gradient, accumulated in place), and a
+                            partial dphi = x^T draw per token split.
+The per-token chain of the backward:  dlogit -> dproj = alpha dlogit -> draw = dproj * rstd,
+d rstd = <dproj, proj> / rstd -> coef = -d rstd * rstd^3 / K  (dx += coef * x).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .sinkhorn import sinkhorn_bwd, sinkhorn_fwd, sinkhorn_init
+
+
+@triton.jit
+def _load_proj(proj_ptr, rows64, row_mask, n: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
+    """This block's projections split by mapping: pre [BT, N], post [BT, N], res [BT, N, N], and the masks."""
+    i = tl.arange(0, N)
+    imask = i < n
+    m2 = row_mask[:, None] & imask[None, :]
+    valid = m2[:, :, None] & imask[None, None, :]
+    base = proj_ptr + rows64[:, None] * M
+    p_pre = tl.load(base + i[None, :], mask=m2, other=0.0)
+    p_post = tl.load(base + n + i[None, :], mask=m2, other=0.0)
+    p_res = tl.load(base[:, :, None] + 2 * n + i[None, :, None] * n + i[None, None, :], mask=valid, other=0.0)
+    return p_pre, p_post, p_res, m2, valid
+
+
+@triton.jit
+def _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n: tl.constexpr, N: tl.constexpr):
+    """alpha * proj + bias for the three mappings, in float32."""
+    i = tl.arange(0, N)
+    imask = i < n
+    a_pre = tl.load(alpha_ptr).to(tl.float32)
+    a_post = tl.load(alpha_ptr + 1).to(tl.float32)
+    a_res = tl.load(alpha_ptr + 2).to(tl.float32)
+    b_pre = tl.load(bias_ptr + i, mask=imask, other=0.0).to(tl.float32)
+    b_post = tl.load(bias_ptr + n + i, mask=imask, other=0.0).to(tl.float32)
+    b_res = tl.load(
+        bias_ptr + 2 * n + i[:, None] * n + i[None, :], mask=imask[:, None] & imask[None, :], other=0.0
+    ).to(tl.float32)
+    return a_pre * p_pre + b_pre[None, :], a_post * p_post + b_post[None, :], a_res * p_res + b_res[None, :, :]
+
+
+@triton.jit
+def _pre_fwd_kernel(
+    x_ptr, phi_ptr, alpha_ptr, bias_ptr,
+    u_ptr, h_pre_ptr, h_post_ptr, h_res_ptr, proj_ptr, rstd_ptr,
+    T, C, eps,
+    n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    row_mask = rows < T
+    rows64 = rows.to(tl.int64)
+    K = n * C
+    cols = tl.arange(0, MP)
+    col_mask = cols < M
+
+    # pass 1: sum of squares and x @ phi in one sweep over vec(x)
+    acc = tl.zeros((BT, MP), dtype=tl.float32)
+    ss = tl.zeros((BT,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < K
+        xk = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        xk = xk.to(tl.float32)
+        ss += tl.sum(xk * xk, axis=1)
+        ph = tl.load(phi_ptr + ks[:, None] * M + cols[None, :], mask=kmask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(xk, ph.to(tl.float32), acc, input_precision=PRECISION)
+    rstd = 1.0 / tl.sqrt(ss / K + eps)
+    proj = acc * rstd[:, None]
+    tl.store(proj_ptr + rows64[:, None] * M + cols[None, :], proj, mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    # proj is re-read below in the [BT, n] / [BT, n, n] shapes by other threads of this program.
+    tl.debug_barrier()
+
+    p_pre, p_post, p_res, m2, valid = _load_proj(proj_ptr, rows64, row_mask, n, N, M)
+    l_pre, l_post, l_res = _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n, N)
+    h_pre = tl.where(m2, tl.sigmoid(l_pre), 0.0)
+    h_post = 2.0 * tl.sigmoid(l_post)
+    h_res = sinkhorn_fwd(sinkhorn_init(l_res, valid), ITERS)
+    i = tl.arange(0, N)
+    tl.store(h_pre_ptr + rows64[:, None] * n + i[None, :], h_pre, mask=m2)
+    tl.store(h_post_ptr + rows64[:, None] * n + i[None, :], h_post, mask=m2)
+    tl.store(h_res_ptr + rows64[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :], h_res, mask=valid)
+
+    # pass 2: u = H_pre x, last chunk first (it is the most recently loaded, likeliest in L2)
+    i3 = i[None, :, None]
+    xmask3 = row_mask[:, None, None] & (i3 < n)
+    nchunks = tl.cdiv(C, BC)
+    for back in range(nchunks):
+        cs = (nchunks - 1 - back) * BC + tl.arange(0, BC)
+        cmask = cs < C
+        x3 = tl.load(
+            x_ptr + rows64[:, None, None] * K + i3 * C + cs[None, None, :], mask=xmask3 & cmask[None, None, :], other=0.0
+        )
+        u = tl.sum(h_pre[:, :, None] * x3.to(tl.float32), axis=1)
+        tl.store(
+            u_ptr + rows64[:, None] * C + cs[None, :],
+            u.to(u_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & cmask[None, :],
+        )
+
+
+@triton.jit
+def _pre_bwd_reduce_kernel(
+    x_ptr, du_ptr, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, dh_post_ptr, dh_res_ptr, scratch_ptr,
+    dlogit_ptr, dalpha_part_ptr, draw_ptr, coef_ptr,
+    T, C,
+    n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    row_mask = rows < T
+    rows64 = rows.to(tl.int64)
+    K = n * C
+    i = tl.arange(0, N)
+    i3 = i[None, :, None]
+    xmask3 = row_mask[:, None, None] & (i3 < n)
+
+    # dH_pre[t, i] = <du[t], x[t, i]>
+    dh_pre = tl.zeros((BT, N), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cs = c0 + tl.arange(0, BC)
+        cmask = cs < C
+        du = tl.load(du_ptr + rows64[:, None] * C + cs[None, :], mask=row_mask[:, None] & cmask[None, :], other=0.0)
+        x3 = tl.load(
+            x_ptr + rows64[:, None, None] * K + i3 * C + cs[None, None, :], mask=xmask3 & cmask[None, None, :], other=0.0
+        )
+        dh_pre += tl.sum(x3.to(tl.float32) * du.to(tl.float32)[:, None, :], axis=2)
+
+    p_pre, p_post, p_res, m2, valid = _load_proj(proj_ptr, rows64, row_mask, n, N, M)
+    l_pre, l_post, l_res = _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n, N)
+    s_pre = tl.sigmoid(l_pre)
+    d_pre = tl.where(m2, dh_pre * s_pre * (1.0 - s_pre), 0.0)
+    s_post = tl.sigmoid(l_post)
+    dh_post = tl.load(dh_post_ptr + rows64[:, None] * n + i[None, :], mask=m2, other=0.0)
+    d_post = tl.where(m2, dh_post * 2.0 * s_post * (1.0 - s_post), 0.0)
+    res_off = rows64[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
+    dh_res = tl.load(dh_res_ptr + res_off, mask=valid, other=0.0)
+    d_res = sinkhorn_bwd(sinkhorn_init(l_res, valid), dh_res, valid, scratch_ptr, rows, row_mask, ITERS, N)
+    d_res = tl.where(valid, d_res, 0.0)
+
+    dl_base = dlogit_ptr + rows64[:, None] * M
+    tl.store(dl_base + i[None, :], d_pre, mask=m2)
+    tl.store(dl_base + n + i[None, :], d_post, mask=m2)
+    tl.store(dl_base[:, :, None] + 2 * n + i[None, :, None] * n + i[None, None, :], d_res, mask=valid)
+    # dalpha_g = sum over tokens of <dlogit_g, proj_g>; the token sum is left to the caller
+    ga_pre = tl.sum(d_pre * p_pre, axis=1)
+    ga_post = tl.sum(d_post * p_post, axis=1)
+    ga_res = tl.sum(tl.sum(d_res * p_res, axis=2), axis=1)
+    tl.store(dalpha_part_ptr + rows64 * 3, ga_pre, mask=row_mask)
+    tl.store(dalpha_part_ptr + rows64 * 3 + 1, ga_post, mask=row_mask)
+    tl.store(dalpha_part_ptr + rows64 * 3 + 2, ga_res, mask=row_mask)
+
+    a_pre = tl.load(alpha_ptr).to(tl.float32)
+    a_post = tl.load(alpha_ptr + 1).to(tl.float32)
+    a_res = tl.load(alpha_ptr + 2).to(tl.float32)
+    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=1.0)
+    # <dproj, proj> = rstd * d rstd
+    dot_pp = a_pre * ga_pre + a_post * ga_post + a_res * ga_res
+    tl.store(coef_ptr + rows, -dot_pp * rstd * rstd / K, mask=row_mask)
+    dr_base = draw_ptr + rows64[:, None] * M
+    tl.store(dr_base + i[None, :], a_pre * d_pre * rstd[:, None], mask=m2)
+    tl.store(dr_base + n + i[None, :], a_post * d_post * rstd[:, None], mask=m2)
+    tl.store(
+        dr_base[:, :, None] + 2 * n + i[None, :, None] * n + i[None, None, :],
+        a_res * d_res * rstd[:, None, None],
+        mask=valid,
+    )
+
+
+@triton.jit
+def _pre_bwd_apply_kernel(
+    x_ptr, du_ptr, phi_ptr, h_pre_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_part_ptr,
+    T, C, TT,
+    n: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    split = tl.program_id(0)
+    cs = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = cs < C
+    cols = tl.arange(0, MP)
+    col_mask = cols < M
+    K = n * C
+    t_start = split * TT
+    t_end = tl.minimum(t_start + TT, T)
+    for i in range(n):
+        # phi rows of stream i, this channel block: [BC, MP]
+        ph = tl.load(
+            phi_ptr + (i * C + cs)[:, None] * M + cols[None, :], mask=cmask[:, None] & col_mask[None, :], other=0.0
+        ).to(tl.float32)
+        dphi = tl.zeros((BC, MP), dtype=tl.float32)
+        for t0 in range(t_start, t_end, BT):
+            rows = t0 + tl.arange(0, BT)
+            row_mask = rows < t_end
+            rows64 = rows.to(tl.int64)
+            tile_mask = row_mask[:, None] & cmask[None, :]
+            du = tl.load(du_ptr + rows64[:, None] * C + cs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            x_off = rows64[:, None] * K + i * C + cs[None, :]
+            xi = tl.load(x_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
+            draw = tl.load(
+                draw_ptr + rows64[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+            )
+            coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
+            hp = tl.load(h_pre_ptr + rows64 * n + i, mask=row_mask, other=0.0)
+            dx = hp[:, None] * du + coef[:, None] * xi + tl.dot(draw, tl.trans(ph), input_precision=PRECISION)
+            if ACCUMULATE:
+                dx += tl.load(dx_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+            dphi = tl.dot(tl.trans(xi), draw, dphi, input_precision=PRECISION)
+        tl.store(
+            dphi_part_ptr + split.to(tl.int64) * K * M + (i * C + cs)[:, None] * M + cols[None, :],
+            dphi,
+            mask=cmask[:, None] & col_mask[None, :],
+        )
+
+
+def _pow2(v: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(v))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # bf16/fp16 streams are exact in tf32; fp32 streams get the 3-pass split for full fp32 accuracy.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def pre_forward(
+    x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
+    block_t: int = 16, block_k: int | None = None, block_c: int = 128, num_warps: int | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Launch the fused forward on ``x [T, n, C]`` (contiguous). Returns ``u, h_pre, h_post, h_res, proj, rstd``."""
+    t, n, c = x.shape
+    m = 2 * n + n * n
+    mp = _pow2(m, 16)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    u = torch.empty((t, c), device=x.device, dtype=x.dtype)
+    h_pre, h_post = torch.empty((t, n), **f32), torch.empty((t, n), **f32)
+    h_res = torch.empty((t, n, n), **f32)
+    proj, rstd = torch.empty((t, m), **f32), torch.empty((t,), **f32)
+    if block_k is None:
+        block_k = 128 if mp <= 32 else 64
+    if num_warps is None:
+        num_warps = 4 if mp <= 32 else 8
+    block_c = min(block_c, _pow2(c, 16))
+    grid = (triton.cdiv(t, block_t),)
+    _pre_fwd_kernel[grid](
+        x, phi, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, t, c, eps,
+        n=n, N=_pow2(n, 2), M=m, MP=mp, ITERS=iters, BT=block_t, BK=block_k, BC=block_c,
+        PRECISION=_precision(x.dtype), num_warps=num_warps,
+    )  # fmt: skip
+    return u, h_pre, h_post, h_res, proj, rstd
+
+
+def pre_backward(
+    x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
+    h_pre: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
+    du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
+    dx_accum: torch.Tensor | None = None,
+    block_t: int = 8, block_c: int = 128, apply_block_t: int = 32, apply_block_c: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients ``dx [T, n, C], dphi [K, M] fp32, dalpha [3] fp32, dbias [M] fp32``.
+
+    ``dx_accum`` (if given, ``[T, n, C]`` in x's dtype, owned by the caller) receives the
+    result in place: the gradient reaching x through the post/res op, summed without an extra pass.
+    """
+    t, n, c = x.shape
+    m = 2 * n + n * n
+    mp = _pow2(m, 16)
+    nn_ = _pow2(n, 2)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    scratch = torch.empty((t, 2 * iters, nn_), **f32)
+    dlogit = torch.empty((t, m), **f32)
+    dalpha_part = torch.empty((t, 3), **f32)
+    draw = torch.empty((t, m), **f32)
+    coef = torch.empty((t,), **f32)
+    _pre_bwd_reduce_kernel[(triton.cdiv(t, block_t),)](
+        x, du, proj, rstd, alpha, bias, dh_post, dh_res, scratch, dlogit, dalpha_part, draw, coef, t, c,
+        n=n, N=nn_, M=m, ITERS=iters, BT=block_t, BC=min(block_c, _pow2(c, 16)), num_warps=4,
+    )  # fmt: skip
+
+    apply_block_c = min(apply_block_c, _pow2(c, 16))
+    c_blocks = triton.cdiv(c, apply_block_c)
+    t_blocks = triton.cdiv(t, apply_block_t)
+    # enough programs to fill the chip, few token splits so the dphi partials stay small
+    splits = max(1, min(t_blocks, 16, triton.cdiv(4 * _num_sms(x.device), c_blocks)))
+    tokens_per_split = triton.cdiv(t_blocks, splits) * apply_block_t
+    splits = triton.cdiv(t, tokens_per_split)
+    dphi_part = torch.empty((splits, n * c, m), **f32)
+    dx = dx_accum if dx_accum is not None else torch.empty_like(x)
+    _pre_bwd_apply_kernel[(splits, c_blocks)](
+        x, du, phi, h_pre, draw, coef, dx, dphi_part, t, c, tokens_per_split,
+        n=n, M=m, MP=mp, BT=apply_block_t, BC=apply_block_c, ACCUMULATE=dx_accum is not None,
+        PRECISION=_precision(x.dtype), num_warps=4,
+    )  # fmt: skip
+    dphi = dphi_part[0] if splits == 1 else dphi_part.sum(0)
+    return dx, dphi, dalpha_part.sum(0), dlogit.sum(0)
