@@ -1,0 +1,196 @@
+"""Analytic per-stage costs from the model shape over a hardware preset's achieved rates.
+
+Compute time of an action = matmul FLOPs / achieved matmul rate + elementwise bytes /
+achieved HBM bandwidth (memory-bound kernels do not overlap the GEMMs around them).
+Per layer and micro-batch of T tokens (S = sequence length, C width, H MLP hidden, n
+streams, b bytes per element):
+
+    GEMMs (forward)    2T(4C^2 + C*H_up + H*C)        H_up = 2H for SwiGLU, H for GELU
+    attention core     2T*S*C                         causal QK^T and AV
+    B (input grads)    GEMMs + 2x attention core      flash-attention backward ~2x forward
+    W (weight grads)   GEMMs
+    elementwise fwd    b*T*(8C + 3H) + residual       two norms, rotary, SwiGLU (2H for GELU)
+    residual, plain    b*T*2*3C                       read x and F(x), write x, per sublayer
+    residual, mHC      b*T*2*(reads + writes)         per sublayer, :class:`MhcTraffic`
+    mHC GEMMs          per sublayer 2T*nC*(n^2+2n) + 2T*n^2*C + 4T*nC
+    backward traffic   ``bwd_traffic`` x forward's elementwise bytes
+
+The first stage adds the embedding (bytes only), the last the LM head (2T*C*V per F, B
+and W) and its cross-entropy. Activations kept per in-flight micro-batch: b*T*(8C + 3H)
+per layer (flash attention: no S x S score matrix) plus mHC's (n+2)*C per layer
+(DESIGN.md §4), or, with recomputation in blocks of L_r layers, n*C per block input.
+A stage's output crossing to the next rank is T x n x C x b bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .costs import Costs
+
+
+@dataclass(frozen=True)
+class MhcTraffic:
+    """Elements of C moved per token and sublayer in mHC's forward, as a*n + b."""
+
+    name: str
+    reads: tuple[float, float]
+    writes: tuple[float, float]
+
+    def elements(self, n: int) -> float:
+        return self.reads[0] * n + self.reads[1] + self.writes[0] * n + self.writes[1]
+
+
+# DESIGN.md §4: unfused HC-style code reads ~(5n+1)C and writes ~(3n+1)C; fused kernels cut
+# the reads to ~(n+1)C. At n = 4, fused, forward + 2x backward this is ~45C elements (90C
+# bytes) per sublayer over a plain residual's, near DESIGN §6's ~78C-byte floor.
+TRAFFIC = {
+    "fused": MhcTraffic("fused", (1.0, 1.0), (3.0, 1.0)),
+    "unfused": MhcTraffic("unfused", (5.0, 1.0), (3.0, 1.0)),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    width: int  # C
+    hidden: int  # H
+    seq_len: int  # S
+    vocab: int
+    tokens: int  # T, per micro-batch
+    streams: int = 4  # n
+    residual: str = "mhc"  # plain | hc | mhc
+    mlp: str = "swiglu"
+    bytes_per_elem: int = 2
+
+    @property
+    def n(self) -> int:
+        return 1 if self.residual == "plain" else self.streams
+
+
+@dataclass(frozen=True)
+class Hardware:
+    flops: float  # achieved matmul FLOP/s
+    hbm: float  # achieved memory bandwidth, bytes/s
+
+
+def split_layers(layers: int, stages: int) -> list[int]:
+    """Layers per stage, contiguous, sizes differing by at most one (the model's split)."""
+    if not 1 <= stages <= layers:
+        raise ValueError(f"cannot split {layers} layers into {stages} stages; use model.layers>={stages} or fewer ranks")
+    base, extra = divmod(layers, stages)
+    return [base + (1 if s < extra else 0) for s in range(stages)]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer, one micro-batch: seconds and bytes."""
+
+    f: float
+    b: float
+    w: float
+    mhc_f: float  # the mHC part of f: what recomputation repeats in the backward
+    act_mem: float  # bytes kept from F to B, without mHC's intermediates
+    mhc_act_mem: float  # mHC's (n+2)*C intermediates per layer
+
+
+def layer_cost(shape: ModelShape, hw: Hardware, traffic: MhcTraffic, bwd_traffic: float = 2.0) -> LayerCost:
+    t, c, h, s, n, b = shape.tokens, shape.width, shape.hidden, shape.seq_len, shape.n, shape.bytes_per_elem
+    h_up = 2 * h if shape.mlp == "swiglu" else h
+    gemm = 2.0 * t * (4 * c * c + c * h_up + h * c)
+    attn = 2.0 * t * s * c
+    act_el = 8 * c + (3 * h if shape.mlp == "swiglu" else 2 * h)
+    base_bytes = b * t * act_el
+    if shape.residual == "plain":
+        mhc_gemm, mhc_bytes, resid_bytes = 0.0, 0.0, b * t * 2 * 3 * c
+    else:
+        mhc_gemm = 2 * (2.0 * t * n * c * (n * n + 2 * n) + 2.0 * t * n * n * c + 4.0 * t * n * c)
+        mhc_bytes = b * t * 2 * traffic.elements(n) * c
+        resid_bytes = mhc_bytes
+    fwd_bytes = base_bytes + resid_bytes
+    mhc_f = mhc_gemm / hw.flops + mhc_bytes / hw.hbm
+    return LayerCost(
+        f=(gemm + attn + mhc_gemm) / hw.flops + fwd_bytes / hw.hbm,
+        b=(gemm + 2 * attn + mhc_gemm) / hw.flops + bwd_traffic * fwd_bytes / hw.hbm,
+        w=gemm / hw.flops,
+        mhc_f=mhc_f,
+        act_mem=base_bytes,
+        mhc_act_mem=0.0 if shape.residual == "plain" else b * t * (n + 2) * c,
+    )
+
+
+def analytic_costs(
+    shape: ModelShape,
+    hw: Hardware,
+    num_stages: int,
+    traffic: str | MhcTraffic = "fused",
+    recompute_block: int | None = None,
+    include_head: bool = True,
+    bwd_traffic: float = 2.0,
+) -> Costs:
+    """Per-stage costs (link left unlimited: see :meth:`Costs.with_link`).
+
+    ``recompute_block``: L_r, recompute mHC intermediates in blocks of that many layers.
+    """
+    if isinstance(traffic, str):
+        if traffic not in TRAFFIC:
+            raise ValueError(f"mHC traffic model {traffic!r} is unknown; use one of {sorted(TRAFFIC)}")
+        traffic = TRAFFIC[traffic]
+    layer = layer_cost(shape, hw, traffic, bwd_traffic)
+    t, c, v, n, b = shape.tokens, shape.width, shape.vocab, shape.n, shape.bytes_per_elem
+    f, bb, w, act, mem, rec = [], [], [], [], [], []
+    for s, count in enumerate(split_layers(shape.layers, num_stages)):
+        sf, sb, sw = layer.f * count, layer.b * count, layer.w * count
+        smem = layer.act_mem * count
+        srec = 0.0
+        if recompute_block and shape.residual != "plain":
+            srec = layer.mhc_f * count
+            smem += b * t * n * c * math.ceil(count / recompute_block)
+        else:
+            smem += layer.mhc_act_mem * count
+        if s == 0:  # embedding gather and the copy to n streams
+            sf += b * t * c * (1 + n) / hw.hbm
+            sb += b * t * c * (1 + n) / hw.hbm
+            sw += 2 * b * t * c / hw.hbm
+        if s == num_stages - 1 and include_head:  # stream reduce, LM head, cross-entropy on fp32 logits
+            head = 2.0 * t * c * v / hw.flops
+            sf += head + (b * t * n * c + 4 * t * v * 2) / hw.hbm
+            sb += head + (b * t * n * c + 4 * t * v * 2) / hw.hbm
+            sw += head
+            smem += 4 * t * v
+        f.append(sf)
+        bb.append(sb + srec)
+        w.append(sw)
+        rec.append(srec)
+        mem.append(smem)
+        act.append(0.0 if s == num_stages - 1 else float(b * t * n * c))
+    return Costs(f, bb, w, act, mem, rec, meta={"source": "analytic", "traffic": traffic.name, "streams": n})
+
+
+def shape_from_config(cfg, streams: int | None = None) -> ModelShape:
+    """The model shape of a RunConfig (duck-typed: the scheduler does not import the config module).
+    ``streams=1`` means the plain-residual baseline of the same model."""
+    m = cfg.model
+    n = m.streams if streams is None else streams
+    residual = "plain" if n == 1 else (m.residual if m.residual != "plain" else "mhc")
+    return ModelShape(
+        layers=m.layers, width=m.width, hidden=m.hidden, seq_len=m.seq_len, vocab=m.vocab_size,
+        tokens=cfg.tokens_per_microbatch(), streams=n, residual=residual, mlp=m.mlp,
+        bytes_per_elem=2 if cfg.run.dtype == "bfloat16" else 4,
+    )
+
+
+def costs_from_config(
+    cfg, num_stages: int, streams: int | None = None, traffic: str = "fused", recompute_block: int | None = None
+) -> Costs:
+    """Analytic costs for ``cfg`` cut into ``num_stages``, with the config's link."""
+    hw = Hardware(cfg.hardware.flops, cfg.hardware.bandwidth)
+    if recompute_block is None and cfg.recompute.enabled:
+        recompute_block = cfg.recompute.block_layers if isinstance(cfg.recompute.block_layers, int) else None
+        if recompute_block is None:
+            from .planner import closed_form_block
+
+            recompute_block = closed_form_block(streams or cfg.model.streams, cfg.model.layers)
+    costs = analytic_costs(shape_from_config(cfg, streams), hw, num_stages, traffic, recompute_block)
+    return costs.with_link(cfg.link.bandwidth, cfg.link.latency)
