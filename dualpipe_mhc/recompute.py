@@ -241,12 +241,12 @@ class _Segment:
         return _Replay(slots, named)
 
     def unpack_slot(self, index: int) -> Tensor:
-        replay = self._replayed()
-        t = replay.slots[index]
-        if t is None:  # a second backward over the same graph (retain_graph): replay again
+        if self._replayed().slots[index] is None:
+            # A second backward over a retained graph (e.g. a separate weight-gradient
+            # pass): what the first one consumed is gone, so replay once more.
             self.replay = None
-            t = self._replayed().slots[index]
-        replay.slots[index] = None  # free the recomputed tensor once autograd has taken it
+        slots = self._replayed().slots
+        t, slots[index] = slots[index], None  # free it once autograd has taken it
         return t
 
     def unpack_named(self, h: _Named) -> Tensor:

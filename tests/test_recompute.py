@@ -47,8 +47,17 @@ def _pipeline_step(cfg, block_layers, stages, dtype=torch.float32, kernels="refe
     return done[-1][1].detach(), {n: p.grad for n, p in model.named_parameters()}, input_grads
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny ops on a shared 2-core box: intra-op threads only spin against each other (70x slower under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def baseline():
+def baseline(_one_thread):
     return _pipeline_step(CFG, None, 1)
 
 
