@@ -73,5 +73,11 @@ def sinkhorn_bwd(m0, grad, valid, scratch_ptr, rows, row_mask, ITERS: tl.constex
         inner = tl.sum(g * m, axis=1)
         g = (g - inner[:, None, :]) * (1.0 / cs)[:, None, :]
         m = m * cs[:, None, :]
-    # d exp(l - max) / dl = m0; the max shift adds nothing since the output is scale-invariant.
-    return g * m0
+    # d exp(l - max) / dl: m0 on the diagonal, minus sum(g * m0) on the max entry (m0 == 1),
+    # split among ties as torch.amax does. That sum is ~0 when ITERS > 0 (the output is
+    # scale-invariant), but not for ITERS == 0.
+    gm = g * m0
+    total = tl.sum(tl.sum(gm, axis=2), axis=1)
+    is_max = m0 == 1.0
+    ties = tl.sum(tl.sum(is_max.to(tl.float32), axis=2), axis=1)
+    return gm - tl.where(is_max, (total / tl.maximum(ties, 1.0))[:, None, None], 0.0)

@@ -1,0 +1,339 @@
+"""Fused Triton mHC kernels against the float64 reference, forward and every gradient.
+
+CPU tests run the kernels in Triton's interpreter at small shapes; GPU tests
+(``-m gpu``, skipped without CUDA) compile them and run the full grid.
+
+Triton reads ``TRITON_INTERPRET`` when a function is decorated and again inside
+every ``tl`` call, so whatever another test module imported first, the
+``fused_cpu`` fixture sets it and re-imports the kernels in interpreter mode
+(see :class:`_KernelMode`); the original mode comes back when this file is done.
+
+Error measure: ‖out − ref‖ / ‖ref‖ per output and per gradient, the reference
+run in float64 on the same (dtype-rounded) inputs. Tolerances, per stream dtype:
+    float32: 1e-4  (kernels accumulate in fp32; dots use 3-pass tf32 on the GPU)
+    bfloat16: 1e-2 forward, 2e-2 backward  (outputs rounded to bf16, 2^-9 per element)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from dualpipe_mhc.kernels import reference as ref
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 2e-2)}  # (forward, backward)
+ITERS = 20
+
+
+def _interpreted(fn) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+class _KernelMode:
+    """Switches the fused kernels (and Triton's own ``@jit`` library functions) between interpreter and compiler.
+
+    Triton decides at decoration time: modules decorated while ``TRITON_INTERPRET`` was
+    unset hold compiled-mode functions, which the interpreter cannot call. So switching
+    re-imports our kernel modules and, when Triton itself was imported first in compiled
+    mode, ``triton.language.standard`` (tl.sum, tl.max, tl.zeros, ...), whose originals
+    are put back by :meth:`restore`.
+    """
+
+    def __init__(self) -> None:
+        import triton.language as tl
+
+        self.tl = tl
+        self.env = os.environ.get("TRITON_INTERPRET")
+        self.saved: list[tuple[object, dict]] | None = None  # (namespace, its original attributes)
+
+    def set(self, interpret: bool):
+        import dualpipe_mhc.kernels.fused as fused
+
+        tl = self.tl
+        if interpret:
+            os.environ["TRITON_INTERPRET"] = "1"
+            if not _interpreted(tl.standard.sum) and self.saved is None:
+                self.saved = [(ns, dict(vars(ns))) for ns in (tl.standard, tl, tl.tensor)]
+                old = self.saved[0][1]
+                importlib.reload(tl.standard)  # re-registers the tensor member functions too
+                for name, value in list(vars(tl).items()):
+                    if name in old and value is old[name]:
+                        setattr(tl, name, getattr(tl.standard, name))
+        else:
+            self._restore_library()
+            os.environ.pop("TRITON_INTERPRET", None)
+        if _interpreted(fused._pre_fwd_kernel) != interpret:
+            from dualpipe_mhc.kernels import mhc_post, mhc_pre, sinkhorn
+
+            for module in (sinkhorn, mhc_pre, mhc_post, fused):
+                importlib.reload(module)
+        return fused
+
+    def _restore_library(self) -> None:
+        if self.saved is not None:
+            for ns, attrs in self.saved:
+                for name, value in attrs.items():
+                    if not name.startswith("__"):
+                        setattr(ns, name, value)
+            self.saved = None
+
+    def restore(self, interpret: bool) -> None:
+        self.set(interpret)
+        self._restore_library()
+        if self.env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = self.env
+
+
+@pytest.fixture(scope="module")
+def _kernel_mode():
+    import dualpipe_mhc.kernels.fused as fused
+
+    was_interpreted = _interpreted(fused._pre_fwd_kernel)
+    mode = _KernelMode()
+    yield mode
+    mode.restore(was_interpreted)
+
+
+@pytest.fixture
+def fused_cpu(_kernel_mode):
+    return _kernel_mode.set(True)
+
+
+@pytest.fixture
+def fused_gpu(_kernel_mode):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return _kernel_mode.set(False)
+
+
+def rel_err(out: torch.Tensor, want: torch.Tensor) -> float:
+    out, want = out.double(), want.double()
+    assert torch.isfinite(out).all(), "non-finite values in the kernel's output"
+    return ((out - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(t: int, n: int, c: int, dtype: torch.dtype, device: str, lead: tuple[int, ...] = ()):
+    """Random x, phi, alpha, bias: alpha large enough that every mapping depends on x."""
+    m = 2 * n + n * n
+    shape = (*lead, t, n, c) if lead else (t, n, c)
+    x = torch.randn(shape, device=device).to(dtype)
+    phi = torch.randn(n * c, m, device=device) / (n * c) ** 0.5
+    alpha = torch.tensor([0.8, 0.6, 1.5], device=device)
+    bias = torch.randn(m, device=device)
+    bias[2 * n :] += 3.0 * torch.eye(n, device=device).flatten()  # H_res near identity, as initialised
+    return x, phi, alpha, bias
+
+
+def leaves(*tensors, double: bool = False):
+    return [(t.detach().double() if double else t.detach().clone()).requires_grad_() for t in tensors]
+
+
+def sublayer(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A stand-in F: elementwise, so its float64 twin is exact."""
+    return torch.tanh(u * w.to(u.dtype)) * 1.5
+
+
+def _poison_cuda_cache(device: str) -> None:
+    # Freed NaN blocks are what the caching allocator hands out next: an output element
+    # the kernels never write then shows up as NaN.
+    if device == "cuda":
+        torch.empty(64 << 20, device=device).fill_(float("nan"))
+
+
+def check_layer(fused, t: int, n: int, c: int, dtype: torch.dtype, device: str, lead=()) -> dict[str, float]:
+    """One hyper-connected sublayer, pre -> F -> post_res, fused vs reference: outputs and all gradients."""
+    x, phi, alpha, bias = make_inputs(t, n, c, dtype, device, lead)
+    w = torch.randn(c, device=device)
+    cot = torch.randn((*x.shape,), device=device)
+    xs, ps, als, bs = leaves(x, phi, alpha, bias)
+    _poison_cuda_cache(device)
+    u, h_post, h_res = fused.mhc_pre(xs, ps, als, bs, ITERS)
+    out = fused.post_res(xs, sublayer(u, w), h_post, h_res)
+    (out.float() * cot).sum().backward()
+
+    xd, pd, ad, bd = leaves(x, phi, alpha, bias, double=True)
+    u_r, h_post_r, h_res_r = ref.mhc_pre(xd, pd, ad, bd, ITERS)
+    out_r = ref.post_res(xd, sublayer(u_r, w.double()), h_post_r, h_res_r)
+    (out_r * cot.double()).sum().backward()
+    return {
+        "u": rel_err(u, u_r), "h_post": rel_err(h_post, h_post_r), "h_res": rel_err(h_res, h_res_r),
+        "x_next": rel_err(out, out_r),
+        "dx": rel_err(xs.grad, xd.grad), "dphi": rel_err(ps.grad, pd.grad),
+        "dalpha": rel_err(als.grad, ad.grad), "dbias": rel_err(bs.grad, bd.grad),
+    }  # fmt: skip
+
+
+def assert_close(errs: dict[str, float], dtype: torch.dtype) -> None:
+    fwd, bwd = TOL[dtype]
+    bad = {k: v for k, v in errs.items() if not v <= (bwd if k.startswith("d") else fwd)}
+    assert not bad, f"{dtype} errors over tolerance (fwd {fwd}, bwd {bwd}): {bad}; all: {errs}"
+
+
+def check_pre_alone(fused, t, n, c, dtype, device, iters=ITERS) -> dict[str, float]:
+    """mhc_pre with independent random cotangents on u, h_post and h_res (no post/res link)."""
+    x, phi, alpha, bias = make_inputs(t, n, c, dtype, device)
+    cu = torch.randn(t, c, device=device)
+    cp, cr = torch.randn(t, n, device=device), torch.randn(t, n, n, device=device)
+    xs, ps, als, bs = leaves(x, phi, alpha, bias)
+    u, h_post, h_res = fused.mhc_pre(xs, ps, als, bs, iters)
+    ((u.float() * cu).sum() + (h_post * cp).sum() + (h_res * cr).sum()).backward()
+    xd, pd, ad, bd = leaves(x, phi, alpha, bias, double=True)
+    u_r, h_post_r, h_res_r = ref.mhc_pre(xd, pd, ad, bd, iters)
+    ((u_r * cu.double()).sum() + (h_post_r * cp.double()).sum() + (h_res_r * cr.double()).sum()).backward()
+    return {
+        "u": rel_err(u, u_r), "h_post": rel_err(h_post, h_post_r), "h_res": rel_err(h_res, h_res_r),
+        "dx": rel_err(xs.grad, xd.grad), "dphi": rel_err(ps.grad, pd.grad),
+        "dalpha": rel_err(als.grad, ad.grad), "dbias": rel_err(bs.grad, bd.grad),
+    }  # fmt: skip
+
+
+def check_post_alone(fused, t, n, c, dtype, device) -> dict[str, float]:
+    """post_res on its own, with arbitrary (not doubly stochastic) mappings."""
+    x = torch.randn(t, n, c, device=device).to(dtype)
+    y = torch.randn(t, c, device=device).to(dtype)
+    h_post, h_res = torch.rand(t, n, device=device) * 2, torch.randn(t, n, n, device=device)
+    cot = torch.randn(t, n, c, device=device)
+    args = leaves(x, y, h_post, h_res)
+    _poison_cuda_cache(device)
+    out = fused.post_res(*args)
+    (out.float() * cot).sum().backward()
+    args_r = leaves(x, y, h_post, h_res, double=True)
+    out_r = ref.post_res(*args_r)
+    (out_r * cot.double()).sum().backward()
+    errs = {"x_next": rel_err(out, out_r)}
+    for name, a, b in zip(("dx", "dy", "dh_post", "dh_res"), args, args_r):
+        errs[name] = rel_err(a.grad, b.grad)
+    return errs
+
+
+# --- CPU, Triton interpreter: small shapes, every n, both dtypes, awkward T and C ---
+
+CPU_SHAPES = [(1, 64), (19, 200), (37, 96)]  # (T, C): T = 1, T past one block, C not a power of two
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("t,c", CPU_SHAPES)
+def test_layer_matches_reference_cpu(fused_cpu, t, c, n, dtype):
+    torch.manual_seed(1000 * n + t + c)
+    assert_close(check_layer(fused_cpu, t, n, c, dtype, "cpu"), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [1, 4])
+def test_pre_alone_cpu(fused_cpu, n, dtype):
+    torch.manual_seed(7 + n)
+    assert_close(check_pre_alone(fused_cpu, 21, n, 160, dtype, "cpu"), dtype)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 3])
+def test_sinkhorn_iteration_counts_cpu(fused_cpu, iters):
+    torch.manual_seed(iters)
+    assert_close(check_pre_alone(fused_cpu, 5, 4, 64, torch.float32, "cpu", iters=iters), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [2, 8])
+def test_post_res_alone_cpu(fused_cpu, n, dtype):
+    torch.manual_seed(11 + n)
+    assert_close(check_post_alone(fused_cpu, 13, n, 136, dtype, "cpu"), dtype)
+
+
+def test_leading_batch_dims_cpu(fused_cpu):
+    torch.manual_seed(3)
+    assert_close(check_layer(fused_cpu, 3, 4, 64, torch.float32, "cpu", lead=(2,)), torch.float32)
+
+
+def test_grad_link_only_for_the_same_x_cpu(fused_cpu):
+    """post_res on another x must not hand its gradient to the pre op of the first one."""
+    torch.manual_seed(5)
+    x, phi, alpha, bias = make_inputs(6, 4, 64, torch.float32, "cpu")
+    x2 = torch.randn_like(x)
+    grads = []
+    for impl in (fused_cpu, ref):
+        xs, x2s, ps = leaves(x, x2, phi)
+        u, h_post, h_res = impl.mhc_pre(xs, ps, alpha, bias, ITERS)
+        out = impl.post_res(x2s, u, h_post, h_res) + impl.post_res(xs, u, h_post, h_res)  # only the second links
+        out.square().sum().backward()
+        grads.append((xs.grad, x2s.grad, ps.grad))
+    for got, want in zip(*grads):
+        assert rel_err(got, want) < 1e-4
+
+
+def test_grad_link_twice_accumulates_cpu(fused_cpu):
+    torch.manual_seed(6)
+    x, phi, alpha, bias = make_inputs(6, 2, 64, torch.float32, "cpu")
+    grads = []
+    for impl in (fused_cpu, ref):
+        (xs,) = leaves(x)
+        u, h_post, h_res = impl.mhc_pre(xs, phi, alpha, bias, ITERS)
+        (impl.post_res(xs, u, h_post, h_res).sum() + impl.post_res(xs, 2 * u, h_post, h_res).square().sum()).backward()
+        grads.append(xs.grad)
+    assert rel_err(grads[0], grads[1]) < 1e-4
+
+
+def test_unsupported_inputs_raise(fused_cpu):
+    x, phi, alpha, bias = make_inputs(2, 2, 64, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="reference"):
+        fused_cpu.mhc_pre(x, phi, alpha, bias, ITERS, kind="hc")
+    with pytest.raises(TypeError, match="float64"):
+        fused_cpu.mhc_pre(x.double(), phi, alpha, bias, ITERS)
+    with pytest.raises(ValueError, match="phi"):
+        fused_cpu.mhc_pre(x, phi[:, :-1], alpha, bias, ITERS)
+
+
+def test_dispatch_exposes_fused_ops(fused_cpu):
+    from dualpipe_mhc.kernels import get_ops, resolve_backend
+
+    ops = get_ops("triton")
+    assert ops.name == "triton" and ops.pre.__module__.endswith("fused")
+    assert resolve_backend("auto", "cpu", "mhc") == "reference"
+
+
+# --- GPU: compiled kernels, the full grid ---
+
+GPU_C = [64, 1000, 2048, 7168]
+GPU_T = [1, 77, 4096]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("c", GPU_C)
+@pytest.mark.parametrize("t", GPU_T)
+def test_layer_matches_reference_gpu(fused_gpu, t, c, n, dtype):
+    torch.manual_seed(1000 * n + t + c)
+    assert_close(check_layer(fused_gpu, t, n, c, dtype, "cuda"), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_ops_alone_gpu(fused_gpu, n, dtype):
+    torch.manual_seed(n)
+    assert_close(check_pre_alone(fused_gpu, 333, n, 1000, dtype, "cuda"), dtype)
+    assert_close(check_post_alone(fused_gpu, 333, n, 1000, dtype, "cuda"), dtype)
+
+
+@pytest.mark.gpu
+def test_hyper_connection_layer_uses_fused_gpu(fused_gpu):
+    from dualpipe_mhc.mhc import HyperConnection
+
+    torch.manual_seed(0)
+    layer = HyperConnection(torch.nn.Linear(256, 256), width=256, streams=4).cuda()
+    x = torch.randn(2, 64, 4, 256, device="cuda")
+    outs = []
+    for backend in ("triton", "reference"):
+        layer.kernels = backend
+        layer.zero_grad()
+        xs = x.clone().requires_grad_()
+        out = layer(xs)
+        out.square().mean().backward()
+        outs.append((out, xs.grad, layer.phi.grad.clone()))
+    for a, b in zip(*outs):
+        assert rel_err(a, b) < 1e-3
