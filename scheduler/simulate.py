@@ -24,7 +24,7 @@ from .ir import Action, Schedule, ScheduleError
 COMPUTE_STREAM = "compute"
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """One interval on a track: a compute action, or a message on a link."""
 
@@ -52,7 +52,18 @@ class SimResult:
     comm_time: list[float]  # transfer time of the messages each rank sent
     peak_activation_bytes: list[float]
     peak_inflight: list[int]  # micro-batch chunks held (F done, B not done)
-    events: list[Event] = field(default_factory=list)
+    # Raw (rank, start, end, action) and (src, dst, start, end, key) tuples; turned into
+    # Event objects only when someone asks, which halves the cost of a large simulation.
+    _compute: list = field(default_factory=list, repr=False)
+    _sends: list = field(default_factory=list, repr=False)
+    _events: list[Event] | None = field(default=None, repr=False)
+
+    @property
+    def events(self) -> list[Event]:
+        """Compute actions and link messages, in simulation order (empty if not recorded)."""
+        if self._events is None:
+            self._events = _events(self._compute, self._sends, self.microbatches)
+        return self._events
 
     @property
     def bubble_fraction(self) -> float:
@@ -164,7 +175,6 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
 
     step = max(clock) if ranks else 0.0
     peak_bytes, peak_count = _memory(sched, costs)
-    events = _events(compute_events, sends, num_mb) if record_events else []
     return SimResult(
         schedule=sched.name,
         ranks=ranks,
@@ -176,7 +186,8 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
         comm_time=comm,
         peak_activation_bytes=peak_bytes,
         peak_inflight=peak_count,
-        events=events,
+        _compute=compute_events,
+        _sends=sends,
     )
 
 
@@ -207,15 +218,14 @@ def _compile(sched: Schedule, rank: int, costs: Costs, deferred: set, num_mb: in
         dur = 0.0
         needs: list[int] = []
         outputs: list[tuple[int, float]] = []
-        for half in action.halves():
-            s, mb = half.stage, half.microbatch
+        for half_kind, s, mb in _parts(action):
             key = 2 * (s * num_mb + mb)
-            if half.kind == "F":
+            if half_kind == "F":
                 dur += costs.f[s]
                 if s > 0:
                     needs.append(key - 2 * num_mb)
                 outputs.append((key, costs.act_bytes[s]))
-            elif half.kind == "B":
+            elif half_kind == "B":
                 dur += costs.b[s] + (0.0 if (s, mb) in deferred else costs.w[s])
                 needs.append(nkeys + key)  # this stage's own forward
                 if s < last:
@@ -235,21 +245,32 @@ def _memory(sched: Schedule, costs: Costs) -> tuple[list[float], list[int]]:
     until its B ends (program order; a pair's F allocates before its B frees)."""
     peak_bytes, peak_count = [], []
     for acts in sched.actions:
-        held = count = top = 0.0
-        top_count = 0
+        held = top = 0.0
+        count = top_count = 0
+        mem = costs.act_mem_bytes
         for action in acts:
-            for half in action.halves():
-                if half.kind == "F":
-                    held += costs.act_mem_bytes[half.stage]
-                    count += 1
-                    top, top_count = max(top, held), max(top_count, int(count))
-            for half in action.halves():
-                if half.kind == "B":
-                    held -= costs.act_mem_bytes[half.stage]
-                    count -= 1
+            kind = action.kind
+            if kind == "F" or kind == "FB":
+                held += mem[action.stage]
+                count += 1
+                top, top_count = max(top, held), max(top_count, count)
+            if kind == "B":
+                held -= mem[action.stage]
+                count -= 1
+            elif kind == "FB":
+                held -= mem[action.pair.stage]
+                count -= 1
         peak_bytes.append(top)
         peak_count.append(top_count)
     return peak_bytes, peak_count
+
+
+def _parts(action: Action) -> tuple[tuple[str, int, int], ...]:
+    """(kind, stage, microbatch) of each compute half, without building Action objects."""
+    if action.kind == "FB":
+        pair = action.pair
+        return (("F", action.stage, action.microbatch), (pair.kind, pair.stage, pair.microbatch))
+    return ((action.kind, action.stage, action.microbatch),)
 
 
 def _events(compute: list, sends: list, num_mb: int) -> list[Event]:
