@@ -20,7 +20,7 @@ from typing import Any, Callable
 PAPER_OVERHEAD_PCT = 6.7  # mHC n = 4 over the plain residual, training time (arXiv 2512.24880)
 UNAVAILABLE = "unavailable"
 
-Runner = Callable[[Any], dict[str, Any]]
+Runner = Callable[[Any], dict[str, Any]]  # a config -> its run report (see run_report)
 
 
 def variant_configs(cfg: Any, with_hc: bool = False) -> dict[str, Any]:
@@ -42,75 +42,75 @@ def variant_configs(cfg: Any, with_hc: bool = False) -> dict[str, Any]:
     return out
 
 
-def _per_rank(value: Any, ranks: int) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * ranks
-    return [float(v) for v in value]
+def _median_per_rank(steps: list[dict[str, Any]], key: str) -> list[float] | str:
+    rows = [s[key] for s in steps if isinstance(s.get(key), list)]
+    if not rows:
+        return UNAVAILABLE
+    return [statistics.median(col) for col in zip(*rows)]
 
 
 def measurement(run: dict[str, Any], warmup_steps: int = 1) -> dict[str, Any]:
-    """The comparison's numbers from one run report.
+    """The comparison's numbers from one run report (see :func:`run_report` for its shape).
 
-    Step time is the median over the steps after ``warmup_steps`` (all of them if
-    that leaves none). Bubble, exposed and total communication are per rank, as the
-    run measured them; hidden communication = total - exposed. Energy per step is
-    the median per rank over the same steps and their sum over ranks, or
-    ``"unavailable"`` where NVML gave none.
+    Everything is a median over the steps after ``warmup_steps`` (all of them if that
+    leaves none): the step time, and per rank the bubble, the time blocked on inputs,
+    the modelled transfer time and its exposed part, peak memory, energy.
+    Hidden communication = transfer time - exposed, per rank.
     """
-    measured = run.get("measured", run)
-    steps = [float(t) for t in measured["step_times_s"]] if "step_times_s" in measured else [measured["step_time_s"]]
+    steps = run["steps"]
     kept = steps[warmup_steps:] or steps
-    step_time = statistics.median(kept)
-    ranks = len(measured["bubble_s"])
-    bubble = _per_rank(measured["bubble_s"], ranks)
-    exposed = _per_rank(measured.get("exposed_comm_s", [0.0] * ranks), ranks)
-    comm = _per_rank(measured.get("comm_s", exposed), ranks)
+    step_time = statistics.median(s["step_time_s"] for s in kept)
+    bubble = _median_per_rank(kept, "bubble_s")
+    wait = _median_per_rank(kept, "input_wait_s")
+    exposed = _median_per_rank(kept, "exposed_comm_s")
+    comm = _median_per_rank(kept, "comm_s")
+    ranks = len(bubble)
     out: dict[str, Any] = {
         "step_time_s": step_time,
-        "step_times_s": steps,
+        "step_times_s": [s["step_time_s"] for s in steps],
         "bubble_s": bubble,
         "bubble_fraction": sum(bubble) / (ranks * step_time) if step_time else 0.0,
         "busy_s": [max(0.0, step_time - b) for b in bubble],
+        "input_wait_s": wait,
         "exposed_comm_s": exposed,
         "comm_s": comm,
         "hidden_comm_s": [max(0.0, c - e) for c, e in zip(comm, exposed)],
-        "peak_memory_bytes": measured.get("peak_memory_bytes", UNAVAILABLE),
-        "loss": run.get("loss", measured.get("loss")),
+        "peak_memory_bytes": _median_per_rank(kept, "peak_memory_bytes"),
+        "loss": kept[-1].get("loss"),
     }
-    out.update(_energy(run.get("nvml", measured.get("nvml")), warmup_steps))
+    out.update(_energy(run.get("nvml"), warmup_steps))
     return out
 
 
 def _energy(nvml: list[dict[str, Any]] | None, warmup_steps: int) -> dict[str, Any]:
-    """Per-rank median energy, power and NVLink bytes per step from the ranks' NVML reports."""
+    """Per-GPU median energy, power and NVLink bytes per step from NVML reports (one per GPU)."""
     out: dict[str, Any] = {
         "energy_j_per_step": UNAVAILABLE,
-        "energy_j_per_step_per_rank": UNAVAILABLE,
-        "mean_power_w_per_rank": UNAVAILABLE,
-        "nvlink_bytes_per_step_per_rank": UNAVAILABLE,
+        "energy_j_per_step_per_gpu": UNAVAILABLE,
+        "mean_power_w_per_gpu": UNAVAILABLE,
+        "nvlink_tx_bytes_per_step_per_gpu": UNAVAILABLE,
         "energy_source": UNAVAILABLE,
     }
     if not nvml:
         return out
 
-    def per_rank(key: str) -> list[float] | str:
+    def per_gpu(key: str) -> list[float] | str:
         values = []
-        for rank_report in nvml:
-            steps = rank_report.get("steps", [])
+        for gpu in nvml:
+            steps = gpu.get("steps", [])
             got = [s[key] for s in (steps[warmup_steps:] or steps) if isinstance(s.get(key), (int, float))]
             if not got:
                 return UNAVAILABLE
             values.append(statistics.median(got))
         return values
 
-    energy = per_rank("energy_j")
-    out["energy_j_per_step_per_rank"] = energy
+    energy = per_gpu("energy_j")
+    out["energy_j_per_step_per_gpu"] = energy
     if energy != UNAVAILABLE:
-        out["energy_j_per_step"] = sum(energy)
-    out["mean_power_w_per_rank"] = per_rank("mean_power_w")
-    tx = per_rank("nvlink_tx_bytes")
-    out["nvlink_bytes_per_step_per_rank"] = tx
-    sources = {s.get("energy_source") for r in nvml for s in r.get("steps", [])} - {None}
+        out["energy_j_per_step"] = float(sum(energy))
+    out["mean_power_w_per_gpu"] = per_gpu("mean_power_w")
+    out["nvlink_tx_bytes_per_step_per_gpu"] = per_gpu("nvlink_tx_bytes")
+    sources = {s.get("energy_source") for g in nvml for s in g.get("steps", [])} - {None, UNAVAILABLE}
     out["energy_source"] = ",".join(sorted(sources)) if sources else UNAVAILABLE
     return out
 
@@ -157,99 +157,159 @@ def profile(
     warmup_steps: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the variants one after another through ``runner`` and compare them; returns the report."""
+    """Run the variants one after another through ``runner`` (default: one :class:`PipelineRunner`
+    whose workers serve every variant) and compare them; returns the report."""
     from dualpipe_mhc.config import dump_config
 
-    runner = runner or default_runner()
+    own = runner is None
+    runner = runner or PipelineRunner()
     configs = variant_configs(cfg, with_hc)
     variants, runs = {}, {}
-    for name, vcfg in configs.items():
-        if progress is not None:
-            progress(name)
-        runs[name] = runner(vcfg)
-        variants[name] = measurement(runs[name], warmup_steps) | {
-            "residual": vcfg.model.residual,
-            "streams": vcfg.model.streams,
-        }
+    try:
+        for name, vcfg in configs.items():
+            if progress is not None:
+                progress(name)
+            runs[name] = runner(vcfg)
+            variants[name] = measurement(runs[name], warmup_steps) | {
+                "residual": vcfg.model.residual,
+                "streams": vcfg.model.streams,
+            }
+    finally:
+        if own:
+            runner.close()
     cmp = compare(variants)
     link = cfg.link
     setting = (
         f"{cfg.pipeline.schedule}, {cfg.pipeline.ranks} ranks, {cfg.pipeline.microbatches} micro-batches, "
         f"link {link.preset or 'custom'} {link.bandwidth / 1e9:g} GB/s{' shaped' if link.shape else ''}"
     )
-    device = next((r.get("device") for r in runs.values() if r.get("device")), "unknown")
-    on_gpu = any("cuda" in str(r.get("device", "")).lower() or "gpu" in str(r.get("device", "")).lower()
-                 or "h100" in str(r.get("device", "")).lower() or "h200" in str(r.get("device", "")).lower()
-                 for r in runs.values())
+    first = next(iter(runs.values()))
     return {
         "format": "dualpipe-mhc-profile-report/1",
         "setting": setting,
-        "device": device,
+        "device": first.get("device", "unknown"),
         "schedule": cfg.pipeline.schedule,
         "ranks": cfg.pipeline.ranks,
         "microbatches": cfg.pipeline.microbatches,
         "link": {"preset": link.preset, "bandwidth_gbps": link.bandwidth / 1e9,
                  "latency_us": link.latency * 1e6, "shaped": link.shape},
-        "recompute_block_layers": cfg.recompute.block_layers if cfg.recompute.enabled else None,
+        "recompute_block_layers": first.get("recompute_block_layers"),
         "warmup_steps": warmup_steps,
+        "nvml_note": first.get("nvml_note"),
         "variants": variants,
         **cmp,
         "paper_overhead_pct": PAPER_OVERHEAD_PCT,
-        "verdict": verdict(cmp["overhead_pct"]["mhc"], variants["mhc"]["streams"], setting, on_gpu),
+        "verdict": verdict(cmp["overhead_pct"]["mhc"], variants["mhc"]["streams"], setting,
+                           bool(first.get("on_gpu"))),
         "config": dump_config(cfg),
     }
 
 
-def default_runner() -> Runner:
-    """The runtime's ``run``; one Ray session serves every variant."""
-    raise NotImplementedError("the runtime's run entry point is not available yet")
+def incoming_transfer_seconds(cfg: Any, sched: Any) -> list[float]:
+    """Per rank, the modelled transfer time of the messages it receives in one step:
+    remote messages x (activation bytes / one-way bandwidth + latency) on the config's link."""
+    from .plan import build_plan
+
+    m = cfg.model
+    elem = 2 if cfg.run.dtype == "bfloat16" else 4
+    act_bytes = cfg.pipeline.microbatch_size * m.seq_len * m.streams * m.width * elem
+    per_message = act_bytes / cfg.link.bandwidth + cfg.link.latency
+    out = []
+    for r in range(sched.ranks):
+        plan = build_plan(sched, r)
+        out.append(sum(1 for src in plan.src_of.values() if src != r) * per_message)
+    return out
 
 
-def plot(report: dict[str, Any], path: Path) -> Path:
-    """Step time split into compute / bubble (exposed comm shown inside it), per variant, and per-rank bars."""
-    import matplotlib
+def run_report(cfg: Any, sched: Any, results: list[Any], nvml: list[dict[str, Any]], device: str) -> dict[str, Any]:
+    """One variant's run as :func:`measurement` reads it, per step and per rank:
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    bubble_s        step time (slowest rank) - the rank's compute
+    input_wait_s    time blocked on receives (measured): upstream compute still running, or transfers
+    comm_s          the modelled transfer time of the messages the rank receives
+    exposed_comm_s  min(input wait, comm): the part of the wait transfers can account for (an upper
+                    bound; the ranks' clocks are not aligned, so arrival times are not known exactly)
+    """
+    comm = incoming_transfer_seconds(cfg, sched)
+    steps = []
+    for res in results:
+        peaks = [r.get("peak_memory_bytes") for r in res.ranks]
+        wait = res.waiting()
+        steps.append({
+            "step_time_s": res.step_time,
+            "bubble_s": [max(0.0, res.step_time - b) for b in res.busy()],
+            "input_wait_s": wait,
+            "comm_s": comm,
+            "exposed_comm_s": [min(w, c) for w, c in zip(wait, comm)],
+            "peak_memory_bytes": peaks if all(isinstance(p, (int, float)) for p in peaks) else UNAVAILABLE,
+            "loss": res.loss,
+        })
+    return {"device": device, "on_gpu": device != "cpu", "steps": steps, "nvml": nvml}
 
-    names = list(report["variants"])
-    v = report["variants"]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
-    ms = 1e3
-    busy = [statistics.fmean(v[n]["busy_s"]) * ms for n in names]
-    exposed = [statistics.fmean(v[n]["exposed_comm_s"]) * ms for n in names]
-    bubble = [statistics.fmean(v[n]["bubble_s"]) * ms - e for n, e in zip(names, exposed)]
-    labels = [f"{n} (n={v[n]['streams']})" for n in names]
-    ax[0].bar(labels, busy, label="compute (mean over ranks)", color="tab:blue")
-    ax[0].bar(labels, exposed, bottom=busy, label="exposed comm", color="tab:red")
-    ax[0].bar(labels, bubble, bottom=[b + e for b, e in zip(busy, exposed)], label="other bubble", color="tab:gray")
-    for i, n in enumerate(names):
-        pct = report["overhead_pct"].get(n)
-        text = f"{v[n]['step_time_s'] * ms:.1f} ms" + (f"\n{pct:+.1f} %" if pct is not None else "")
-        ax[0].text(i, v[n]["step_time_s"] * ms, text, ha="center", va="bottom", fontsize=9)
-    ax[0].set(title=f"step time; paper: mHC +{PAPER_OVERHEAD_PCT} %", ylabel="ms")
-    ax[0].legend(fontsize=8, loc="lower right")
-    ranks = range(len(v[names[0]]["bubble_s"]))
-    width = 0.8 / len(names)
-    for i, n in enumerate(names):
-        xs = [r + i * width for r in ranks]
-        ax[1].bar(xs, [b * ms for b in v[n]["bubble_s"]], width, label=f"{n} bubble")
-        ax[1].bar(xs, [e * ms for e in v[n]["exposed_comm_s"]], width, fill=False, hatch="//", edgecolor="k")
-    ax[1].set(title="per-rank bubble (hatched: exposed comm)", xlabel="rank", ylabel="ms")
-    ax[1].legend(fontsize=8)
-    energy = [v[n]["energy_j_per_step"] for n in names]
-    if all(isinstance(e, float) for e in energy):
-        ax[2].bar(labels, energy, color="tab:green")
-        ax[2].set(title="energy per step, all ranks", ylabel="J")
-    else:
-        mem = [v[n]["peak_memory_bytes"] for n in names]
-        if all(isinstance(m, list) for m in mem):
-            ax[2].bar(labels, [max(m) / 2**20 for m in mem], color="tab:purple")
-            ax[2].set(title="peak memory, worst rank (energy unavailable)", ylabel="MiB")
+
+class PipelineRunner:
+    """Runs each variant config on one group of stage workers, started on first use and
+    reconfigured (new chunks, optimizer and executor; same actors, same process group) after.
+
+    NVML is sampled from this process for the GPUs ``0 .. ranks-1`` of the local host,
+    each step bracketed by the driver: a single-host measurement (the workers do not
+    report energy themselves yet).
+    """
+
+    def __init__(self, nvml_period_s: float = 0.02) -> None:
+        self.nvml_period_s = nvml_period_s
+        self.pipe: Any = None
+        self.samplers: list[Any] = []
+        self.device = "cpu"
+        self.nvml_note: str | None = None
+
+    def __call__(self, cfg: Any) -> dict[str, Any]:
+        from dualpipe_mhc.scheduler import build_schedule, validate
+
+        from .runtime import Pipeline
+        from .worker import recompute_layers
+
+        sched = build_schedule(cfg.pipeline.schedule, cfg.pipeline.ranks, cfg.pipeline.microbatches)
+        validate(sched)
+        if self.pipe is None:
+            self.pipe = Pipeline.start(cfg, sched)
+            self._start_nvml(cfg.pipeline.ranks)
         else:
-            ax[2].text(0.5, 0.5, "energy and memory unavailable", ha="center", transform=ax[2].transAxes)
-    fig.suptitle(report["verdict"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            self.pipe.configure(cfg, sched)
+        results = []
+        for step in range(cfg.run.steps):
+            for s in self.samplers:
+                s.begin_step()
+            results.append(self.pipe.step(step))
+            for s in self.samplers:
+                s.end_step()
+        nvml = [s.report() for s in self.samplers]
+        for s in self.samplers:
+            s.steps.clear()
+        report = run_report(cfg, sched, results, nvml, self.device)
+        report["recompute_block_layers"] = recompute_layers(cfg)
+        report["nvml_note"] = self.nvml_note
+        return report
+
+    def _start_nvml(self, ranks: int) -> None:
+        from .nvml import NvmlSampler
+
+        if not self.pipe.group.use_gpu:
+            self.nvml_note = "CPU run: no GPU energy or NVLink counters"
+            return
+        self.samplers = [NvmlSampler(i, self.nvml_period_s).start() for i in range(ranks)]
+        self.nvml_note = f"sampled from the driver for local GPUs 0..{ranks - 1}, steps bracketed by the driver"
+        try:
+            import torch
+
+            self.device = torch.cuda.get_device_name(0)
+        except Exception:
+            self.device = "cuda"
+
+    def close(self) -> None:
+        for s in self.samplers:
+            s.stop()
+        self.samplers = []
+        if self.pipe is not None:
+            self.pipe.close()
+            self.pipe = None

@@ -12,23 +12,25 @@ from dualpipe_mhc.config import load_config
 
 
 def _fake_run(step: float, streams: int, nvml: bool = True) -> dict:
-    ranks = 2
-    report = {
-        "device": "cpu",
-        "step_times_s": [step * 3, step, step, step],  # the first step is warm-up
-        "bubble_s": [0.1 * step, 0.2 * step],
-        "exposed_comm_s": [0.01 * streams * step, 0.02 * step],
-        "comm_s": [0.05 * streams * step] * ranks,
-        "peak_memory_bytes": [2**20 * streams, 2**20 * streams],
-        "loss": 5.0,
-    }
-    if nvml:
-        report["nvml"] = [
-            {"steps": [{"energy_j": 100.0 * step, "mean_power_w": 100.0, "nvlink_tx_bytes": 1e6 * streams,
-                        "energy_source": "counter"}] * 4}
-            for _ in range(ranks)
-        ]
-    return report
+    """A run report of run_report()'s shape: the first step is a slow warm-up."""
+    steps = [
+        {
+            "step_time_s": t,
+            "bubble_s": [0.1 * t, 0.2 * t],
+            "input_wait_s": [0.05 * t, 0.05 * t],
+            "exposed_comm_s": [0.01 * streams * t, 0.02 * t],
+            "comm_s": [0.05 * streams * t] * 2,
+            "peak_memory_bytes": [2**20 * streams] * 2,
+            "loss": 5.0,
+        }
+        for t in (step * 3, step, step, step)
+    ]
+    gpus = [
+        {"steps": [{"energy_j": 100.0 * step, "mean_power_w": 100.0, "nvlink_tx_bytes": 1e6 * streams,
+                    "energy_source": "counter"}] * 4}
+        for _ in range(2)
+    ]
+    return {"device": "cpu", "on_gpu": False, "steps": steps, "nvml": gpus if nvml else []}
 
 
 def _runner(nvml: bool = True):
@@ -63,6 +65,7 @@ def test_overhead_breakdown_and_verdict():
     mhc = report["variants"]["mhc"]
     assert mhc["step_time_s"] == pytest.approx(1.05)  # median after the warm-up step
     assert mhc["hidden_comm_s"] == pytest.approx([0.2 * 1.05 - 0.04 * 1.05, 0.2 * 1.05 - 0.02 * 1.05])
+    assert mhc["bubble_s"] == pytest.approx([0.105, 0.21]) and mhc["peak_memory_bytes"] == [4 * 2**20] * 2
     assert mhc["energy_j_per_step"] == pytest.approx(2 * 105.0)
     assert report["delta_vs_plain"]["mhc"]["energy_pct"] == pytest.approx(5.0)
     assert "within the paper's +6.7 %" in report["verdict"] and "CPU run" in report["verdict"]
@@ -75,7 +78,9 @@ def test_energy_unavailable_without_nvml(tmp_path):
     report = prof.profile(load_config("tiny"), runner=runner)
     assert report["variants"]["mhc"]["energy_j_per_step"] == "unavailable"
     assert "energy_pct" not in report["delta_vs_plain"]["mhc"]
-    png = prof.plot(report, tmp_path / "p.png")
+    from dualpipe_mhc.commands.profile import plot
+
+    png = plot(report, tmp_path / "p.png")
     assert png.stat().st_size > 1000
 
 
@@ -90,3 +95,24 @@ def test_command_rejects_bad_warmup(tmp_path):
     args = SimpleNamespace(with_hc=False, warmup_steps=5, no_plot=True, out=str(tmp_path))
     with pytest.raises(ValueError, match="run.steps"):
         cmd.main(load_config("tiny", ["run.steps=3"]), args)
+
+
+@pytest.mark.ray
+def test_profile_on_two_cpu_ranks(ray_cluster, tmp_path):
+    """The real runtime: the tiny config on 2 CPU ranks over gloo, both variants, JSON + PNG."""
+    from dualpipe_mhc.cli import main
+
+    out = tmp_path / "prof"
+    rc = main(["profile", "--set", "run.steps=2", "--set", "model.layers=4", "--set", "model.width=32",
+               "--set", "model.seq_len=16", "--out", str(out), "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["variants"]) == {"mhc", "plain"}
+    for v in report["variants"].values():
+        assert v["step_time_s"] > 0 and len(v["bubble_s"]) == 2 and len(v["exposed_comm_s"]) == 2
+        assert v["energy_j_per_step"] == "unavailable"
+        assert v["loss"] == pytest.approx(v["loss"]) and 0 < v["loss"] < 10
+    assert report["variants"]["mhc"]["streams"] == 4 and report["variants"]["plain"]["streams"] == 1
+    assert isinstance(report["overhead_pct"]["mhc"], float)
+    assert report["verdict"].startswith("mHC n=4 costs") and "CPU run" in report["verdict"]
+    assert (out / "profile.json").exists() and (out / "profile.png").stat().st_size > 1000

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 HELP = "run mHC (n=4) and the plain residual (n=1) on the same pipeline and report the mHC overhead"
@@ -27,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(cfg, args) -> dict:
     from rich.console import Console
 
-    from ..cluster.profile import plot, profile
+    from ..cluster.profile import profile
 
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps={args.warmup_steps} is invalid: use 0 or more")
@@ -71,9 +72,10 @@ def _print_table(console, report: dict) -> None:
 
     t = Table(
         title=f"{report['setting']} — device {report['device']}",
-        caption="per-rank lists are rank0/rank1/...; hidden comm = comm overlapped with compute",
+        caption="per-rank lists are rank0/rank1/...; input wait = blocked on receives (measured); exposed comm = "
+        "the part of it the link model's transfer time accounts for; hidden comm = the rest of that transfer time",
     )
-    cols = ("variant", "n", "step ms", "overhead", "bubble ms", "exposed comm ms", "hidden comm ms",
+    cols = ("variant", "n", "step ms", "overhead", "bubble ms", "input wait ms", "exposed comm ms", "hidden comm ms",
             "energy J/step", "peak mem MiB")
     for col in cols:
         t.add_column(col, justify="right")
@@ -82,8 +84,63 @@ def _print_table(console, report: dict) -> None:
         t.add_row(
             name, str(v["streams"]), _fmt(v["step_time_s"], 1e3, ".2f"),
             "-" if pct is None else f"{pct:+.1f} %",
-            _fmt(v["bubble_s"], 1e3), _fmt(v["exposed_comm_s"], 1e3), _fmt(v["hidden_comm_s"], 1e3),
+            _fmt(v["bubble_s"], 1e3), _fmt(v["input_wait_s"], 1e3), _fmt(v["exposed_comm_s"], 1e3),
+            _fmt(v["hidden_comm_s"], 1e3),
             _fmt(v["energy_j_per_step"], 1.0, ".1f"), _fmt(v["peak_memory_bytes"], 2**-20, ".0f"),
         )
     console.print(t)
     console.print(report["verdict"])
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Step time split into compute / bubble (exposed comm shown inside it), per variant, and per-rank bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["variants"])
+    v = report["variants"]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+    ms = 1e3
+    busy = [statistics.fmean(v[n]["busy_s"]) * ms for n in names]
+    exposed = [statistics.fmean(v[n]["exposed_comm_s"]) * ms for n in names]
+    bubble = [statistics.fmean(v[n]["bubble_s"]) * ms - e for n, e in zip(names, exposed)]
+    labels = [f"{n} (n={v[n]['streams']})" for n in names]
+    ax[0].bar(labels, busy, label="compute (mean over ranks)", color="tab:blue")
+    ax[0].bar(labels, exposed, bottom=busy, label="exposed comm", color="tab:red")
+    ax[0].bar(labels, bubble, bottom=[b + e for b, e in zip(busy, exposed)], label="other bubble", color="tab:gray")
+    for i, n in enumerate(names):
+        pct = report["overhead_pct"].get(n)
+        text = f"{v[n]['step_time_s'] * ms:.1f} ms" + (f"\n{pct:+.1f} %" if pct is not None else "")
+        ax[0].text(i, v[n]["step_time_s"] * ms, text, ha="center", va="bottom", fontsize=9)
+    ax[0].set(title=f"step time; paper: mHC +{report['paper_overhead_pct']} %", ylabel="ms")
+    ax[0].set_ylim(0, max(v[n]["step_time_s"] for n in names) * ms * 1.25)
+    ax[0].legend(fontsize=8, loc="lower right")
+    ranks = range(len(v[names[0]]["bubble_s"]))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        xs = [r + i * width for r in ranks]
+        ax[1].bar(xs, [b * ms for b in v[n]["bubble_s"]], width, label=f"{n} bubble")
+        ax[1].bar(xs, [e * ms for e in v[n]["exposed_comm_s"]], width, fill=False, hatch="//", edgecolor="k")
+    ax[1].set(title="per-rank bubble (hatched: exposed comm)", xlabel="rank", ylabel="ms")
+    ax[1].set_xticks([r + width * (len(names) - 1) / 2 for r in ranks], [str(r) for r in ranks])
+    ax[1].legend(fontsize=8)
+    energy = [v[n]["energy_j_per_step"] for n in names]  # "unavailable" without NVML
+    if all(isinstance(e, float) for e in energy):
+        ax[2].bar(labels, energy, color="tab:green")
+        ax[2].set(title="energy per step, all ranks", ylabel="J")
+    else:
+        mem = [v[n]["peak_memory_bytes"] for n in names]
+        if all(isinstance(m, list) for m in mem):
+            ax[2].bar(labels, [max(m) / 2**20 for m in mem], color="tab:purple")
+            ax[2].set(title="peak memory, worst rank (energy unavailable)", ylabel="MiB")
+        else:
+            ax[2].text(0.5, 0.5, "energy and peak memory unavailable\n(no NVML / CPU run)", ha="center",
+                       transform=ax[2].transAxes)
+            ax[2].set_axis_off()
+    fig.suptitle(report["verdict"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
