@@ -24,7 +24,6 @@ A stage's output crossing to the next rank is T x n x C x b bytes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .costs import Costs
@@ -81,6 +80,28 @@ def split_layers(layers: int, stages: int) -> list[int]:
         raise ValueError(f"cannot split {layers} layers into {stages} stages; use model.layers>={stages} or fewer ranks")
     base, extra = divmod(layers, stages)
     return [base + (1 if s < extra else 0) for s in range(stages)]
+
+
+def kept_block_inputs(first_layer: int, count: int, block_layers: int) -> int:
+    """Recompute blocks are global (``layer // L_r``) and cut at stage boundaries, each piece
+    keeping its own input (the runtime's ``recompute.block_segments``): how many a stage keeps."""
+    if count <= 0:
+        return 0
+    return (first_layer + count - 1) // block_layers - first_layer // block_layers + 1
+
+
+def stage_params(shape: ModelShape, num_stages: int, include_head: bool = True) -> list[float]:
+    """Parameters per model stage: attention 4C^2, MLP C*H_up + H*C, mHC's phi and scalars per
+    sublayer, the embedding on the first stage and the LM head on the last."""
+    c, h, n = shape.width, shape.hidden, shape.n
+    h_up = 2 * h if shape.mlp == "swiglu" else h
+    mhc = 0 if shape.residual == "plain" else 2 * (n * c * (n * n + 2 * n) + n * n + 2 * n + 3)
+    per_layer = 4 * c * c + c * h_up + h * c + mhc
+    params = [float(per_layer * count) for count in split_layers(shape.layers, num_stages)]
+    params[0] += shape.vocab * c
+    if include_head:
+        params[-1] += shape.vocab * c
+    return params
 
 
 @dataclass(frozen=True)
@@ -140,15 +161,17 @@ def analytic_costs(
     layer = layer_cost(shape, hw, traffic, bwd_traffic)
     t, c, v, n, b = shape.tokens, shape.width, shape.vocab, shape.n, shape.bytes_per_elem
     f, bb, w, act, mem, rec = [], [], [], [], [], []
+    first_layer = 0
     for s, count in enumerate(split_layers(shape.layers, num_stages)):
         sf, sb, sw = layer.f * count, layer.b * count, layer.w * count
         smem = layer.act_mem * count
         srec = 0.0
         if recompute_block and shape.residual != "plain":
             srec = layer.mhc_f * count
-            smem += b * t * n * c * math.ceil(count / recompute_block)
+            smem += b * t * n * c * kept_block_inputs(first_layer, count, recompute_block)
         else:
             smem += layer.mhc_act_mem * count
+        first_layer += count
         if s == 0:  # embedding gather and the copy to n streams
             sf += b * t * c * (1 + n) / hw.hbm
             sb += b * t * c * (1 + n) / hw.hbm

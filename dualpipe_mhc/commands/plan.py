@@ -1,0 +1,84 @@
+"""``dualpipe-mhc plan``: choose the mHC recomputation block size L_r under a per-GPU memory budget.
+
+Prints the closed form sqrt(n*L/(n+2)), then every searched L_r with the fullest rank's
+activation and total memory, the recomputation time and the simulated step time, and the
+choice; the runtime takes ``block_layers`` from the JSON (or ``plan_recompute(cfg)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+HELP = "plan mHC recomputation: block size L_r vs activation memory vs recompute time under the memory budget"
+DEFAULT_CONFIG = "paper-27b"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--schedule", metavar="NAME", help="schedule to plan for (default: pipeline.schedule)")
+    parser.add_argument("--budget-gib", type=float, metavar="GIB", help="per-GPU memory (default: recompute.memory_budget_gib, else hardware.memory_gib)")
+    parser.add_argument(
+        "--state-bytes-per-param", type=float, default=6.0, metavar="B",
+        help="parameter + gradient + optimizer bytes per parameter on a rank (default 6: bf16 weights, fp32 grads, optimizer sharded over data parallel; 18 unsharded)",
+    )
+
+
+def _table(rows, cfg, schedule: str, budget: float, choice, closed_form: float, closed_block: int):
+    from rich.table import Table
+
+    m = cfg.model
+    title = (
+        f"recomputation plan: {m.layers} layers, n={m.streams}, {schedule} "
+        f"on {cfg.pipeline.ranks} ranks, budget {budget:g} GiB; closed form sqrt(nL/(n+2)) = {closed_form:.2f} -> L_r={closed_block}"
+    )
+    table = Table(title=title, caption="memory on the fullest rank; recompute = seconds per step on the busiest rank")
+    for col in ("L_r", "activations GiB", "total GiB", "recompute s", "step s", "fits"):
+        table.add_column(col, justify="right")
+    # Up to twice the closed form is where the optimum lives; the JSON keeps every row.
+    limit = max(8, 2 * closed_block)
+    for row in rows:
+        chosen = row is choice
+        if row.block_layers is not None and row.block_layers > limit and not chosen:
+            continue
+        style = "bold green" if chosen else None
+        table.add_row(
+            "off" if row.block_layers is None else str(row.block_layers),
+            f"{row.activation_gib:.1f}", f"{row.total_gib:.1f}", f"{row.recompute_s:.3f}", f"{row.step_time_s:.3f}",
+            ("yes" if row.fits else "no") + (" <- chosen" if chosen else ""),
+            style=style,
+        )
+    return table
+
+
+def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
+    from rich.console import Console
+
+    from dualpipe_mhc.scheduler.planner import InfeasiblePlan, closed_form, closed_form_block, plan_recompute
+
+    console = Console()
+    schedule = getattr(args, "schedule", None)
+    budget = getattr(args, "budget_gib", None)
+    state_bytes = getattr(args, "state_bytes_per_param", 6.0)
+    if budget is not None and budget <= 0:
+        raise ValueError(f"--budget-gib {budget:g} is invalid: use a positive GiB")
+    n, layers = cfg.model.streams if cfg.model.residual != "plain" else 1, cfg.model.layers
+    try:
+        plan = plan_recompute(cfg, schedule, budget, state_bytes)
+    except InfeasiblePlan as exc:
+        shown_budget = budget or cfg.recompute.memory_budget_gib or cfg.hardware.memory_gib
+        name = schedule or cfg.pipeline.schedule
+        console.print(_table(exc.rows, cfg, name, shown_budget, None, closed_form(n, layers), closed_form_block(n, layers)))
+        raise
+    console.print(
+        _table(plan.rows, cfg, plan.schedule, plan.budget_gib, plan.choice, plan.closed_form, plan.closed_form_block)
+    )
+    if plan.enabled:
+        verdict = f"recompute.block_layers={plan.block_layers} (set recompute.enabled=true)"
+    else:
+        verdict = "no recomputation needed: the step fits without it"
+    console.print(f"choice: {verdict}; {plan.choice.total_gib:.1f} of {plan.budget_gib:g} GiB on the fullest rank")
+    report = plan.to_dict()
+    report["command"] = "plan"
+    report["state_bytes_per_param"] = state_bytes
+    return report

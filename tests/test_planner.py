@@ -1,0 +1,86 @@
+"""Recomputation planner: the closed form, the budget search, infeasible budgets, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dualpipe_mhc import load_config
+from dualpipe_mhc.cli import main
+from dualpipe_mhc.scheduler.planner import InfeasiblePlan, closed_form, closed_form_block, plan_recompute
+
+
+def _per_token_memory(n: int, layers: int, lr: int) -> float:
+    """DESIGN.md §4, in units of C: kept block inputs + one block's intermediates."""
+    return n * math.ceil(layers / lr) + (n + 2) * lr
+
+
+@pytest.mark.parametrize("n, layers", [(4, 24), (4, 56), (4, 61), (2, 32), (8, 40), (1, 12)])
+def test_closed_form_is_sqrt_nl_over_n_plus_2_and_near_the_discrete_optimum(n, layers):
+    assert closed_form(n, layers) == pytest.approx(math.sqrt(n * layers / (n + 2)))
+    block = closed_form_block(n, layers)
+    assert abs(block - closed_form(n, layers)) < 1
+    best = min(_per_token_memory(n, layers, lr) for lr in range(1, layers + 1))
+    assert _per_token_memory(n, layers, block) <= 1.1 * best
+    if (n, layers) == (4, 24):  # sqrt(16) = 4 exactly, and 4 is the discrete optimum
+        assert block == 4 and _per_token_memory(4, 24, 4) == best
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_config("paper-27b")
+
+
+@pytest.fixture(scope="module")
+def table(paper):
+    return plan_recompute(paper, budget_gib=1e6).rows
+
+
+def test_plan_searches_every_block_size_and_recomputation_trades_time_for_memory(table):
+    off, *recomputed = table
+    assert off.block_layers is None and [r.block_layers for r in recomputed] == list(range(1, len(recomputed) + 1))
+    assert all(r.recompute_s > 0 and r.step_time_s > off.step_time_s for r in recomputed)
+    assert all(r.activation_gib < off.activation_gib for r in recomputed)
+    assert off.recompute_s == 0
+
+
+def test_a_roomy_budget_needs_no_recomputation(paper, table):
+    plan = plan_recompute(paper, budget_gib=table[0].total_gib + 1)
+    assert not plan.enabled and plan.block_layers is None
+
+
+def test_a_tight_budget_picks_a_block_that_fits(paper, table):
+    best = min(table, key=lambda r: r.total_gib)
+    budget = (best.total_gib + table[0].total_gib) / 2
+    plan = plan_recompute(paper, budget_gib=budget)
+    assert plan.enabled and plan.choice.total_gib <= budget
+    # Recomputation costs the same at every L_r in this model, so the fit with least memory wins.
+    fitting = [r for r in table if r.block_layers and r.total_gib <= budget]
+    assert plan.choice.total_gib == pytest.approx(min(r.total_gib for r in fitting))
+    assert plan.block_layers == best.block_layers
+
+
+def test_an_infeasible_budget_says_by_how_much(paper, table):
+    best = min(table, key=lambda r: r.total_gib)
+    with pytest.raises(InfeasiblePlan, match=rf"\(L_r={best.block_layers}\) needs {best.total_gib:.1f} GiB .* 1\.5 GiB over"):
+        plan_recompute(paper, budget_gib=best.total_gib - 1.5)
+
+
+def test_plain_residual_has_nothing_to_recompute(paper):
+    plan = plan_recompute(load_config("paper-27b", ["model.streams=1", "model.residual=plain"]), budget_gib=1e6)
+    assert [r.block_layers for r in plan.rows] == [None] and not plan.enabled
+
+
+def test_plan_cli_json_and_errors(tmp_path, capsys, table):
+    out = tmp_path / "plan.json"
+    budget = min(r.total_gib for r in table) + 0.5
+    assert main(["plan", "--budget-gib", str(budget), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"block_layers", "enabled", "closed_form", "closed_form_block", "budget_gib", "state_gib", "choice", "rows"} <= report.keys()
+    assert report["enabled"] and report["block_layers"] == report["choice"]["block_layers"]
+    assert "chosen" in capsys.readouterr().out
+    assert main(["plan", "--budget-gib", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dualpipe-mhc plan: error: memory budget 10 GiB is infeasible") and err.count("\n") == 1
