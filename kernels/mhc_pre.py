@@ -281,21 +281,14 @@ def pre_forward(
     return u, h_pre, h_post, h_res, proj, rstd
 
 
-def pre_backward(
-    x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
-    h_pre: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
+def pre_backward_reduce(
+    x: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
     du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
-    dx_accum: torch.Tensor | None = None,
-    block_t: int = 8, block_c: int = 128, apply_block_t: int = 32, apply_block_c: int = 64,
+    block_t: int = 8, block_c: int = 128, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Gradients ``dx [T, n, C], dphi [K, M] fp32, dalpha [3] fp32, dbias [M] fp32``.
-
-    ``dx_accum`` (if given, ``[T, n, C]`` in x's dtype, owned by the caller) receives the
-    result in place: the gradient reaching x through the post/res op, summed without an extra pass.
-    """
+    """Backward pass 1: ``(dlogit [T, M], dalpha_part [T, 3], draw [T, M], coef [T])``, all fp32."""
     t, n, c = x.shape
     m = 2 * n + n * n
-    mp = _pow2(m, 16)
     nn_ = _pow2(n, 2)
     f32 = dict(device=x.device, dtype=torch.float32)
     scratch = torch.empty((t, 2 * iters, nn_), **f32)
@@ -305,22 +298,47 @@ def pre_backward(
     coef = torch.empty((t,), **f32)
     _pre_bwd_reduce_kernel[(triton.cdiv(t, block_t),)](
         x, du, proj, rstd, alpha, bias, dh_post, dh_res, scratch, dlogit, dalpha_part, draw, coef, t, c,
-        n=n, N=nn_, M=m, ITERS=iters, BT=block_t, BC=min(block_c, _pow2(c, 16)), num_warps=4,
+        n=n, N=nn_, M=m, ITERS=iters, BT=block_t, BC=min(block_c, _pow2(c, 16)), num_warps=num_warps,
     )  # fmt: skip
+    return dlogit, dalpha_part, draw, coef
 
-    apply_block_c = min(apply_block_c, _pow2(c, 16))
-    c_blocks = triton.cdiv(c, apply_block_c)
-    t_blocks = triton.cdiv(t, apply_block_t)
+
+def pre_backward_apply(
+    x: torch.Tensor, phi: torch.Tensor, h_pre: torch.Tensor, du: torch.Tensor, draw: torch.Tensor,
+    coef: torch.Tensor, dx_accum: torch.Tensor | None = None,
+    block_t: int = 32, block_c: int = 64, num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Backward pass 2: ``(dx [T, n, C], dphi [K, M] fp32)``; ``dx_accum`` receives dx in place if given."""
+    t, n, c = x.shape
+    m = 2 * n + n * n
+    block_c = min(block_c, _pow2(c, 16))
+    c_blocks = triton.cdiv(c, block_c)
+    t_blocks = triton.cdiv(t, block_t)
     # enough programs to fill the chip, few token splits so the dphi partials stay small
     splits = max(1, min(t_blocks, 16, triton.cdiv(4 * _num_sms(x.device), c_blocks)))
-    tokens_per_split = triton.cdiv(t_blocks, splits) * apply_block_t
+    tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(t, tokens_per_split)
-    dphi_part = torch.empty((splits, n * c, m), **f32)
+    dphi_part = torch.empty((splits, n * c, m), device=x.device, dtype=torch.float32)
     dx = dx_accum if dx_accum is not None else torch.empty_like(x)
     _pre_bwd_apply_kernel[(splits, c_blocks)](
         x, du, phi, h_pre, draw, coef, dx, dphi_part, t, c, tokens_per_split,
-        n=n, M=m, MP=mp, BT=apply_block_t, BC=apply_block_c, ACCUMULATE=dx_accum is not None,
-        PRECISION=_precision(x.dtype), num_warps=4,
+        n=n, M=m, MP=_pow2(m, 16), BT=block_t, BC=block_c, ACCUMULATE=dx_accum is not None,
+        PRECISION=_precision(x.dtype), num_warps=num_warps,
     )  # fmt: skip
-    dphi = dphi_part[0] if splits == 1 else dphi_part.sum(0)
+    return dx, (dphi_part[0] if splits == 1 else dphi_part.sum(0))
+
+
+def pre_backward(
+    x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
+    h_pre: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
+    du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
+    dx_accum: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients ``dx [T, n, C], dphi [K, M] fp32, dalpha [3] fp32, dbias [M] fp32``.
+
+    ``dx_accum`` (if given, ``[T, n, C]`` in x's dtype, owned by the caller) receives the
+    result in place: the gradient reaching x through the post/res op, summed without an extra pass.
+    """
+    dlogit, dalpha_part, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, iters)
+    dx, dphi = pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum)
     return dx, dphi, dalpha_part.sum(0), dlogit.sum(0)

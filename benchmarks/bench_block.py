@@ -1,0 +1,212 @@
+"""Whole-block benchmark: mHC (n streams) vs the plain residual block, fwd+bwd, time and peak memory.
+
+    python benchmarks/bench_block.py [--shapes a b] [--layers 4] [--batch 4] [--seq 2048] [--out benchmarks/results]
+
+Shapes (DESIGN.md §6, issue 4):
+    a   C = 2048, 16 heads, GELU MLP hidden 4C = 8192
+    b   C = 4096, 32 heads, SwiGLU MLP hidden 11008
+Each: ``--layers`` dualpipe_mhc.model.Block layers, B x S tokens (default 4 x 2048 = 8192),
+bf16 weights and streams, mHC mapping parameters (phi, alpha, bias) in fp32, Sinkhorn 20 iterations.
+Variants, each timed fwd+bwd (input gradient included, as in a pipeline stage):
+    plain         residual kind 'plain', n = 1
+    mhc eager     n = 4, the PyTorch reference ops
+    mhc compile   n = 4, torch.compile of the same stack with the reference ops
+    mhc fused     n = 4, the Triton kernels
+Timing: triton.testing.do_bench (CUDA events, median, warm-up first, L2 flushed between runs).
+Peak memory: torch.cuda.max_memory_allocated during one fwd+bwd, minus what was allocated before it.
+
+Byte floor: the extra HBM bytes mHC must move per token and sublayer over the plain residual,
+at copy bandwidth, over the plain block's measured time:
+    minimal fused design  (9n + 5) C  elements  - 6 C (plain residual: x + y fwd, dx accumulation bwd)
+        fwd  pre: x, u;  post/res: x, y, x_next                   3nC + 2C
+        bwd  post/res: dx_next, x, y, dx, dy;  pre: du, x, dx_post, dx   6nC + 3C
+    these kernels         (11n + 6) C elements - 6 C (pre fwd and pre bwd read x and du twice)
+Writes ``kernels_block_<device>.json`` and ``.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {
+    "a": dict(width=2048, heads=16, mlp="gelu", hidden=8192),
+    "b": dict(width=4096, heads=32, mlp="swiglu", hidden=11008),
+}
+
+
+def _import_model():
+    """dualpipe_mhc.model, on a host without pydantic too: model.py needs config.ModelConfig only as a type."""
+    try:
+        import pydantic  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("dualpipe_mhc.config")
+        stub.ModelConfig = object
+        sys.modules["dualpipe_mhc.config"] = stub
+    from dualpipe_mhc import model
+
+    return model
+
+
+def build_stack(
+    shape: dict, layers: int, streams: int, residual: str, kernels: str, device: str = "cuda"
+) -> torch.nn.Module:
+    model = _import_model()
+    cfg = types.SimpleNamespace(
+        width=shape["width"], heads=shape["heads"], mlp=shape["mlp"], hidden=shape["hidden"],
+        streams=streams, residual=residual, sinkhorn_iters=20,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    stack = torch.nn.Sequential(*(model.Block(cfg, kernels=kernels) for _ in range(layers)))
+    stack.apply(model._init_weights)
+    stack = stack.to(device, torch.bfloat16)
+    for name, p in stack.named_parameters():
+        if name.endswith(("phi", "alpha", "bias")) and ("attn." in name or "mlp." in name):
+            p.data = p.data.float()  # mappings in fp32 (DESIGN.md §4 mixed precision)
+    return stack
+
+
+def measure(stack, x: torch.Tensor, grad: torch.Tensor, rep_ms: int) -> dict[str, float]:
+    params = [p for p in stack.parameters()]
+
+    def step():
+        out = stack(x)
+        out.backward(grad)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    ms = do_bench(step, warmup=100, rep=rep_ms, grad_to_none=params + [x], return_mode="median")
+    ms2 = do_bench(step, warmup=10, rep=rep_ms, grad_to_none=params + [x], return_mode="median")
+    for p in params + [x]:
+        p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return {"ms": ms, "ms_repeat": ms2, "peak_GiB": peak / 2**30}
+
+
+def kernel_breakdown(stack, x, grad) -> list[tuple[str, float]]:
+    """CUDA time per kernel name over one fwd+bwd (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        stack(x).backward(grad)
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None)
+        if t is None:
+            t = getattr(evt, "cuda_time_total", 0.0)
+        if t > 0:
+            rows[evt.key] = rows.get(evt.key, 0.0) + t / 1e3
+    return sorted(rows.items(), key=lambda kv: -kv[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["a", "b"], choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--rep-ms", type=int, default=1500)
+    ap.add_argument("--variants", nargs="+", default=["plain", "mhc eager", "mhc compile", "mhc fused"])
+    ap.add_argument("--copy-bandwidth", type=float, default=None, help="B/s; measured here when not given")
+    ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of plain and fused")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+
+    name = torch.cuda.get_device_name()
+    bw = args.copy_bandwidth
+    if bw is None:
+        a = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
+        b = torch.empty_like(a)
+        bw = 2 * a.numel() * 2 / (do_bench(lambda: b.copy_(a), warmup=50, rep=400, return_mode="median") * 1e-3)
+        del a, b
+    tokens = args.batch * args.seq
+    n = args.streams
+    print(f"device {name}; copy {bw / 1e12:.2f} TB/s; {args.layers} layers, {tokens} tokens, n = {n}", flush=True)
+    results = {
+        "device": name, "copy_bandwidth_Bps": bw, "layers": args.layers, "batch": args.batch, "seq": args.seq,
+        "streams": n, "torch": torch.__version__, "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "shapes": {},
+    }  # fmt: skip
+    lines = [
+        f"device: {name}; copy bandwidth {bw / 1e12:.2f} TB/s; {args.layers} layers, {args.batch} x {args.seq} tokens, "
+        f"bf16, n = {n}, fwd+bwd (median of do_bench)",
+        "",
+        "| shape | variant | ms | overhead vs plain | floor (min / these kernels) | target (1.3 x min floor) | peak GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key in args.shapes:
+        shape = SHAPES[key]
+        c = shape["width"]
+        sublayers = 2 * args.layers
+        extra_min = sublayers * tokens * ((9 * n + 5) - 6) * c * 2
+        extra_ours = sublayers * tokens * ((11 * n + 6) - 6) * c * 2
+        rows = {}
+        for variant in args.variants:
+            streams, residual = (1, "plain") if variant == "plain" else (n, "mhc")
+            kernels = "triton" if variant == "mhc fused" else "reference"
+            stack = build_stack(shape, args.layers, streams, residual, kernels)
+            if variant == "mhc compile":
+                stack = torch.compile(stack)
+            g = torch.Generator(device="cuda").manual_seed(1)
+            x = torch.randn(args.batch, args.seq, streams, c, device="cuda", generator=g).to(torch.bfloat16)
+            x.requires_grad_()
+            grad = torch.randn(x.shape, device="cuda", generator=g).to(torch.bfloat16)
+            t0 = time.time()
+            rows[variant] = measure(stack, x, grad, args.rep_ms)
+            rows[variant]["wall_s"] = time.time() - t0
+            print(f"  {key} {variant}: {rows[variant]}", flush=True)
+            if args.profile and variant in ("plain", "mhc fused"):
+                top = kernel_breakdown(stack, x, grad)
+                rows[variant]["kernels_ms"] = top[:40]
+                print("    top kernels (ms):", [(k[:60], round(v, 3)) for k, v in top[:15]], flush=True)
+            del stack, x, grad
+            torch.cuda.empty_cache()
+        plain = rows.get("plain", {}).get("ms")
+        floor_min = extra_min / bw * 1e3
+        floor_ours = extra_ours / bw * 1e3
+        results["shapes"][key] = {
+            **shape, "variants": rows, "extra_bytes_min": extra_min, "extra_bytes_these_kernels": extra_ours,
+            "floor_ms_min": floor_min, "floor_ms_these_kernels": floor_ours,
+        }  # fmt: skip
+        for variant, r in rows.items():
+            over = f"+{100 * (r['ms'] / plain - 1):.1f} %" if plain and variant != "plain" else ""
+            floor = f"+{100 * floor_min / plain:.1f} % / +{100 * floor_ours / plain:.1f} %" if plain else ""
+            target = f"+{130 * floor_min / plain:.1f} %" if plain else ""
+            lines.append(
+                f"| {key} (C={c}, {shape['mlp']} {shape['hidden']}) | {variant} | {r['ms']:.2f} | {over} | "
+                f"{floor if variant == 'mhc fused' else ''} | {target if variant == 'mhc fused' else ''} | "
+                f"{r['peak_GiB']:.2f} |"
+            )
+        print("\n".join(lines[-len(rows):]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = name.replace(" ", "_").replace("/", "_")
+    (out / f"kernels_block_{tag}.json").write_text(json.dumps(results, indent=1))
+    (out / f"kernels_block_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Per-kernel benchmark of the fused mHC ops: time, bytes moved, bandwidth vs the measured copy bandwidth.
+
+    python benchmarks/bench_kernels.py [--tokens 8192] [--widths 2048 4096 7168] [--streams 4]
+                                       [--sweep] [--out benchmarks/results]
+
+For each shape it times (CUDA events through triton.testing.do_bench, median, after
+warm-up, random bf16 inputs) every launch of the fused path:
+    pre fwd           _pre_fwd_kernel
+    pre bwd reduce    _pre_bwd_reduce_kernel   (dH_pre, Sinkhorn backward, per-token scalars)
+    pre bwd apply     _pre_bwd_apply_kernel    (dx with the post/res gradient added in place, dphi partials)
+    post_res fwd / bwd
+and the eager reference of the same op for context. Bytes are counted two ways:
+``min`` = each stream tensor read or written once (the HBM floor of the op), ``design`` =
+what the kernel touches (pre fwd reads x twice: its second pass may hit L2; the pre
+backward reads x and du in both passes). Bandwidth = min bytes / time, so a kernel at
+100 % would run at the floor. ``--sweep`` also times a grid of block sizes per kernel.
+
+Writes ``kernels_ops_<device>.json`` and ``.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dualpipe_mhc.kernels import reference as ref  # noqa: E402
+from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  # noqa: E402
+from dualpipe_mhc.kernels.mhc_pre import pre_backward_apply, pre_backward_reduce, pre_forward  # noqa: E402
+
+ITERS = 20
+
+
+def bench(fn, ms: int = 200) -> float:
+    """Median milliseconds."""
+    return do_bench(fn, warmup=50, rep=ms, return_mode="median")
+
+
+def copy_bandwidth(device: str, gib: float = 1.0) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    n = int(gib * (1 << 30)) // 2
+    a = torch.randn(n, device=device, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a), 400)
+    return 2 * a.numel() * 2 / (ms * 1e-3)
+
+
+def make_case(t: int, n: int, c: int, device: str, dtype=torch.bfloat16):
+    m = 2 * n + n * n
+    g = torch.Generator(device=device).manual_seed(t + n + c)
+    x = torch.randn(t, n, c, device=device, generator=g).to(dtype)
+    phi = torch.randn(n * c, m, device=device, generator=g) / (n * c) ** 0.5
+    alpha = torch.tensor([0.8, 0.6, 1.5], device=device)
+    bias = torch.randn(m, device=device, generator=g)
+    y = torch.randn(t, c, device=device, generator=g).to(dtype)
+    du = torch.randn(t, c, device=device, generator=g).to(dtype)
+    gx = torch.randn(t, n, c, device=device, generator=g).to(dtype)
+    return x, phi, alpha, bias, y, du, gx
+
+
+def stream_bytes(t: int, n: int, c: int, esize: int = 2) -> dict[str, tuple[int, int]]:
+    """(min, design) bytes per kernel; the fp32 per-token tensors (a few dozen floats) are included in both."""
+    m = 2 * n + n * n
+    small = lambda floats: t * floats * 4  # noqa: E731
+    xs, cs = t * n * c * esize, t * c * esize
+    return {
+        "pre fwd": (xs + cs + small(2 * m + 1), 2 * xs + cs + small(2 * m + 1)),
+        "pre bwd reduce": (xs + cs + small(4 * m), xs + cs + small(4 * m)),
+        "pre bwd apply": (3 * xs + cs + small(m + 2), 4 * xs + cs + small(m + 2)),
+        "pre bwd": (3 * xs + cs, 4 * xs + 2 * cs),
+        "post_res fwd": (2 * xs + cs, 2 * xs + cs),
+        "post_res bwd": (3 * xs + 2 * cs, 3 * xs + 2 * cs),
+    }
+
+
+def time_case(t: int, n: int, c: int, device: str) -> dict[str, float]:
+    x, phi, alpha, bias, y, du, gx = make_case(t, n, c, device)
+    u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
+    dh_post = torch.randn_like(h_post)
+    dh_res = torch.randn_like(h_res)
+    _, _, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS)
+    acc = gx.clone()
+    res = {
+        "pre fwd": bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)),
+        "pre bwd reduce": bench(lambda: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS)),
+        "pre bwd apply": bench(lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc)),
+        "post_res fwd": bench(lambda: post_res_forward(x, y, h_post, h_res)),
+        "post_res bwd": bench(lambda: post_res_backward(gx, x, y, h_post, h_res)),
+    }
+    res["pre bwd"] = res["pre bwd reduce"] + res["pre bwd apply"]
+    # eager reference, same inputs (fwd only, and fwd+bwd of the op)
+    xr = x.detach().requires_grad_()
+    pr, ar, br = (p.detach().requires_grad_() for p in (phi, alpha, bias))
+    res["ref pre fwd"] = bench(lambda: ref.mhc_pre(x, phi, alpha, bias, ITERS))
+    res["ref post_res fwd"] = bench(lambda: ref.post_res(x, y, h_post, h_res))
+
+    def ref_pre_fwd_bwd():
+        uu, hp, hr = ref.mhc_pre(xr, pr, ar, br, ITERS)
+        torch.autograd.backward((uu, hp, hr), (du, dh_post, dh_res))
+
+    res["ref pre fwd+bwd"] = bench(ref_pre_fwd_bwd)
+    return res
+
+
+SWEEPS = {
+    "pre fwd": [dict(block_t=bt, block_k=bk, num_warps=w) for bt, bk, w in
+                [(16, 128, 4), (16, 64, 4), (32, 128, 4), (32, 64, 8), (64, 64, 8), (64, 128, 8), (16, 128, 8)]],
+    "pre bwd reduce": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
+                       [(8, 128, 4), (4, 128, 4), (16, 128, 8), (8, 256, 8), (4, 256, 4), (16, 64, 4)]],
+    "pre bwd apply": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
+                      [(32, 64, 4), (16, 64, 4), (64, 64, 4), (32, 128, 4), (32, 128, 8), (64, 128, 8), (32, 32, 4)]],
+    "post_res fwd": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
+                     [(8, 128, 4), (4, 256, 4), (16, 128, 8), (8, 256, 8), (4, 128, 4), (16, 64, 4)]],
+    "post_res bwd": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
+                     [(8, 128, 4), (4, 128, 4), (2, 256, 4), (8, 256, 8), (4, 256, 8), (16, 64, 4)]],
+}  # fmt: skip
+
+
+def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
+    x, phi, alpha, bias, y, du, gx = make_case(t, n, c, device)
+    u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
+    dh_post, dh_res = torch.randn_like(h_post), torch.randn_like(h_res)
+    _, _, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS)
+    acc = gx.clone()
+    calls = {
+        "pre fwd": lambda kw: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, **kw),
+        "pre bwd reduce": lambda kw: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS, **kw),
+        "pre bwd apply": lambda kw: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc, **kw),
+        "post_res fwd": lambda kw: post_res_forward(x, y, h_post, h_res, **kw),
+        "post_res bwd": lambda kw: post_res_backward(gx, x, y, h_post, h_res, **kw),
+    }
+    out = {}
+    for name, configs in SWEEPS.items():
+        rows = []
+        for kw in configs:
+            try:
+                ms = bench(lambda: calls[name](kw), 100)
+            except Exception as e:  # a config that does not compile (e.g. out of shared memory) is skipped
+                ms = float("nan")
+                print(f"  {name} {kw}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            rows.append({**kw, "ms": ms})
+        rows.sort(key=lambda r: (r["ms"] != r["ms"], r["ms"]))
+        out[name] = rows
+        print(f"  sweep {name}: best {rows[0]}, worst {rows[-1]}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8192])
+    ap.add_argument("--widths", type=int, nargs="+", default=[2048, 4096, 7168])
+    ap.add_argument("--streams", type=int, nargs="+", default=[4])
+    ap.add_argument("--sweep", action="store_true", help="also time a grid of block sizes at the first shape")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    device = "cuda"
+    name = torch.cuda.get_device_name()
+    bw = copy_bandwidth(device)
+    print(f"device {name}; copy bandwidth {bw / 1e12:.2f} TB/s; torch {torch.__version__}, triton {triton.__version__}")
+    results = {
+        "device": name, "copy_bandwidth_Bps": bw, "torch": torch.__version__, "triton": triton.__version__,
+        "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "cases": [],
+    }  # fmt: skip
+    if args.sweep:
+        t, n, c = args.tokens[0], args.streams[0], args.widths[0]
+        print(f"sweep at T={t} n={n} C={c}")
+        results["sweep"] = {"shape": [t, n, c], **sweep(t, n, c, device)}
+    lines = [
+        f"device: {name}, copy bandwidth {bw / 1e12:.2f} TB/s (1 GiB bf16 copy, read+write); bf16 streams",
+        "",
+        "| T | n | C | kernel | ms | min MB | design MB | GB/s (min bytes) | % of copy | eager ref ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for t in args.tokens:
+        for n in args.streams:
+            for c in args.widths:
+                times = time_case(t, n, c, device)
+                nbytes = stream_bytes(t, n, c)
+                case = {"T": t, "n": n, "C": c, "ms": times, "bytes": nbytes}
+                results["cases"].append(case)
+                for k in ("pre fwd", "pre bwd reduce", "pre bwd apply", "pre bwd", "post_res fwd", "post_res bwd"):
+                    lo, design = nbytes[k]
+                    gbs = lo / (times[k] * 1e-3) / 1e9
+                    refms = {"pre fwd": times["ref pre fwd"], "post_res fwd": times["ref post_res fwd"]}.get(k)
+                    refcol = f"{refms:.3f}" if refms else ""
+                    if k == "pre bwd":
+                        refcol = f"{times['ref pre fwd+bwd'] - times['ref pre fwd']:.3f} (fwd+bwd − fwd)"
+                    lines.append(
+                        f"| {t} | {n} | {c} | {k} | {times[k]:.3f} | {lo / 1e6:.0f} | {design / 1e6:.0f} | "
+                        f"{gbs:.0f} | {100 * gbs * 1e9 / bw:.0f} % | {refcol} |"
+                    )
+                print("\n".join(lines[-6:]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = name.replace(" ", "_").replace("/", "_")
+    (out / f"kernels_ops_{tag}.json").write_text(json.dumps(results, indent=1))
+    (out / f"kernels_ops_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+#!/bin/bash
+# The fused-kernel GPU session, in two device calls (each under the 10-minute limit):
+#   bash benchmarks/run_gpu_kernels.sh check   # GPU tests at full shapes + per-kernel benchmark with block-size sweep
+#   bash benchmarks/run_gpu_kernels.sh block   # whole-block fwd+bwd benchmark, shapes a and b, with a kernel breakdown
+# Outputs go to $OUT (the device tool's folder) or benchmarks/results/gpu_run; copy them into benchmarks/results/.
+set -o pipefail
+OUT=${OUT:-benchmarks/results/gpu_run}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+case "${1:-check}" in
+  check)
+    { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
+      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+      python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider --durations=5 2>&1 | tail -40
+    } 2>&1 | tee "$OUT/kernels_gpu_tests.log"
+    python3 benchmarks/bench_kernels.py --sweep --out "$OUT" 2>&1 | tee "$OUT/kernels_bench.log"
+    ;;
+  block)
+    python3 benchmarks/bench_block.py --profile --out "$OUT" 2>&1 | tee "$OUT/kernels_block.log"
+    ;;
+  *) echo "usage: $0 check|block"; exit 2 ;;
+esac
