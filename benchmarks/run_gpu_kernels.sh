@@ -11,7 +11,7 @@ case "${1:-check}" in
   check)
     { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-      python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider --durations=5 2>&1 | tail -40
+      timeout 300 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider --durations=5 2>&1 | tail -40
     } 2>&1 | tee "$OUT/kernels_gpu_tests.log"
     python3 benchmarks/bench_kernels.py --sweep --out "$OUT" 2>&1 | tee "$OUT/kernels_bench.log"
     ;;
