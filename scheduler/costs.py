@@ -24,6 +24,9 @@ Profile file (JSON, ``format`` = ``"dualpipe-mhc-profile/1"``)::
                                           #   divided by F + B run back to back (<1: they overlap)
       "link": {"bandwidth_gbps": 200.0,   # optional: one-way GB/s (1e9 bytes/s) between neighbours
                "latency_us": 3.0},        #   and one-way latency; absent: the config's link
+      "links": [{"src": 3, "dst": 4,      # optional: directed pairs that differ from "link"
+                 "bandwidth_gbps": 50.0,  #   (e.g. a node boundary over InfiniBand)
+                 "latency_us": 5.0}],
       "meta": {...}                       # optional, free-form: device, config, date
     }
 
@@ -55,6 +58,7 @@ class Costs:
     link_latency: float = 0.0  # s, one-way
     fb_overlap: float = 1.0  # an F&B pair takes fb_overlap * (F + B)
     meta: dict[str, Any] = field(default_factory=dict)
+    pair_links: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # (src, dst) -> (B/s, s)
 
     def __post_init__(self) -> None:
         n = len(self.f)
@@ -70,16 +74,22 @@ class Costs:
             self.recompute = [0.0] * n
         if not 0 < self.fb_overlap <= 1.5:
             raise ValueError(f"fb_overlap={self.fb_overlap} is invalid: use a factor in (0, 1.5], 1 = no overlap")
-        if self.link_bandwidth <= 0 or self.link_latency < 0:
-            raise ValueError("link bandwidth must be positive and latency >= 0")
+        for bandwidth, latency in [(self.link_bandwidth, self.link_latency), *self.pair_links.values()]:
+            if bandwidth <= 0 or latency < 0:
+                raise ValueError(f"link bandwidth {bandwidth} B/s / latency {latency} s invalid: use bandwidth > 0, latency >= 0")
 
     @property
     def num_stages(self) -> int:
         return len(self.f)
 
-    def transfer_time(self, nbytes: float) -> float:
+    def link(self, src: int, dst: int) -> tuple[float, float]:
+        """(bandwidth bytes/s, latency s) of the directed link src -> dst."""
+        return self.pair_links.get((src, dst), (self.link_bandwidth, self.link_latency))
+
+    def transfer_time(self, nbytes: float, src: int = 0, dst: int = 1) -> float:
         """One-way time of one message: latency + bytes / bandwidth."""
-        return self.link_latency + nbytes / self.link_bandwidth
+        bandwidth, latency = self.link(src, dst)
+        return latency + nbytes / bandwidth
 
     @staticmethod
     def uniform(
@@ -102,7 +112,7 @@ class Costs:
     def with_link(self, bandwidth: float, latency: float) -> Costs:
         return Costs(
             self.f, self.b, self.w, self.act_bytes, self.act_mem_bytes, self.recompute,
-            bandwidth, latency, self.fb_overlap, dict(self.meta),
+            bandwidth, latency, self.fb_overlap, dict(self.meta), dict(self.pair_links),
         )
 
     def to_profile(self) -> dict[str, Any]:
@@ -118,6 +128,11 @@ class Costs:
         out: dict[str, Any] = {"format": PROFILE_FORMAT, "stages": stages, "fb_overlap": self.fb_overlap}
         if math.isfinite(self.link_bandwidth):
             out["link"] = {"bandwidth_gbps": self.link_bandwidth / 1e9, "latency_us": self.link_latency * 1e6}
+        if self.pair_links:
+            out["links"] = [
+                {"src": a, "dst": b, "bandwidth_gbps": bw / 1e9, "latency_us": lat * 1e6}
+                for (a, b), (bw, lat) in sorted(self.pair_links.items())
+            ]
         if self.meta:
             out["meta"] = self.meta
         return out
@@ -155,10 +170,17 @@ class Costs:
         link = data.get("link") or {}
         bandwidth = link["bandwidth_gbps"] * 1e9 if "bandwidth_gbps" in link else link_bandwidth
         latency = link["latency_us"] * 1e-6 if "latency_us" in link else link_latency
+        pair_links = {}
+        for k, item in enumerate(data.get("links") or []):
+            try:
+                pair_links[(int(item["src"]), int(item["dst"]))] = (item["bandwidth_gbps"] * 1e9, item.get("latency_us", 0.0) * 1e-6)
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"profile {origin}: links[{k}] needs src, dst and bandwidth_gbps (latency_us optional)") from None
         return Costs(
             cols["f"], cols["b"], cols["w"], cols["act_bytes"], cols["act_mem_bytes"], cols["recompute"],
             link_bandwidth=bandwidth if bandwidth is not None else math.inf,
             link_latency=latency if latency is not None else 0.0,
             fb_overlap=float(data.get("fb_overlap", 1.0)),
             meta=dict(data.get("meta") or {}),
+            pair_links=pair_links,
         )

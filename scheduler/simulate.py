@@ -112,7 +112,7 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
     ready = [-1.0] * (2 * nkeys)
     programs = [_compile(sched, r, costs, deferred, num_mb, nkeys) for r in range(ranks)]
     link_free: dict[tuple[int, int], float] = {}
-    bw, lat = costs.link_bandwidth, costs.link_latency
+    link_of = {}  # (src, dst) -> (bandwidth, latency), looked up once per pair
 
     ptr = [0] * ranks
     clock = [0.0] * ranks
@@ -153,6 +153,9 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
                     ready[k] = end
                 else:
                     link = (r, dst)
+                    if link not in link_of:
+                        link_of[link] = costs.link(r, dst)
+                    bw, lat = link_of[link]
                     send_start = max(end, link_free.get(link, 0.0))
                     wire = nbytes / bw
                     link_free[link] = send_start + wire

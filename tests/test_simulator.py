@@ -187,3 +187,16 @@ def test_64_ranks_512_microbatches_dualpipe_simulates_in_under_2_s():
         simulate(sched, costs)
         best = min(best, time.perf_counter() - start)
     assert best < 2.0
+
+
+def test_a_slow_pair_link_only_slows_its_pair(tmp_path):
+    sched = build_schedule("1f1b", 4, 8)
+    fast = Costs.uniform(4, 1.0, 1.0, 1.0, act_bytes=1e9, link_bandwidth=1e12)
+    slow = Costs.uniform(4, 1.0, 1.0, 1.0, act_bytes=1e9, link_bandwidth=1e12)
+    slow.pair_links[(1, 2)] = (1e9, 0.0)  # one second per activation from rank 1 to rank 2
+    a, b = simulate(sched, fast), simulate(sched, slow)
+    assert b.step_time > a.step_time
+    assert b.comm_time[1] > a.comm_time[1] and b.comm_time[0] == pytest.approx(a.comm_time[0])
+    path = tmp_path / "p.json"
+    slow.write_profile(path)
+    assert Costs.from_profile(path).pair_links == {(1, 2): (1e9, 0.0)}
