@@ -7,6 +7,10 @@ set -o pipefail
 OUT=${OUT:-benchmarks/results/gpu_run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# dualpipe_mhc.kernels is the kernels/ folder only through the package-dir mapping: install the project (offline)
+python3 -c "import dualpipe_mhc.kernels" 2>/dev/null ||
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/pip.txt" 2>&1 || { cat "$OUT/pip.txt"; exit 1; }
+rm -f "$OUT/pip.txt"
 case "${1:-check}" in
   check)
     { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
