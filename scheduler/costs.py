@@ -31,6 +31,8 @@ Profile file (JSON, ``format`` = ``"dualpipe-mhc-profile/1"``)::
     }
 
 Stage times are medians over the measured steps; the runtime writes one file per run.
+A runtime that only measured full backwards (no W split) writes b = full - w, with w
+measured once from a split backward or estimated as the weight-gradient GEMMs' share.
 """
 
 from __future__ import annotations

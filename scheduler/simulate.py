@@ -71,8 +71,8 @@ class SimResult:
         return sum(self.bubble) / (len(self.bubble) * self.step_time) if self.step_time else 0.0
 
     @property
-    def exposed_comm_total(self) -> float:
-        """Exposed communication of the slowest-hit rank, seconds."""
+    def exposed_comm_max(self) -> float:
+        """Exposed communication of the worst-hit rank, seconds."""
         return max(self.exposed_comm) if self.exposed_comm else 0.0
 
     @property

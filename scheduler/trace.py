@@ -90,13 +90,20 @@ def write_timeline_png(result: SimResult, path: str | Path, title: str | None = 
     ax.set_xlabel(f"time ({unit})")
     heading = title or result.schedule
     ax.set_title(f"{heading}: step {result.step_time * scale:.4g} {unit}, bubble {100 * result.bubble_fraction:.1f} %")
+    present = {(ev.kind, max(ev.chunk, 0)) for ev in compute if ev.kind != "FB"}
+    for ev in compute:
+        if ev.kind == "FB":
+            f_part, b_part = ev.name.split("&")
+            present |= {("F", int(f_part.rsplit(".c", 1)[1])), ("B", int(b_part.rsplit(".c", 1)[1]))}
     handles = [
-        Patch(facecolor=COLORS[k][c], edgecolor="black", label=f"{k} chunk {c}") for k in ("F", "B", "W") for c in (0, 1)
+        Patch(facecolor=COLORS[k][c], edgecolor="black", label=f"{k} chunk {c}")
+        for k in ("F", "B", "W") for c in (0, 1) if (k, c) in present
     ]
-    handles.append(Patch(facecolor="white", edgecolor="black", label="F&B pair: F over B"))
+    if any(ev.kind == "FB" for ev in compute):
+        handles.append(Patch(facecolor="white", edgecolor="black", label="F&B pair: F over B"))
     height = fig.get_size_inches()[1]
     fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.45 / height, 1, 1))
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
