@@ -1,0 +1,138 @@
+"""Ray placement of the stage workers and the torch.distributed rendezvous between them.
+
+    connect(cluster_cfg)            -> joins ``cluster.address`` or starts a local Ray
+    WorkerGroup.launch(ranks, ...)  -> placement group (one bundle per rank, PACK) and one
+                                       StageWorker actor per bundle; process group inside
+    group.kill()                    -> actors killed, placement group removed
+
+Nothing here runs at import time. Ray's token authentication (on by default for local
+clusters in Ray >= 2.5x) needs nothing from us: ``ray.init`` generates the token for a
+local cluster, and a remote one is joined with the token in ``RAY_AUTH_TOKEN`` or
+``~/.ray/auth_token`` as Ray documents.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+# Always set in every actor (DESIGN.md §6, KINDS.md): NVLink SHARP / multicast paths stay off.
+ACTOR_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join the Ray cluster at ``address`` (or an already-initialised one), else start a local one.
+
+    Returns True when this call started Ray (the caller then shuts it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    cpus = num_cpus or max(os.cpu_count() or 1, 4)  # logical CPUs: small fractional actors on small boxes
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def gpus_available() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+@dataclass
+class WorkerGroup:
+    """One actor per rank with an initialised process group."""
+
+    actors: list[Any]
+    placement_group: Any
+    use_gpu: bool
+    backend: str
+    descriptions: list[str]
+
+    @staticmethod
+    def launch(
+        ranks: int,
+        use_gpu: bool,
+        backend: str,
+        timeout_s: float,
+        cpus_per_rank: float | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> WorkerGroup:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .worker import StageWorker
+
+        total_cpus = float(ray.cluster_resources().get("CPU", 1))
+        if cpus_per_rank is None:
+            cpus_per_rank = 1.0 if use_gpu else min(1.0, total_cpus / ranks)
+        bundle: dict[str, float] = {"CPU": cpus_per_rank}
+        if use_gpu:
+            bundle["GPU"] = 1
+        pg = placement_group([dict(bundle) for _ in range(ranks)], strategy="PACK")
+        try:
+            ray.get(pg.ready(), timeout=timeout_s)
+        except Exception:
+            remove_placement_group(pg)
+            raise RuntimeError(
+                f"could not place {ranks} workers with {bundle} each within {timeout_s:g} s; "
+                f"the cluster has {ray.cluster_resources()}; use fewer ranks or free resources"
+            ) from None
+        threads = 1 if not use_gpu else 4
+        if not use_gpu:
+            threads = max(1, int((os.cpu_count() or 1) // ranks))
+        env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(threads), **(extra_env or {}))
+        remote_cls = ray.remote(StageWorker)
+        actors = [
+            remote_cls.options(
+                num_cpus=cpus_per_rank,
+                num_gpus=1 if use_gpu else 0,
+                max_concurrency=2,  # status() answers while run_step() runs
+                max_restarts=0,
+                runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=r
+                ),
+                name=None,
+            ).remote(r, ranks, use_gpu, threads)
+            for r in range(ranks)
+        ]
+        group = WorkerGroup(actors, pg, use_gpu, backend, [])
+        try:
+            ip, port = ray.get(actors[0].rendezvous_address.remote(), timeout=timeout_s + 60)
+            init = f"tcp://{ip}:{port}"
+            group.descriptions = ray.get(
+                [a.init_distributed.remote(backend, init, timeout_s) for a in actors], timeout=timeout_s + 60
+            )
+        except BaseException:
+            group.kill()
+            raise
+        return group
+
+    def kill(self) -> None:
+        """Kill every actor (no restart) and free the placement group; safe to call twice."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.actors = []
+        if self.placement_group is not None:
+            try:
+                remove_placement_group(self.placement_group)
+            except Exception:
+                pass
+            self.placement_group = None

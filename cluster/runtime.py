@@ -1,0 +1,282 @@
+"""The driver side of a pipeline run: launch, step, collect, fail cleanly.
+
+    pipe = Pipeline.start(cfg, schedule)      # Ray + one StageWorker per rank + process group
+    result = pipe.step(0)                     # every rank runs its action list once
+    result.loss, result.step_time, result.bubble_fraction
+    pipe.gradients()                          # {stage: {param name: grad}} after a step
+    pipe.close()                              # actors killed, placement group removed
+
+Failure handling: the driver waits on all ranks at once. A rank that raises ends the
+step with its message (the executor names rank, step and action); a rank whose process
+died ends it with the last action it reported; if no rank makes progress for
+``run.timeout_s`` the run ends naming what each rank was doing. In every case the
+actors are killed and the placement group removed before :class:`PipelineError` is
+raised, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from dualpipe_mhc.config import RunConfig, dump_config
+from dualpipe_mhc.scheduler.ir import Schedule
+
+from .launch import WorkerGroup, connect, gpus_available
+
+STATUS_POLL_S = 0.5
+
+
+class PipelineError(RuntimeError):
+    """The run stopped: a rank died, raised, or stopped making progress. One-line message."""
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float  # mean of the micro-batch losses
+    losses: dict[int, float]
+    step_time: float  # s, slowest rank's last compute end after the common start
+    wall_time: float  # s, as the driver saw it
+    ranks: list[dict[str, Any]] = field(default_factory=list)  # per-rank records from the workers
+
+    def busy(self) -> list[float]:
+        return [sum(a["end"] - a["start"] for a in r["actions"]) for r in self.ranks]
+
+    def waiting(self) -> list[float]:
+        """Seconds each rank spent waiting for inputs (exposed communication)."""
+        return [sum(a["start"] - a["wait_start"] for a in r["actions"]) for r in self.ranks]
+
+    @property
+    def bubble_fraction(self) -> float:
+        if not self.step_time:
+            return 0.0
+        return sum(self.step_time - b for b in self.busy()) / (len(self.ranks) * self.step_time)
+
+
+def resolve_placement(cfg: RunConfig) -> tuple[bool, str]:
+    """(use GPUs, backend) for a config on the connected cluster; raises ValueError if impossible."""
+    want = cfg.cluster.use_gpus
+    gpus = gpus_available()
+    if want == "yes" and gpus < cfg.pipeline.ranks:
+        raise ValueError(
+            f"cluster.use_gpus=yes but the Ray cluster has {gpus} GPUs for {cfg.pipeline.ranks} ranks; "
+            "use fewer ranks or cluster.use_gpus=no"
+        )
+    use_gpu = want == "yes" or (want == "auto" and gpus >= cfg.pipeline.ranks)
+    backend = cfg.cluster.backend
+    if backend == "auto":
+        backend = "nccl" if use_gpu else "gloo"
+    if backend == "nccl" and not use_gpu:
+        raise ValueError("cluster.backend=nccl needs GPUs; use cluster.backend=gloo (or auto) on CPU")
+    return use_gpu, backend
+
+
+class Pipeline:
+    def __init__(self, group: WorkerGroup, timeout_s: float, started_ray: bool = False) -> None:
+        self.group = group
+        self.timeout_s = timeout_s
+        self.started_ray = started_ray
+        self.last_status: dict[int, dict[str, Any]] = {}
+        self.sched: Schedule | None = None
+
+    @staticmethod
+    def start(cfg: RunConfig, sched: Schedule, recv_ahead: int | None = None) -> Pipeline:
+        started = connect(cfg.cluster.address)
+        try:
+            use_gpu, backend = resolve_placement(cfg)
+            group = WorkerGroup.launch(cfg.pipeline.ranks, use_gpu, backend, cfg.run.timeout_s)
+        except BaseException:
+            if started:
+                import ray
+
+                ray.shutdown()
+            raise
+        pipe = Pipeline(group, cfg.run.timeout_s, started)
+        try:
+            pipe.configure(cfg, sched, recv_ahead)
+        except BaseException:
+            pipe.close()
+            raise
+        return pipe
+
+    @property
+    def ranks(self) -> int:
+        return len(self.group.actors)
+
+    def configure(self, cfg: RunConfig, sched: Schedule, recv_ahead: int | None = None) -> list[dict[str, Any]]:
+        """(Re)build every rank's chunks for ``cfg``/``sched`` on the running workers."""
+        if sched.ranks != self.ranks:
+            raise ValueError(f"schedule has {sched.ranks} ranks, the worker group {self.ranks}")
+        self.sched = sched
+        self.timeout_s = cfg.run.timeout_s
+        data = dump_config(cfg)
+        return self._call_all("configure", (data, sched.to_dict(), recv_ahead), "configure")
+
+    def step(self, step: int, apply_optimizer: bool = True) -> StepResult:
+        t0 = time.perf_counter()
+        recs = self._call_all("run_step", (step, apply_optimizer), f"step {step}")
+        wall = time.perf_counter() - t0
+        losses = {mb: v for r in recs for mb, v in r["losses"].items()}
+        loss = sum(losses.values()) / len(losses) if losses else float("nan")
+        step_time = max(r["step_time"] for r in recs)
+        return StepResult(step, loss, dict(sorted(losses.items())), step_time, wall, recs)
+
+    def gradients(self) -> dict[int, dict[str, Any]]:
+        """{stage: {name: grad}}; a stage held twice (DualPipe) is reported once (both copies are equal)."""
+        out: dict[int, dict[str, Any]] = {}
+        for per_rank in self._call_all("gradients", (), "gradients"):
+            for s, g in per_rank.items():
+                out.setdefault(s, g)
+        return out
+
+    def parameters(self) -> dict[int, dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
+        for per_rank in self._call_all("parameters", (), "parameters"):
+            for s, g in per_rank.items():
+                out.setdefault(s, g)
+        return out
+
+    def save_checkpoint(self, directory: str, step: int) -> list[str]:
+        return self._call_all("save_checkpoint", (directory, step), "checkpoint")
+
+    def load_checkpoint(self, directory: str) -> int:
+        positions = self._call_all("load_checkpoint", (directory,), "resume")
+        if len(set(positions)) != 1:
+            raise PipelineError(f"checkpoint {directory} is inconsistent: ranks are at data positions {positions}")
+        return positions[0]
+
+    def inject_fault(self, rank: int, step: int, index: int, mode: str) -> None:
+        import ray
+
+        ray.get(self.group.actors[rank].inject_fault.remote(step, index, mode))
+
+    def close(self) -> None:
+        """Destroy the process groups (best effort), kill the actors, free the placement group."""
+        import ray
+
+        if self.group.actors:
+            refs = [a.shutdown.remote() for a in self.group.actors]
+            try:
+                ray.wait(refs, num_returns=len(refs), timeout=5)
+            except Exception:
+                pass
+        self.group.kill()
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- waiting on every rank with failure detection ------------------------------------
+    def _call_all(self, method: str, args: tuple, what: str) -> list[Any]:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        actors = self.group.actors
+        pending = {getattr(a, method).remote(*args): r for r, a in enumerate(actors)}
+        results: list[Any] = [None] * len(actors)
+        last_change = time.monotonic()
+        seen: dict[int, tuple] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=STATUS_POLL_S)
+            failures: list[tuple[int, str, bool]] = []  # (rank, message, died)
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    results[rank] = ray.get(ref)
+                    last_change = time.monotonic()
+                except RayTaskError as exc:
+                    failures.append((rank, _cause(exc), False))
+                except RayActorError:
+                    failures.append((rank, "", True))
+            if failures:
+                self._fail(failures, pending, what)
+            if ready:
+                continue
+            statuses = self._poll(pending)
+            for r, st in statuses.items():
+                key = (st["step"], st["index"], st["action"])
+                if seen.get(r) != key:
+                    seen[r] = key
+                    last_change = time.monotonic()
+            if time.monotonic() - last_change > self.timeout_s:
+                doing = "; ".join(f"rank {r} at {self._where(r)}" for r in sorted(pending.values()))
+                self._abort()
+                raise PipelineError(
+                    f"{what}: no rank made progress for {self.timeout_s:g} s (run.timeout_s); {doing}. "
+                    "Workers were killed."
+                )
+        return results
+
+    def _poll(self, pending: dict) -> dict[int, dict[str, Any]]:
+        import ray
+
+        ranks = sorted(pending.values())
+        refs = {self.group.actors[r].status.remote(): r for r in ranks}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STATUS_POLL_S)
+        out = {}
+        for ref in ready:
+            try:
+                out[refs[ref]] = ray.get(ref)
+            except Exception:
+                continue
+        self.last_status.update(out)
+        return out
+
+    def _where(self, rank: int) -> str:
+        st = self.last_status.get(rank)
+        if not st:
+            return "an unknown action (no status reported)"
+        if st["index"] >= 0:
+            return f"step {st['step']} action {st['index']} {st['action']}"
+        return f"step {st['step']} ({st['action']})"
+
+    def _fail(self, failures: list[tuple[int, str, bool]], pending: dict, what: str) -> None:
+        """Give the other ranks a moment to report, name the root cause, kill everything."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        died = {r for r, _m, d in failures if d}
+        errors = {r: m for r, m, d in failures if not d}
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
+        for ref in ready:
+            rank = pending.pop(ref)
+            try:
+                ray.get(ref)
+            except RayActorError:
+                died.add(rank)
+            except RayTaskError as exc:
+                errors[rank] = _cause(exc)
+        if died:
+            r = min(died)
+            others = "; ".join(f"rank {q}: {m}" for q, m in sorted(errors.items()))
+            msg = f"{what}: rank {r} died (its process exited) at {self._where(r)}"
+            if others:
+                msg += f"; then {others}"
+        else:
+            # The first rank to fail by itself; peers often fail after it because a transfer broke.
+            r = min(errors, key=lambda q: ("timeout" in errors[q] or "failed (" in errors[q], q))
+            msg = f"{what}: {errors[r]}"
+        self._abort()
+        raise PipelineError(msg + ". Workers were killed.")
+
+    def _abort(self) -> None:
+        self.group.kill()
+        if self.started_ray:
+            import ray
+
+            ray.shutdown()
+            self.started_ray = False
+
+
+def _cause(exc: Any) -> str:
+    cause = getattr(exc, "cause", None)
+    text = str(cause) if cause is not None else str(exc)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__

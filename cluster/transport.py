@@ -1,0 +1,169 @@
+"""Point-to-point transport between pipeline ranks: asynchronous sends and receives of
+activations ``[B, S, n, C]`` and their gradients, with bounded waits.
+
+Traffic is split over two process groups by direction: ``up`` carries every message
+from a lower to a higher rank, ``down`` the rest. Each (src, dst) channel then lives
+on one communicator in one direction only, so a receive posted early can never sit in
+front of a send on the same NCCL stream (the cross-direction deadlock that
+``batch_isend_irecv`` otherwise has to avoid). Messages on a channel are matched in
+issue order; the executor posts receives in the sender's order (see
+:class:`dualpipe_mhc.cluster.plan.MessagePlan`).
+
+On CUDA every transfer is issued under a dedicated communication stream: a send first
+makes that stream wait for the compute stream's event (the tensor is ready), a receive
+is consumed by making the compute stream wait on the transfer. The host never blocks
+on a CUDA transfer except through :meth:`Transport.wait` with a deadline.
+
+With ``link`` shaping (:mod:`dualpipe_mhc.cluster.shaping`), sends are paced by a
+background thread per destination; receives are posted as the same chunks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .shaping import LinkShaper, chunk_bounds
+
+
+class TransferTimeout(RuntimeError):
+    """A send or receive did not complete within the run's timeout."""
+
+
+@dataclass
+class RecvHandle:
+    """A posted receive: ``tensor`` is valid once :meth:`Transport.wait` returned."""
+
+    tensor: torch.Tensor
+    works: list[Any]
+    src: int
+    what: str  # e.g. "activation F3.s1" for messages
+
+
+@dataclass
+class SendHandle:
+    tensor: torch.Tensor
+    dst: int
+    what: str
+    works: list[Any] = field(default_factory=list)
+    done: Any = None  # threading.Event when a shaper sends it
+
+
+class Transport:
+    """Async P2P between this rank and its neighbours, with optional link shaping."""
+
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        device: torch.device,
+        timeout_s: float,
+        shaper: LinkShaper | None = None,
+    ) -> None:
+        self.rank = rank
+        self.world = world
+        self.device = device
+        self.timeout_s = timeout_s
+        # Every rank creates both groups, in the same order (a collective call).
+        self.up = dist.new_group(list(range(world)))
+        self.down = dist.new_group(list(range(world)))
+        self.cuda = device.type == "cuda"
+        self.comm_stream = torch.cuda.Stream(device=device) if self.cuda else None
+        self.shaper = shaper
+        if shaper is not None:
+            shaper.start(self._raw_isend)
+
+    def _group(self, src: int, dst: int):
+        return self.up if src < dst else self.down
+
+    def _raw_isend(self, tensor: torch.Tensor, dst: int) -> Any:
+        return dist.isend(tensor, dst, group=self._group(self.rank, dst))
+
+    def isend(self, tensor: torch.Tensor, dst: int, what: str) -> SendHandle:
+        """Start sending ``tensor`` (contiguous) to ``dst``; never blocks the caller."""
+        tensor = tensor.contiguous()
+        handle = SendHandle(tensor, dst, what)
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.current_stream(self.device).record_event()
+        if self.shaper is not None:
+            handle.done = self.shaper.submit(tensor, dst, ready, self.comm_stream)
+            return handle
+        if self.cuda:
+            assert self.comm_stream is not None and ready is not None
+            self.comm_stream.wait_event(ready)
+            with torch.cuda.stream(self.comm_stream):
+                tensor.record_stream(self.comm_stream)
+                handle.works.append(self._raw_isend(tensor, dst))
+        else:
+            handle.works.append(self._raw_isend(tensor, dst))
+        return handle
+
+    def irecv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, what: str) -> RecvHandle:
+        """Post a receive of a ``shape`` tensor from ``src`` (chunked like the sender's shaper)."""
+        group = self._group(src, self.rank)
+        if self.cuda:
+            with torch.cuda.stream(self.comm_stream):
+                buf = torch.empty(shape, dtype=dtype, device=self.device)
+                works = self._post_recv(buf, src, group)
+        else:
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
+            works = self._post_recv(buf, src, group)
+        return RecvHandle(buf, works, src, what)
+
+    def _post_recv(self, buf: torch.Tensor, src: int, group) -> list[Any]:
+        if self.shaper is None:
+            return [dist.irecv(buf, src, group=group)]
+        flat = buf.view(-1)
+        elem = buf.element_size()
+        return [
+            dist.irecv(flat[a // elem : b // elem], src, group=group)
+            for a, b in chunk_bounds(buf.numel() * elem, self.shaper.chunk_bytes_for(buf.numel() * elem), elem)
+        ]
+
+    def wait_recv(self, handle: RecvHandle, context: str) -> torch.Tensor:
+        """Block until ``handle`` arrived (CPU) or make the compute stream wait for it (CUDA);
+        raise :class:`TransferTimeout` naming ``context`` after ``timeout_s``."""
+        self._wait_works(handle.works, f"rank {self.rank}: receive of {handle.what} from rank {handle.src}", context)
+        if self.cuda:
+            handle.tensor.record_stream(torch.cuda.current_stream(self.device))
+        return handle.tensor
+
+    def wait_send(self, handle: SendHandle, context: str) -> None:
+        label = f"rank {self.rank}: send of {handle.what} to rank {handle.dst}"
+        if handle.done is not None:
+            if not handle.done.wait(self.timeout_s):
+                raise TransferTimeout(f"{label} did not complete within {self.timeout_s:g} s ({context})")
+            handle.works = handle.done.works
+            if handle.done.error is not None:
+                raise RuntimeError(f"{label} failed ({context}): {handle.done.error}")
+        self._wait_works(handle.works, label, context)
+
+    def _wait_works(self, works: list[Any], label: str, context: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        for work in works:
+            if self.cuda:
+                # NCCL's wait() only orders streams; poll for completion to bound the wait.
+                while not work.is_completed():
+                    if time.monotonic() > deadline:
+                        raise TransferTimeout(f"{label} did not complete within {self.timeout_s:g} s ({context})")
+                    time.sleep(0.0002)
+                work.wait()
+                continue
+            left = max(deadline - time.monotonic(), 0.001)
+            try:
+                work.wait(datetime.timedelta(seconds=left))
+            except RuntimeError as exc:
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if "imeout" in msg or "timed out" in msg.lower():
+                    raise TransferTimeout(f"{label} did not complete within {self.timeout_s:g} s ({context})") from None
+                raise RuntimeError(f"{label} failed ({context}): {msg}") from None
+
+    def close(self) -> None:
+        if self.shaper is not None:
+            self.shaper.stop()

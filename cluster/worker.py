@@ -1,0 +1,202 @@
+"""The stage-worker actor: one per pipeline rank, holding its model chunk(s).
+
+A plain class; :mod:`dualpipe_mhc.cluster.launch` turns it into a Ray actor (threaded,
+so :meth:`StageWorker.status` answers while a step runs). Every rank builds the whole
+model from the run's seed and keeps the chunks ``schedule.chunks_of(rank)`` names, so
+the pipeline's parameters are exactly the single-process model's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dualpipe_mhc.config import RunConfig
+from dualpipe_mhc.model import build_model
+from dualpipe_mhc.scheduler.ir import Schedule
+
+from .data import step_microbatches
+from .executor import StepExecutor
+from .plan import stage_holders
+from .shaping import LinkShaper
+from .transport import Transport
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    """The run's optimizer; the single-process reference in the tests uses the same."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def recompute_layers(cfg: RunConfig) -> int | None:
+    """L_r for the model, or None. 'auto' needs the planner; without it recomputation stays off."""
+    r = cfg.recompute
+    if not r.enabled:
+        return None
+    if isinstance(r.block_layers, int):
+        return r.block_layers
+    try:
+        from dualpipe_mhc.scheduler.planner import optimal_block_layers  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return optimal_block_layers(cfg)
+
+
+class StageWorker:
+    def __init__(self, rank: int, world: int, use_gpu: bool, threads: int) -> None:
+        self.rank = rank
+        self.world = world
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        if use_gpu:
+            torch.cuda.set_device(self.device)
+        torch.set_num_threads(max(1, threads))
+        self.executor: StepExecutor | None = None
+        self.transport: Transport | None = None
+        self.step = -1
+
+    # -- setup ---------------------------------------------------------------------------
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a free TCP port for torch.distributed's store (rank 0 hosts it)."""
+        ip = _node_ip()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            return ip, s.getsockname()[1]
+
+    def init_distributed(self, backend: str, init_method: str, timeout_s: float) -> str:
+        dist.init_process_group(
+            backend, init_method=init_method, rank=self.rank, world_size=self.world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        self.timeout_s = timeout_s
+        return f"rank {self.rank} pid {os.getpid()} on {socket.gethostname()} ({self.device})"
+
+    def configure(self, cfg_data: dict[str, Any], sched_data: dict[str, Any], recv_ahead: int | None = None) -> dict[str, Any]:
+        """Build this rank's chunks, optimizer and executor for a config and schedule."""
+        cfg = RunConfig.model_validate(cfg_data)
+        sched = Schedule.from_dict(sched_data)
+        self.cfg, self.sched = cfg, sched
+        dtype = DTYPES[cfg.run.dtype]
+        model = build_model(cfg.model, cfg.run.seed, kernels=cfg.run.kernels, dtype=dtype,
+                            recompute_layers=recompute_layers(cfg))
+        all_chunks = model.stage_chunks(sched.num_stages)
+        self.stage_of = sched.chunks_of(self.rank)  # chunk -> stage
+        self.chunks = {c: all_chunks[s].to(self.device) for c, s in self.stage_of.items()}
+        del model, all_chunks
+        params = [p for c in sorted(self.chunks) for p in self.chunks[c].parameters()]
+        self.optimizer = make_optimizer(params, cfg.run.lr)
+        if self.transport is None:
+            shaper = None
+            if cfg.link.shape:
+                shaper = LinkShaper(cfg.link.bandwidth, cfg.link.latency, device=self.device)
+            self.transport = Transport(self.rank, self.world, self.device, cfg.run.timeout_s, shaper)
+        self.transport.timeout_s = cfg.run.timeout_s
+        # DualPipe holds every model stage on two ranks; their gradients are summed before the step.
+        self.sync_groups: list[tuple[int, Any]] = []
+        for stage, holders in stage_holders(sched).items():
+            if len(holders) > 1:
+                group = dist.new_group(holders)  # collective: every rank creates every group
+                if self.rank in holders:
+                    self.sync_groups.append((stage, group))
+        m = cfg.model
+        if recv_ahead is None:
+            recv_ahead = len(sched.actions[self.rank]) if self.device.type == "cpu" else 2
+        self.executor = StepExecutor(
+            self.rank, sched, self.chunks, self.transport,
+            (cfg.pipeline.microbatch_size, m.seq_len, m.streams, m.width), dtype, self.device, recv_ahead,
+        )
+        return {"rank": self.rank, "chunks": self.stage_of,
+                "parameters": sum(p.numel() for p in params)}
+
+    # -- training ------------------------------------------------------------------------
+    def run_step(self, step: int, apply_optimizer: bool = True) -> dict[str, Any]:
+        """One pipeline step over the step's micro-batches; returns losses and timings."""
+        assert self.executor is not None, "configure() first"
+        self.step = step
+        cfg = self.cfg
+        mbs = step_microbatches(cfg.run.seed, step, self.sched.microbatches, cfg.pipeline.microbatch_size,
+                                cfg.model.seq_len, cfg.model.vocab_size)
+        data = {mb: (t.to(self.device), y.to(self.device)) for mb, (t, y) in enumerate(mbs)}
+        self.optimizer.zero_grad(set_to_none=True)
+        self.executor.current = (-1, f"barrier before step {step}")
+        dist.barrier()  # every rank's clock starts the step together: the timelines line up
+        rec = self.executor.run(step, data)
+        self._sum_replicated_grads()
+        if apply_optimizer:
+            self.optimizer.step()
+        return {"rank": self.rank, "step": step, "losses": rec.losses, "actions": rec.actions, "step_time": rec.step_time}
+
+    def _sum_replicated_grads(self) -> None:
+        chunk_of = {s: c for c, s in self.stage_of.items()}
+        for stage, group in self.sync_groups:
+            self.executor.current = (-1, f"gradient sum of stage {stage}")
+            params = list(self.chunks[chunk_of[stage]].parameters())
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=group)
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad = flat[offset : offset + n].view_as(p).clone()
+                offset += n
+        self.executor.current = (-1, "idle")
+
+    def status(self) -> dict[str, Any]:
+        idx, what = self.executor.current if self.executor else (-1, "not configured")
+        return {"rank": self.rank, "step": self.step, "index": idx, "action": what}
+
+    def inject_fault(self, step: int, index: int, mode: str) -> None:
+        """Tests: at action ``index`` of ``step`` exit the process, raise, hang, or drop sends."""
+        self.executor.fault = (step, index, mode)
+
+    def gradients(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {s: {n: p.grad.detach().float().cpu() for n, p in self.chunks[c].named_parameters() if p.grad is not None}
+                for c, s in self.stage_of.items()}
+
+    def parameters(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {s: {n: p.detach().float().cpu() for n, p in self.chunks[c].named_parameters()}
+                for c, s in self.stage_of.items()}
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save_checkpoint(self, directory: str, step: int) -> str:
+        path = Path(directory) / f"rank{self.rank}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "rank": self.rank,
+            "step": step,
+            "data_position": step + 1,  # the next step's index: batches are drawn per step
+            "chunks": {s: self.chunks[c].state_dict() for c, s in self.stage_of.items()},
+            "optimizer": self.optimizer.state_dict(),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return str(path)
+
+    def load_checkpoint(self, directory: str) -> int:
+        state = torch.load(Path(directory) / f"rank{self.rank}.pt", map_location=self.device, weights_only=False)
+        for c, s in self.stage_of.items():
+            self.chunks[c].load_state_dict(state["chunks"][s])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return int(state["data_position"])
+
+    def shutdown(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "127.0.0.1"
