@@ -211,9 +211,9 @@ def costs_from_config(
     hw = Hardware(cfg.hardware.flops, cfg.hardware.bandwidth)
     if recompute_block is None and cfg.recompute.enabled:
         recompute_block = cfg.recompute.block_layers if isinstance(cfg.recompute.block_layers, int) else None
-        if recompute_block is None:
-            from .planner import closed_form_block
+        if recompute_block is None:  # "auto": what the runtime will use
+            from .planner import optimal_block_layers
 
-            recompute_block = closed_form_block(streams or cfg.model.streams, cfg.model.layers)
+            recompute_block = optimal_block_layers(cfg)
     costs = analytic_costs(shape_from_config(cfg, streams), hw, num_stages, traffic, recompute_block)
     return costs.with_link(cfg.link.bandwidth, cfg.link.latency)

@@ -151,6 +151,24 @@ def plan_recompute(
     )
 
 
+def optimal_block_layers(cfg) -> int:
+    """L_r for a run that asked for recomputation with ``block_layers = "auto"``: the planned
+    block on the config's schedule and budget. When recomputation is not needed to fit, or
+    nothing fits, it is still the block with the least memory, so a run never fails here
+    (``dualpipe-mhc plan`` says whether the budget holds)."""
+    try:
+        plan = plan_recompute(cfg)
+        rows = plan.rows
+        if plan.block_layers is not None:
+            return plan.block_layers
+    except InfeasiblePlan as exc:
+        rows = exc.rows
+    blocks = [r for r in rows if r.block_layers is not None]
+    if not blocks:  # plain residual: nothing to recompute, any block size is a no-op
+        return closed_form_block(1, cfg.model.layers)
+    return min(blocks, key=lambda r: (r.total_gib, r.block_layers)).block_layers
+
+
 def _stages_run(sched, rank: int) -> list[int]:
     """Every (stage) backward this rank runs in a step, once per micro-batch."""
     return [h.stage for a in sched.actions[rank] for h in a.halves() if h.kind == "B"]

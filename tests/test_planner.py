@@ -84,3 +84,14 @@ def test_plan_cli_json_and_errors(tmp_path, capsys, table):
     assert main(["plan", "--budget-gib", "10"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dualpipe-mhc plan: error: memory budget 10 GiB is infeasible") and err.count("\n") == 1
+
+
+def test_the_runtime_hook_returns_the_planned_block(paper, table):
+    from dualpipe_mhc.scheduler.planner import optimal_block_layers
+
+    best = min((r for r in table if r.block_layers), key=lambda r: r.total_gib)
+    budget = best.total_gib + 0.5
+    cfg = load_config("paper-27b", ["recompute.enabled=true", f"recompute.memory_budget_gib={budget}"])
+    assert optimal_block_layers(cfg) == plan_recompute(cfg).block_layers == best.block_layers
+    tight = load_config("paper-27b", ["recompute.enabled=true", "recompute.memory_budget_gib=10"])
+    assert optimal_block_layers(tight) == best.block_layers  # infeasible: still the least memory, no raise
