@@ -18,6 +18,12 @@ The autograd graph is the very graph of the forward and the replay runs the same
 ops on the same values, so gradients are bitwise those without recomputation on a
 deterministic backend; on the fused kernels they match to the kernels' determinism.
 
+Each recomputed tensor is released as soon as autograd has unpacked it, so one
+block's intermediates live at a time (DESIGN.md's (n+2)·C·L_r term). A second pass
+over a retained graph, such as the zero-bubble W after its B (torch's
+``stage_backward_input`` / ``stage_backward_weight``), replays the block once more:
+two replays per block and micro-batch under ZB1P, DualPipe and DualPipeV.
+
 Blocks are global (``layer // L_r``) and cut at stage boundaries: each stage
 keeps its own first input, so a block spanning two stages costs one extra kept
 input (DESIGN.md §4). Not thread-safe: one forward per module at a time.

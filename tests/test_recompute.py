@@ -168,6 +168,36 @@ def test_only_block_inputs_kept(block_layers, stages):
     assert 0 < got.replay_peak_bytes <= min(block_layers, CFG.layers) * per_layer
 
 
+def test_zero_bubble_split_backward_bitwise_equal(monkeypatch):
+    """B then W as the runtime runs them (torch's stage_backward_input / stage_backward_weight over a
+    retained graph): same gradients; each block is replayed once in B and once more in W."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    from dualpipe_mhc import recompute
+
+    replays = []
+    original = recompute._Segment._run_replay
+    monkeypatch.setattr(recompute._Segment, "_run_replay", lambda seg: replays.append(1) or original(seg))
+
+    def split_step(block_layers):
+        chunk = build_model(CFG, seed=0, kernels="reference", recompute_layers=block_layers).stage_chunks(2)[1]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(BATCH, CFG.seq_len, CFG.streams, CFG.width, generator=g).requires_grad_()
+        loss = chunk(x, _data()[1])
+        params = list(chunk.parameters())
+        (dx,), groups = stage_backward_input([loss], None, [x], iter(params))
+        after_b = len(replays)
+        stage_backward_weight(iter(params), groups)
+        return dx, {n: p.grad for n, p in chunk.named_parameters()}, after_b
+
+    ref_dx, ref_grads, _ = split_step(None)
+    replays.clear()
+    dx, grads, after_b = split_step(1)  # layers 3, 4 of 5 -> two blocks
+    assert torch.equal(dx, ref_dx)
+    assert all(torch.equal(grads[k], g) for k, g in ref_grads.items())
+    assert (after_b, len(replays)) == (2, 4)
+
+
 def _streams_alive_after_forward(kernels: str, device: str = "cpu") -> int:
     """How many of the n-stream tensors x_1 .. x_{2L-1} survive the forward under one recompute block."""
     cfg = CFG.model_copy(update=dict(layers=3))
