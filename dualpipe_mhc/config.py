@@ -119,8 +119,9 @@ class PipelineConfig(_Section):
         return self
 
     def stages(self) -> int:
-        """Pipeline stages: two per rank for the bidirectional schedules."""
-        return self.ranks * (2 if self.schedule in ("dualpipe", "dualpipev") else 1)
+        """Model stages a micro-batch passes through: 2 x ranks for DualPipeV's V; ranks otherwise
+        (DualPipe holds two stages per rank, but one per direction's path)."""
+        return self.ranks * (2 if self.schedule == "dualpipev" else 1)
 
 
 LINK_PRESETS: dict[str, tuple[float, float]] = {
