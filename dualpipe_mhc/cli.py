@@ -49,16 +49,24 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config or getattr(mod, "DEFAULT_CONFIG", None), args.overrides)
         report = mod.main(cfg, args)
     except (ConfigError, ValueError) as exc:
+        # A command that reached an answer before failing (an infeasible plan, say) attaches it
+        # as ``exc.report``: the JSON still tells a script what was found.
+        if args.json and getattr(exc, "report", None) is not None:
+            _write_json(args.json, {**exc.report, "error": str(exc)})
         print(f"dualpipe-mhc {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dualpipe-mhc {args.command}: interrupted", file=sys.stderr)
         return 130
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        _write_json(args.json, report)
     return 0
+
+
+def _write_json(file: str, report: dict) -> None:
+    path = Path(file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

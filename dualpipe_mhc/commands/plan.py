@@ -8,7 +8,7 @@ choice; the runtime takes ``block_layers`` from the JSON (or ``plan_recompute(cf
 from __future__ import annotations
 
 import argparse
-import sys
+from dataclasses import asdict
 from typing import Any
 
 HELP = "plan mHC recomputation: block size L_r vs activation memory vs recompute time under the memory budget"
@@ -69,6 +69,11 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
         shown_budget = budget or cfg.recompute.memory_budget_gib or cfg.hardware.memory_gib
         name = schedule or cfg.pipeline.schedule
         console.print(_table(exc.rows, cfg, name, shown_budget, None, closed_form(n, layers), closed_form_block(n, layers)))
+        exc.report = {
+            "command": "plan", "schedule": name, "streams": n, "layers": layers, "budget_gib": shown_budget,
+            "closed_form": closed_form(n, layers), "closed_form_block": closed_form_block(n, layers),
+            "feasible": False, "rows": [asdict(r) for r in exc.rows], "state_bytes_per_param": state_bytes,
+        }
         raise
     console.print(
         _table(plan.rows, cfg, plan.schedule, plan.budget_gib, plan.choice, plan.closed_form, plan.closed_form_block)
@@ -80,5 +85,6 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     console.print(f"choice: {verdict}; {plan.choice.total_gib:.1f} of {plan.budget_gib:g} GiB on the fullest rank")
     report = plan.to_dict()
     report["command"] = "plan"
+    report["feasible"] = True
     report["state_bytes_per_param"] = state_bytes
     return report
