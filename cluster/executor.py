@@ -9,9 +9,12 @@
         implementation exists for the mHC blocks); the F half's output is sent while the
         B half computes, so the pair's communication overlaps its compute.
 
-Receives are posted ahead (``recv_ahead`` compute actions; all of the step's on the
-CPU) in each sender's order, sends are issued right after the producing half and
-waited at the end of the step. Every wait is bounded by the run's timeout and names
+Transfers: with explicit SEND_*/RECV_* actions (``scheduler.add_comms``) a send is
+issued at its SEND action and a receive is posted no later than its RECV action; without
+them a send leaves right after the half that produced it. Receives are posted ahead
+(``recv_ahead`` actions; all of the step's on the CPU) in each sender's order, which
+changes no dependency, only lets the transfer start early. Sends are waited at the end
+of the step. Every wait is bounded by the run's timeout and names
 the rank and the action.
 """
 
@@ -27,7 +30,7 @@ from torch.distributed.pipelining._backward import stage_backward_input, stage_b
 
 from dualpipe_mhc.scheduler.ir import Action, Schedule
 
-from .plan import Key, MessagePlan, build_plan, key_label
+from .plan import Key, MessagePlan, build_plan, comm_key, has_comms, key_label
 from .timing import StepClock
 from .transport import RecvHandle, SendHandle, Transport, TransferTimeout
 
@@ -90,7 +93,8 @@ class StepExecutor:
         self.recv_ahead = recv_ahead
         self.plan: MessagePlan = build_plan(sched, rank)
         self.deferred = sched.deferred_weights()
-        self.actions = [a for a in sched.actions[rank] if a.kind in ("F", "B", "W", "FB")]
+        self.actions = list(sched.actions[rank])
+        self.explicit_comms = has_comms(sched)
         self.clock = StepClock(device)
         self.fault: tuple[int, int, str] | None = None  # (step, action index, mode): tests inject failures
         self.current: tuple[int, str] = (-1, "idle")  # read by the actor's status() from another thread
@@ -120,6 +124,7 @@ class StepExecutor:
         self.local: dict[Key, torch.Tensor] = {}
         self.posted: dict[Key, RecvHandle] = {}
         self.sends: list[SendHandle] = []
+        self.parked: dict[Key, torch.Tensor] = {}  # outputs waiting for their SEND action
         self.wstore = WeightGradStore()
         self._channel_pos = {src: 0 for src in self.plan.channel_in}
         rec = StepRecord()
@@ -131,6 +136,12 @@ class StepExecutor:
             try:
                 self._maybe_fault(i)
                 self._post_receives(i)
+                if action.kind in ("SEND_F", "SEND_B"):
+                    key = comm_key(action)
+                    self.sends.append(self.transport.isend(self.parked.pop(key), action.peer, key_label(key)))
+                    continue
+                if action.kind in ("RECV_F", "RECV_B"):
+                    continue  # posted by _post_receives; waited where the compute needs it
                 t_a = self.clock.stamp()
                 halves = action.halves()
                 inputs = [self._input(h, action) for h in halves]
@@ -195,16 +206,19 @@ class StepExecutor:
         if self.transport is None:
             return
         for action in self.actions[i : i + 1 + self.recv_ahead]:
-            for half in action.halves():
-                for key in self.plan.remote_inputs(half):
-                    if key in self.posted or key in self.local:
-                        continue
-                    src, idx = self._key_pos[key]
-                    keys = self.plan.channel_in[src]
-                    while self._channel_pos[src] <= idx:
-                        k = keys[self._channel_pos[src]]
-                        self.posted[k] = self.transport.irecv(self.act_shape, self.act_dtype, src, key_label(k))
-                        self._channel_pos[src] += 1
+            if action.kind in ("RECV_F", "RECV_B"):
+                wanted = [comm_key(action)]
+            elif action.kind in ("F", "B", "FB"):
+                wanted = [k for half in action.halves() for k in self.plan.remote_inputs(half)]
+            else:
+                continue
+            for key in wanted:
+                src, idx = self._key_pos[key]
+                keys = self.plan.channel_in[src]
+                while self._channel_pos[src] <= idx:  # earlier messages of the channel first
+                    k = keys[self._channel_pos[src]]
+                    self.posted[k] = self.transport.irecv(self.act_shape, self.act_dtype, src, key_label(k))
+                    self._channel_pos[src] += 1
 
     def _input(self, half: Action, action: Action) -> torch.Tensor | None:
         if half.kind == "W":
@@ -216,6 +230,8 @@ class StepExecutor:
             return self.local.pop(key)
         if key not in self.posted:
             self._post_receives(self.actions.index(action))
+        if key not in self.posted:
+            raise RankError(f"rank {self.rank}: {key_label(key)} needed by {action} was never received")
         return self.transport.wait_recv(self.posted.pop(key), f"needed by {action}")
 
     def _deliver(self, key: Key | None, tensor: torch.Tensor) -> None:
@@ -224,6 +240,8 @@ class StepExecutor:
         dst = self.plan.dst_of[key]
         if dst == self.rank:
             self.local[key] = tensor.detach()
+        elif self.explicit_comms:
+            self.parked[key] = tensor.detach()
         else:
             self.sends.append(self.transport.isend(tensor.detach(), dst, key_label(key)))
 

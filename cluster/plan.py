@@ -6,14 +6,15 @@ produced by B(s, mb), consumed by B(s-1, mb). The producer and consumer location
 from ``Schedule.location``; a message whose two ends are on the same rank (DualPipeV's
 turn at the last rank) is a local hand-off. Every rank computes the same plan, so the
 receiver knows the sender's issue order on each channel and posts its receives in it
-(the transport matches messages per channel in order).
+(the transport matches messages per channel in order). With explicit SEND/RECV actions
+(``scheduler.add_comms``) the sender's order is that of its SEND actions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dualpipe_mhc.scheduler.ir import Action, Schedule
+from dualpipe_mhc.scheduler.ir import COMM_KINDS, Action, Schedule
 
 Key = tuple[str, int, int]  # (kind "F"/"B", stage, microbatch)
 
@@ -58,6 +59,21 @@ def _consumes(sched: Schedule, half: Action) -> tuple[Key | None, int | None]:
     return None, None
 
 
+def has_comms(sched: Schedule) -> bool:
+    return any(a.kind in COMM_KINDS for a in sched)
+
+
+def comm_key(action: Action) -> Key:
+    """The message an explicit SEND_*/RECV_* action moves (the IR names the stage on its own rank)."""
+    s, mb = action.stage, action.microbatch
+    return {
+        "SEND_F": ("F", s, mb),
+        "RECV_F": ("F", s - 1, mb),
+        "SEND_B": ("B", s, mb),
+        "RECV_B": ("B", s + 1, mb),
+    }[action.kind]
+
+
 def compute_halves(actions: list[Action]) -> list[Action]:
     """F/B/W halves in execution order (an FB pair is its F then its B)."""
     return [h for a in actions if a.kind in ("F", "B", "W", "FB") for h in a.halves()]
@@ -81,8 +97,14 @@ def build_plan(sched: Schedule, rank: int) -> MessagePlan:
         if key is not None:
             dst_of[key] = dst
     channel_in: dict[int, list[Key]] = {}
+    explicit = has_comms(sched)
     for src in range(sched.ranks):
         if src == rank:
+            continue
+        if explicit:  # the sender issues in the order of its SEND actions
+            for a in sched.actions[src]:
+                if a.kind in ("SEND_F", "SEND_B") and a.peer == rank:
+                    channel_in.setdefault(src, []).append(comm_key(a))
             continue
         for half in compute_halves(sched.actions[src]):
             if half.kind == "W":

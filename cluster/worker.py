@@ -124,13 +124,17 @@ class StageWorker:
                                 cfg.model.seq_len, cfg.model.vocab_size)
         data = {mb: (t.to(self.device), y.to(self.device)) for mb, (t, y) in enumerate(mbs)}
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.executor.current = (-1, f"barrier before step {step}")
         dist.barrier()  # every rank's clock starts the step together: the timelines line up
         rec = self.executor.run(step, data)
         self._sum_replicated_grads()
         if apply_optimizer:
             self.optimizer.step()
-        return {"rank": self.rank, "step": step, "losses": rec.losses, "actions": rec.actions, "step_time": rec.step_time}
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return {"rank": self.rank, "step": step, "losses": rec.losses, "actions": rec.actions,
+                "step_time": rec.step_time, "peak_memory_bytes": peak}
 
     def _sum_replicated_grads(self) -> None:
         chunk_of = {s: c for c, s in self.stage_of.items()}
