@@ -116,3 +116,18 @@ def test_profile_on_two_cpu_ranks(ray_cluster, tmp_path):
     assert isinstance(report["overhead_pct"]["mhc"], float)
     assert report["verdict"].startswith("mHC n=4 costs") and "CPU run" in report["verdict"]
     assert (out / "profile.json").exists() and (out / "profile.png").stat().st_size > 1000
+
+
+@pytest.mark.ray
+def test_recompute_in_the_pipeline_changes_no_number(ray_cluster):
+    """DualPipeV on 2 CPU ranks (zero-bubble B/W split), mHC with and without L_r=1 recomputation:
+    the losses of both steps (the second after an optimizer step on the first's gradients) are bitwise equal."""
+    base = ["model.layers=4", "model.width=32", "model.seq_len=16", "run.steps=2"]
+    runner = prof.PipelineRunner()
+    try:
+        off = runner(load_config("tiny", base))
+        on = runner(load_config("tiny", base + ["recompute.enabled=true", "recompute.block_layers=1"]))
+    finally:
+        runner.close()
+    assert on["recompute_block_layers"] == 1 and off["recompute_block_layers"] is None
+    assert [s["loss"] for s in on["steps"]] == [s["loss"] for s in off["steps"]]
