@@ -221,26 +221,61 @@ def incoming_transfer_seconds(cfg: Any, sched: Any) -> list[float]:
     return out
 
 
+def _inputs_of(sched: Any, kind: str, stage: int, mb: int) -> tuple[str, int, int] | None:
+    """The message a compute half consumes: F(s) takes F(s-1)'s output, B(s) takes B(s+1)'s gradient."""
+    if kind == "F" and stage > 0:
+        return ("F", stage - 1, mb)
+    if kind == "B" and stage < sched.num_stages - 1:
+        return ("B", stage + 1, mb)
+    return None
+
+
+def exposed_comm_seconds(sched: Any, ranks: list[dict[str, Any]]) -> list[float]:
+    """Per rank, the time spent waiting for inputs *after* their producer had finished them.
+
+    The workers start each step behind a barrier, so their timelines share an origin (up to
+    the barrier's exit skew). A wait before the producing half ends is pipeline bubble;
+    the rest of it is communication the schedule failed to hide.
+    """
+    produced: dict[tuple[str, int, int], float] = {}
+    for rec in ranks:
+        for a in rec["actions"]:
+            t = a["start"]
+            for h in a["halves"]:
+                t += h["seconds"]
+                produced[(h["kind"], h["stage"], h["microbatch"])] = t
+    out = []
+    for r, rec in enumerate(ranks):
+        exposed = 0.0
+        for a in rec["actions"]:
+            ready = a["wait_start"]
+            for h in a["halves"]:
+                key = _inputs_of(sched, h["kind"], h["stage"], h["microbatch"])
+                if key is not None and sched.location(key[2], key[1])[0] != r and key in produced:
+                    ready = max(ready, produced[key])
+            exposed += max(0.0, a["start"] - ready)
+        out.append(exposed)
+    return out
+
+
 def run_report(cfg: Any, sched: Any, results: list[Any], nvml: list[dict[str, Any]], device: str) -> dict[str, Any]:
     """One variant's run as :func:`measurement` reads it, per step and per rank:
 
     bubble_s        step time (slowest rank) - the rank's compute
-    input_wait_s    time blocked on receives (measured): upstream compute still running, or transfers
-    comm_s          the modelled transfer time of the messages the rank receives
-    exposed_comm_s  min(input wait, comm): the part of the wait transfers can account for (an upper
-                    bound; the ranks' clocks are not aligned, so arrival times are not known exactly)
+    input_wait_s    time blocked on receives: upstream compute still running, or transfers
+    exposed_comm_s  the part of that wait after the producer had finished (:func:`exposed_comm_seconds`)
+    comm_s          the modelled transfer time of the messages the rank receives (the link's figures)
     """
     comm = incoming_transfer_seconds(cfg, sched)
     steps = []
     for res in results:
         peaks = [r.get("peak_memory_bytes") for r in res.ranks]
-        wait = res.waiting()
         steps.append({
             "step_time_s": res.step_time,
             "bubble_s": [max(0.0, res.step_time - b) for b in res.busy()],
-            "input_wait_s": wait,
+            "input_wait_s": res.waiting(),
+            "exposed_comm_s": exposed_comm_seconds(sched, res.ranks),
             "comm_s": comm,
-            "exposed_comm_s": [min(w, c) for w, c in zip(wait, comm)],
             "peak_memory_bytes": peaks if all(isinstance(p, (int, float)) for p in peaks) else UNAVAILABLE,
             "loss": res.loss,
         })

@@ -84,6 +84,22 @@ def test_energy_unavailable_without_nvml(tmp_path):
     assert png.stat().st_size > 1000
 
 
+def test_exposed_comm_is_the_wait_after_the_producer_finished():
+    from dualpipe_mhc.scheduler import build_schedule
+
+    sched = build_schedule("1f1b", ranks=2, microbatches=2)
+
+    def act(kind, stage, wait_start, start, seconds):
+        return {"wait_start": wait_start, "start": start,
+                "halves": [{"kind": kind, "stage": stage, "microbatch": 0, "seconds": seconds}]}
+
+    ranks = [
+        {"actions": [act("F", 0, 0.0, 0.0, 1.0), act("B", 0, 2.0, 3.5, 1.0)]},  # B0 waits for rank 1's gradient
+        {"actions": [act("F", 1, 0.2, 1.5, 1.0), act("B", 1, 2.5, 2.5, 0.5)]},  # F1 waits 1.3 s, 0.5 s after F0 ended
+    ]
+    assert prof.exposed_comm_seconds(sched, ranks) == pytest.approx([3.5 - 3.0, 1.5 - 1.0])
+
+
 def test_verdict_above_target():
     line = prof.verdict(12.3, 4, "dualpipev, 2 ranks", on_gpu=True)
     assert line.startswith("mHC n=4 costs +12.3 %") and "above the paper's +6.7 %" in line and "CPU" not in line

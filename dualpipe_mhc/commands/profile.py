@@ -72,8 +72,8 @@ def _print_table(console, report: dict) -> None:
 
     t = Table(
         title=f"{report['setting']} — device {report['device']}",
-        caption="per-rank lists are rank0/rank1/...; input wait = blocked on receives (measured); exposed comm = "
-        "the part of it the link model's transfer time accounts for; hidden comm = the rest of that transfer time",
+        caption="per-rank lists are rank0/rank1/...; input wait = blocked on receives; exposed comm = the part "
+        "of it after the producer had finished; hidden comm = modelled transfer time - exposed",
     )
     cols = ("variant", "n", "step ms", "overhead", "bubble ms", "input wait ms", "exposed comm ms", "hidden comm ms",
             "energy J/step", "peak mem MiB")
