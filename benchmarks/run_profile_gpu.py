@@ -74,20 +74,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def device_name() -> str:
-    import torch
+    """The first GPU's name from NVML ("cpu" without one); the driver process never initialises CUDA."""
+    from dualpipe_mhc.cluster.nvml import NvmlSampler
 
-    if not torch.cuda.is_available():
+    sampler = NvmlSampler(0).start()
+    sampler.stop()
+    if not sampler.available:
         return "cpu"
-    return torch.cuda.get_device_name(0).replace("NVIDIA ", "").replace(" ", "-")
+    return (sampler.name or "gpu").replace("NVIDIA ", "").replace(" ", "-")
 
 
-def planner_prediction(cfg) -> dict | str:
-    """Peak activation memory per rank that the planner predicts for this config, when it can say."""
+def planner_prediction(cfg, block_layers: int | None) -> dict | str:
+    """The planner's worst-rank memory for the L_r the run used, to set beside the measured peak.
+
+    The runtime keeps bf16 weights, bf16 gradients and AdamW's two moments in the parameter
+    dtype: 8 bytes per parameter in bf16 (16 in fp32), no sharding.
+    """
     try:
-        from dualpipe_mhc.scheduler import planner
+        from dualpipe_mhc.scheduler.planner import InfeasiblePlan, plan_recompute
 
-        predict = getattr(planner, "predict_peak_memory", None)
-        return predict(cfg) if predict is not None else "unavailable: planner has no predict_peak_memory(cfg)"
+        state = 8.0 if cfg.run.dtype == "bfloat16" else 16.0
+        try:
+            rows = plan_recompute(cfg, state_bytes_per_param=state, budget_gib=1e9).rows
+        except InfeasiblePlan as exc:
+            rows = exc.rows
+        row = next(r for r in rows if r.block_layers == block_layers)
+        return {"block_layers": block_layers, "activation_gib": row.activation_gib, "total_gib": row.total_gib,
+                "state_bytes_per_param": state}
     except Exception as exc:  # the comparison is a bonus; the profile itself must not fail on it
         return f"unavailable: {type(exc).__name__}: {exc}"
 
@@ -112,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"profile_{device}_{args.ranks}r_{schedule}_{link}"
             print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(overrides)}", flush=True)
             report = profile(cfg, with_hc=args.with_hc, progress=lambda v: print(f"  {v} ...", flush=True))
-            report["planner_peak_memory"] = planner_prediction(cfg)
+            report["planner_peak_memory"] = planner_prediction(cfg, report["recompute_block_layers"])
             report["command"] = "python benchmarks/run_profile_gpu.py " + " ".join(argv or sys.argv[1:])
             (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
             plot(report, out / f"{name}.png")
@@ -139,8 +152,18 @@ def summary_row(schedule: str, link: str, report: dict) -> dict:
         "energy_j_per_step": {k: x["energy_j_per_step"] for k, x in v.items()},
         "mhc_peak_memory_gib": [m / 2**30 for m in mem] if isinstance(mem, list) else mem,
         "planner_peak_memory": report.get("planner_peak_memory"),
+        "planner_vs_measured_pct": _planner_error(report),
         "verdict": report["verdict"],
     }
+
+
+def _planner_error(report: dict) -> float | str:
+    """(planned - measured) / measured of the worst rank's peak, in %."""
+    plan, mem = report.get("planner_peak_memory"), report["variants"]["mhc"]["peak_memory_bytes"]
+    if not isinstance(plan, dict) or not isinstance(mem, list):
+        return "unavailable"
+    measured = max(mem) / 2**30
+    return 100.0 * (plan["total_gib"] - measured) / measured
 
 
 def write_summary(stem: Path, device: str, args: argparse.Namespace, rows: list[dict]) -> None:
@@ -154,8 +177,8 @@ def write_summary(stem: Path, device: str, args: argparse.Namespace, rows: list[
         "Paper: +6.7 % (H800, 27B MoE). Deltas are mHC minus plain, mean over ranks.",
         "",
         "| schedule | link | plain ms | mHC ms | overhead | Δ compute ms | Δ bubble ms | Δ exposed comm ms "
-        "| energy J/step plain / mHC | mHC peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| energy J/step plain / mHC | mHC peak GiB | planner vs measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         e = r["energy_j_per_step"]
@@ -165,10 +188,14 @@ def write_summary(stem: Path, device: str, args: argparse.Namespace, rows: list[
         lines.append(
             f"| {r['schedule']} | {r['link']} | {r['plain_step_ms']:.1f} | {r['mhc_step_ms']:.1f} | "
             f"{r['mhc_overhead_pct']:+.1f} % | {r['delta_busy_ms']:+.1f} | {r['delta_bubble_ms']:+.1f} | "
-            f"{r['delta_exposed_comm_ms']:+.1f} | {energy} | {mem} |"
+            f"{r['delta_exposed_comm_ms']:+.1f} | {energy} | {mem} | {_pct(r['planner_vs_measured_pct'])} |"
         )
     lines += ["", *[f"- {r['schedule']} / {r['link']}: {r['verdict']}" for r in rows], ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
+
+
+def _pct(value) -> str:
+    return f"{value:+.1f} %" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":

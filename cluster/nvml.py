@@ -83,6 +83,7 @@ class NvmlSampler:
         self._links: list[int] = []
         self.available = False
         self.reason: str | None = None
+        self.name: str | None = None  # e.g. "NVIDIA H200", from NVML
         self.unavailable: dict[str, str] = {}  # counter -> why
         self.samples: list[Sample] = []
         self._lock = threading.Lock()
@@ -134,6 +135,11 @@ class NvmlSampler:
             self.unavailable = {name: self.reason for name in COUNTERS}
             return
         self.available = True
+        try:
+            name = self._nvml.nvmlDeviceGetName(self._handle)
+            self.name = name.decode() if isinstance(name, bytes) else str(name)
+        except Exception:
+            self.name = None
         self._links = self._probe_links()
         for name, reader in self._candidate_readers().items():
             try:
@@ -242,6 +248,7 @@ class NvmlSampler:
         return {
             "available": self.available,
             "reason": self.reason,
+            "device": self.name,
             "unavailable_counters": dict(self.unavailable),
             "nvlink_links": len(self._links),
             "period_s": self.period_s,

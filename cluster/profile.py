@@ -334,12 +334,8 @@ class PipelineRunner:
             return
         self.samplers = [NvmlSampler(i, self.nvml_period_s).start() for i in range(ranks)]
         self.nvml_note = f"sampled from the driver for local GPUs 0..{ranks - 1}, steps bracketed by the driver"
-        try:
-            import torch
-
-            self.device = torch.cuda.get_device_name(0)
-        except Exception:
-            self.device = "cuda"
+        # The GPU's name from NVML: the driver process never touches CUDA itself.
+        self.device = self.samplers[0].name or "cuda"
 
     def close(self) -> None:
         for s in self.samplers:

@@ -57,6 +57,9 @@ class FakeNvml:
     def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
         return uuid
 
+    def nvmlDeviceGetName(self, h) -> str:
+        return "NVIDIA H200"
+
     def nvmlDeviceGetPowerUsage(self, h) -> int:
         self._check("power")
         return int(POWER_W * 1000)  # mW
@@ -107,7 +110,7 @@ def test_step_energy_and_nvlink_bytes_from_counters():
         step = sampler.end_step()
     finally:
         sampler.stop()
-    assert sampler.available and not sampler.unavailable
+    assert sampler.available and not sampler.unavailable and sampler.report()["device"] == "NVIDIA H200"
     assert step["energy_source"] == "counter"
     assert step["energy_j"] == pytest.approx(2.0 * POWER_W)
     assert step["mean_power_w"] == pytest.approx(POWER_W)
