@@ -115,8 +115,8 @@ def plot(report: dict, path: Path) -> Path:
         text = f"{v[n]['step_time_s'] * ms:.1f} ms" + (f"\n{pct:+.1f} %" if pct is not None else "")
         ax[0].text(i, v[n]["step_time_s"] * ms, text, ha="center", va="bottom", fontsize=9)
     ax[0].set(title=f"step time; paper: mHC +{report['paper_overhead_pct']} %", ylabel="ms")
-    ax[0].set_ylim(0, max(v[n]["step_time_s"] for n in names) * ms * 1.25)
-    ax[0].legend(fontsize=8, loc="lower right")
+    ax[0].set_ylim(0, max(v[n]["step_time_s"] for n in names) * ms * 1.4)
+    ax[0].legend(fontsize=8, loc="upper right")
     ranks = range(len(v[names[0]]["bubble_s"]))
     width = 0.8 / len(names)
     for i, n in enumerate(names):
