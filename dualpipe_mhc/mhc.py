@@ -9,17 +9,20 @@ Residual kinds:
     mhc    manifold-constrained: H_pre = sigmoid, H_post = 2 sigmoid, H_res Sinkhorn-projected.
 
 Initialisation (so that at step 0 the block behaves like a residual block):
+    phi ~ N(0, 1/(nC)), so each entry of x' @ phi is about N(0, 1) for the RMS-normed x';
     alpha = 0.01 for all three, so the dynamic parts start near zero and the
     mappings sit near their static biases;
     b_pre gives every stream weight 1/n (mhc: sigmoid(b_pre) = 1/n; hc: b_pre = 1/n),
     so F sees the mean of the streams;
     b_post gives every stream weight 1 (mhc: 2 sigmoid(0) = 1; hc: 1);
-    b_res is ``res_init`` on the diagonal and 0 off it: for mhc, Sinkhorn of that
-    is I up to off-diagonals of about 1/(e^res_init + n - 1) (0.017 at n = 4),
-    close to identity while keeping gradients for mixing alive; for hc, exactly I.
-With the streams widened by copying and reduced by their mean, such a block
-reduces to x + F(x) at n = 1 and to the same function as a plain block for
-identical streams.
+    b_res: mhc puts ``res_init`` (4) on the diagonal and 0 off it, whose Sinkhorn
+    matrix is I up to off-diagonals of about 1/(e^res_init + n - 1) (0.017 at
+    n = 4; the diagonal is 1 minus n - 1 of those), close to identity while
+    keeping gradients for mixing alive; hc starts from exactly I.
+For identical streams (the widened embedding) H_res and H_pre then keep them
+identical and the block is x + F(x) up to the alpha-scaled dynamic part. At
+n = 1, mhc feeds F with x/2 (sigmoid(0)); the pre-normed sublayers here do not
+see that scale.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class HyperConnection(nn.Module):
         res_init: float = RES_INIT,
     ) -> None:
         super().__init__()
+        if kind not in ("plain", "hc", "mhc"):
+            raise ValueError(f"residual kind {kind!r} is unknown; use 'plain', 'hc' or 'mhc'")
         if kind == "plain" and streams != 1:
             raise ValueError(f"residual kind 'plain' needs streams=1, got {streams}")
         self.sublayer = sublayer
