@@ -167,6 +167,15 @@ class StageWorker:
         return {s: {n: p.detach().float().cpu() for n, p in self.chunks[c].named_parameters()}
                 for c, s in self.stage_of.items()}
 
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    def measure_link(self, bandwidth: float | None, latency: float, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+        """Ping-pong one-way times with rank 0 (see :mod:`.linkbench`); both ranks call it."""
+        from .linkbench import measure
+
+        return measure(self.rank, self.world, self.device, self.timeout_s, bandwidth, latency, sizes, repeats)
+
     # -- checkpoints ---------------------------------------------------------------------
     def save_checkpoint(self, directory: str, step: int) -> str:
         path = Path(directory) / f"rank{self.rank}.pt"

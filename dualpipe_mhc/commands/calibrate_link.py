@@ -1,0 +1,177 @@
+"""``dualpipe-mhc calibrate-link``: achieved one-way bandwidth per link preset and message size.
+
+Starts two stage-worker actors (GPUs with NCCL where the cluster has them, else CPU
+actors with gloo), measures the raw transport, then each preset through the link
+shaper the runtime uses with ``link.shape=true``, and writes ``link_calibration.json``
+under ``--out`` (default ``out/calibrate``):
+
+    {"format": "dualpipe-mhc-link-calibration/1", "device": ..., "backend": ...,
+     "links": {"raw": {...}, "h800-nvlink": {
+         "target": {"bandwidth_gbps": 200.0, "latency_us": 3.0},   # absent for raw
+         "link": {"bandwidth_gbps": 197.1, "latency_us": 9.8},     # fitted: what the simulator should use
+         "points": [{"bytes", "one_way_s", "achieved_gbps", "target_s", "error_pct"}, ...],
+         "reachable": true}}}                                      # false: the raw link is slower than the target
+
+Each ``link`` object has the keys of the profile file's ``link`` (scheduler/costs.py),
+so a simulation can take a preset's measured figures as they are. JSON keys (``--json``):
+the same object plus ``file``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+HELP = "measure one-way bandwidth per link preset and message size between two workers (raw and shaped)"
+DEFAULT_CONFIG = "tiny"
+FORMAT = "dualpipe-mhc-link-calibration/1"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--presets", default=None,
+                   help="comma-separated link presets to shape to, or 'config' for the config's link "
+                        "(default: every preset the raw link can reach, and the config's)")
+    p.add_argument("--sizes-mib", default=None,
+                   help="message sizes in MiB, comma-separated (default 0.25,1,4,16,64; GPUs add 256,1024)")
+    p.add_argument("--repeats", type=int, default=5, help="round trips per point, median taken (default 5)")
+
+
+def _parse_sizes(text: str | None, gpu: bool) -> list[int]:
+    if text is None:
+        mib = [0.25, 1, 4, 16, 64] + ([256, 1024] if gpu else [])
+    else:
+        try:
+            mib = [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--sizes-mib {text!r} is invalid; use numbers such as 1,16,64") from None
+        if not mib or any(m <= 0 for m in mib):
+            raise ValueError(f"--sizes-mib {text!r} is invalid: sizes must be positive")
+    return sorted({max(4, int(m * 2**20) // 4 * 4) for m in mib})
+
+
+def _links(cfg, text: str | None) -> dict[str, tuple[float, float]]:
+    from dualpipe_mhc.config import LINK_PRESETS
+
+    config_link = (cfg.link.bandwidth, cfg.link.latency)
+    if text is None:
+        out = {name: (bw * 1e9, lat * 1e-6) for name, (bw, lat) in LINK_PRESETS.items()}
+        out["config"] = config_link
+        return out
+    out = {}
+    for name in (x.strip() for x in text.split(",") if x.strip()):
+        if name == "config":
+            out[name] = config_link
+        elif name in LINK_PRESETS:
+            bw, lat = LINK_PRESETS[name]
+            out[name] = (bw * 1e9, lat * 1e-6)
+        else:
+            raise ValueError(f"--presets: {name!r} is unknown; use 'config' or some of {sorted(LINK_PRESETS)}")
+    return out
+
+
+def calibrate(group, links: dict[str, tuple[float, float]], sizes: list[int], repeats: int,
+              progress=None) -> dict[str, Any]:
+    """Measure ``raw`` and every ``links[name] = (bytes/s, s)`` on a 2-rank :class:`WorkerGroup`."""
+    import ray
+
+    from dualpipe_mhc.cluster.linkbench import fit_line
+
+    def measure(bandwidth: float | None, latency: float) -> list[dict[str, Any]]:
+        refs = [a.measure_link.remote(bandwidth, latency, sizes, repeats) for a in group.actors]
+        return ray.get(refs)[0]
+
+    out: dict[str, Any] = {}
+    raw = measure(None, 0.0)
+    raw_fit = fit_line(raw)
+    out["raw"] = {"link": raw_fit, "points": [_point(p, None) for p in raw], "reachable": True}
+    if progress:
+        progress("raw", out["raw"])
+    for name, (bw, lat) in links.items():
+        # Shaping only slows a link down: a target above the raw rate measures the raw link.
+        reachable = bw < raw_fit["bandwidth_gbps"] * 1e9
+        pts = measure(bw, lat) if reachable else raw
+        entry = {"target": {"bandwidth_gbps": bw / 1e9, "latency_us": lat * 1e6}, "link": fit_line(pts),
+                 "points": [_point(p, (bw, lat)) for p in pts], "reachable": reachable}
+        out[name] = entry
+        if progress:
+            progress(name, entry)
+    return out
+
+
+def _point(p: dict[str, Any], target: tuple[float, float] | None) -> dict[str, Any]:
+    out = {"bytes": p["bytes"], "one_way_s": p["one_way_s"], "achieved_gbps": p["bytes"] / p["one_way_s"] / 1e9}
+    if target is not None:
+        t = target[1] + p["bytes"] / target[0]
+        out["target_s"] = t
+        out["error_pct"] = 100 * (p["one_way_s"] / t - 1)
+    return out
+
+
+def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.table import Table
+
+    if args.repeats < 1:
+        raise ValueError(f"--repeats={args.repeats} is invalid: use a positive count")
+    links = _links(cfg, args.presets)
+    console = Console(width=None if Console().is_terminal else 110)
+
+    import ray
+
+    from dualpipe_mhc.cluster.launch import WorkerGroup, connect
+    from dualpipe_mhc.cluster.runtime import resolve_placement
+    from dualpipe_mhc.config import config_from_dict, dump_config
+
+    data = dump_config(cfg)
+    data["pipeline"].update(ranks=2, schedule="1f1b", microbatches=2)
+    two = config_from_dict(data)
+    started = connect(cfg.cluster.address)
+    group = None
+    try:
+        use_gpu, backend = resolve_placement(two)
+        sizes = _parse_sizes(args.sizes_mib, use_gpu)
+        console.print(f"[bold]calibrate-link[/]: 2 workers, {backend}, sizes {[s / 2**20 for s in sizes]} MiB, "
+                      f"{args.repeats} round trips per point")
+        group = WorkerGroup.launch(2, use_gpu, backend, cfg.run.timeout_s)
+        device = "gpu" if use_gpu else "cpu"
+        if use_gpu:
+            device = ray.get(group.actors[0].device_name.remote())
+
+        def show(name: str, entry: dict[str, Any]) -> None:
+            fit = entry["link"]
+            target = entry.get("target")
+            tail = (f" (target {target['bandwidth_gbps']:g} GB/s, {target['latency_us']:g} us"
+                    f"{'' if entry['reachable'] else ': above the raw link, not shaped'})") if target else ""
+            console.print(f"  {name:12s} fit {fit['bandwidth_gbps']:.3g} GB/s + {fit['latency_us']:.0f} us{tail}")
+
+        links_out = calibrate(group, links, sizes, args.repeats, progress=show)
+    finally:
+        if group is not None:
+            try:
+                ray.get([a.shutdown.remote() for a in group.actors], timeout=10)
+            except Exception:
+                pass
+            group.kill()
+        if started:
+            ray.shutdown()
+    table = Table(title="achieved one-way GB/s by message size (error vs latency + bytes/bandwidth)", title_style="bold")
+    table.add_column("link")
+    for s in sizes:
+        table.add_column(f"{s / 2**20:g} MiB", justify="right")
+    for name, entry in links_out.items():
+        cells = []
+        for p in entry["points"]:
+            err = f" ({p['error_pct']:+.0f}%)" if "error_pct" in p and entry["reachable"] else ""
+            cells.append(f"{p['achieved_gbps']:.3g}{err}")
+        table.add_row(name, *cells)
+    console.print(table)
+    report = {"format": FORMAT, "device": device, "backend": backend, "sizes": sizes, "repeats": args.repeats,
+              "links": links_out}
+    out = Path(args.out or "out/calibrate")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "link_calibration.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {path}")
+    return {**report, "file": str(path)}
