@@ -118,6 +118,8 @@ class _Segment:
     named: dict[int, tuple[tuple[str, int], Tensor]] = field(default_factory=dict)
     regions: list[str] = field(default_factory=lambda: ["mhc"])
     num_slots: int = 0
+    slot_meta: dict[int, tuple[torch.Size, torch.dtype]] = field(default_factory=dict)  # dropped slots only
+    autocast: tuple[str, bool, torch.dtype] | None = None
     dropped: list[int] = field(default_factory=list)
     replay: _Replay | None = None
     meter: object | None = None
@@ -128,6 +130,8 @@ class _Segment:
 
     def forward(self, x: Tensor) -> Tensor:
         self.x0, self.x0_requires_grad = x.detach(), x.requires_grad
+        device = x.device.type
+        self.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         self.kept.add(_storage_key(x))
         self.meter = _METER[-1] if _METER else None
         with self._regions(), saved_tensors_hooks(self._pack, _unpack):
@@ -204,6 +208,7 @@ class _Segment:
         if key in self.kept or (t.is_leaf and t.requires_grad):
             return self._keep(t)
         self.dropped.append(index)
+        self.slot_meta[index] = (t.shape, t.dtype)
         if self.meter is not None:
             self.meter.add_dropped(t)
         return _Slot(self, index)
@@ -231,16 +236,21 @@ class _Segment:
         x = self.x0.detach().requires_grad_(self.x0_requires_grad)
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
+            device, enabled, dtype = self.autocast
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))  # as in the forward
             stack.enter_context(saved_tensors_hooks(pack, _unpack))
             for k, hc in enumerate(self.hyper_connections()):
                 y = self.ys[k].detach().requires_grad_(self.y_requires_grad[k])
                 stack.enter_context(_stub_sublayer(hc.sublayer, y, k, named))
             for block in self.blocks:
                 x = block(x)
-        if len(slots) != self.num_slots:
+        mismatch = len(slots) != self.num_slots or any(
+            (slots[i].shape, slots[i].dtype) != meta for i, meta in self.slot_meta.items()
+        )
+        if mismatch:
             raise RuntimeError(
-                f"recompute replay saved {len(slots)} tensors where the forward saved {self.num_slots}; "
-                "the block's mHC code is not deterministic in its control flow"
+                f"recompute replay saved {len(slots)} tensors where the forward saved {self.num_slots}, or "
+                "of other shapes: the block's mHC code must run the same ops in the backward as in the forward"
             )
         if self.meter is not None:
             self.meter.add_replay([slots[i] for i in self.dropped] + list(named.values()))

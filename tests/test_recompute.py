@@ -100,6 +100,20 @@ def test_bfloat16_streams_bitwise_equal():
     assert all(torch.equal(grads[k], g) for k, g in ref_grads.items())
 
 
+def test_autocast_forward_replayed_under_autocast():
+    tokens, targets = _data()
+
+    def grads(block_layers):
+        model = build_model(CFG, seed=0, kernels="reference", recompute_layers=block_layers)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens, targets)
+        loss.backward()  # the backward (and so the replay) runs outside the autocast region
+        return loss, {n: p.grad for n, p in model.named_parameters()}
+
+    (ref_loss, ref), (loss, got) = grads(None), grads(2)
+    assert torch.equal(loss, ref_loss) and all(torch.equal(got[k], g) for k, g in ref.items())
+
+
 def test_whole_model_forward_and_retained_graph():
     tokens, targets = _data()
     ref = build_model(CFG, seed=0, kernels="reference")
