@@ -38,6 +38,7 @@ def variant_configs(cfg: Any, with_hc: bool = False) -> dict[str, Any]:
     for name, (residual, streams) in kinds.items():
         data = dump_config(cfg)
         data["model"].update(residual=residual, streams=streams)
+        data["run"].update(checkpoint_every=0)  # a profile measures steps, it does not keep them
         out[name] = config_from_dict(data)
     return out
 
@@ -78,6 +79,7 @@ def measurement(run: dict[str, Any], warmup_steps: int = 1) -> dict[str, Any]:
         "peak_memory_bytes": _median_per_rank(kept, "peak_memory_bytes"),
         "loss": kept[-1].get("loss"),
     }
+    out["simulated"] = run.get("simulated", UNAVAILABLE)
     out.update(_energy(run.get("nvml"), warmup_steps))
     return out
 
@@ -208,17 +210,13 @@ def profile(
 def incoming_transfer_seconds(cfg: Any, sched: Any) -> list[float]:
     """Per rank, the modelled transfer time of the messages it receives in one step:
     remote messages x (activation bytes / one-way bandwidth + latency) on the config's link."""
+    from .measure import activation_bytes
     from .plan import build_plan
 
-    m = cfg.model
-    elem = 2 if cfg.run.dtype == "bfloat16" else 4
-    act_bytes = cfg.pipeline.microbatch_size * m.seq_len * m.streams * m.width * elem
-    per_message = act_bytes / cfg.link.bandwidth + cfg.link.latency
-    out = []
-    for r in range(sched.ranks):
-        plan = build_plan(sched, r)
-        out.append(sum(1 for src in plan.src_of.values() if src != r) * per_message)
-    return out
+    per_message = activation_bytes(cfg) / cfg.link.bandwidth + cfg.link.latency
+    return [
+        sum(1 for src in build_plan(sched, r).src_of.values() if src != r) * per_message for r in range(sched.ranks)
+    ]
 
 
 def _inputs_of(sched: Any, kind: str, stage: int, mb: int) -> tuple[str, int, int] | None:
@@ -279,7 +277,19 @@ def run_report(cfg: Any, sched: Any, results: list[Any], nvml: list[dict[str, An
             "peak_memory_bytes": peaks if all(isinstance(p, (int, float)) for p in peaks) else UNAVAILABLE,
             "loss": res.loss,
         })
-    return {"device": device, "on_gpu": device != "cpu", "steps": steps, "nvml": nvml}
+    return {"device": device, "on_gpu": device != "cpu", "steps": steps, "nvml": nvml,
+            "simulated": simulated_from_measured(cfg, sched, results)}
+
+
+def simulated_from_measured(cfg: Any, sched: Any, results: list[Any]) -> dict[str, Any]:
+    """The simulator fed this run's median per-stage costs, on the config's link model: what the
+    schedule should take with these op times, to set beside the measured step."""
+    from dualpipe_mhc.scheduler import simulate
+
+    from .measure import measured_costs
+
+    sim = simulate(sched, measured_costs(cfg, sched, results), record_events=False)
+    return {"step_time_s": sim.step_time, "bubble_s": sim.bubble, "exposed_comm_s": sim.exposed_comm}
 
 
 class PipelineRunner:
@@ -299,29 +309,30 @@ class PipelineRunner:
         self.nvml_note: str | None = None
 
     def __call__(self, cfg: Any) -> dict[str, Any]:
-        from dualpipe_mhc.scheduler import build_schedule, validate
-
+        """Train ``cfg`` for ``run.steps`` steps exactly as ``dualpipe-mhc run`` would; the run report."""
         from .runtime import Pipeline
+        from .train import pipeline_schedule, train
         from .worker import recompute_layers
 
-        sched = build_schedule(cfg.pipeline.schedule, cfg.pipeline.ranks, cfg.pipeline.microbatches)
-        validate(sched)
+        sched = pipeline_schedule(cfg)
         if self.pipe is None:
             self.pipe = Pipeline.start(cfg, sched)
             self._start_nvml(cfg.pipeline.ranks)
-        else:
-            self.pipe.configure(cfg, sched)
-        results = []
-        for step in range(cfg.run.steps):
+
+        def begin(*_: Any) -> None:
             for s in self.samplers:
                 s.begin_step()
-            results.append(self.pipe.step(step))
+
+        def end(*_: Any) -> None:
             for s in self.samplers:
                 s.end_step()
+            begin()
+
+        outcome = train(cfg, pipe=self.pipe, on_start=begin, on_step=end)
         nvml = [s.report() for s in self.samplers]
         for s in self.samplers:
             s.steps.clear()
-        report = run_report(cfg, sched, results, nvml, self.device)
+        report = run_report(cfg, outcome.sched, outcome.results, nvml, self.device)
         report["recompute_block_layers"] = recompute_layers(cfg)
         report["nvml_note"] = self.nvml_note
         return report

@@ -37,7 +37,7 @@ def main(cfg, args) -> dict:
             f"--warmup-steps={args.warmup_steps} leaves none of run.steps={cfg.run.steps} to measure; "
             f"use --set run.steps={args.warmup_steps + 3} or fewer warm-up steps"
         )
-    console = Console(width=None if Console().is_terminal else 110)
+    console = Console(width=None if Console().is_terminal else 150)  # pipes get 80 columns otherwise
     console.print(
         f"[bold]profile[/]: {cfg.model.layers} layers, C={cfg.model.width}, {cfg.pipeline.schedule} on "
         f"{cfg.pipeline.ranks} ranks, {cfg.pipeline.microbatches} micro-batches x {cfg.tokens_per_microbatch()} tokens, "
@@ -72,10 +72,10 @@ def _print_table(console, report: dict) -> None:
 
     t = Table(
         title=f"{report['setting']} — device {report['device']}",
-        caption="per-rank lists are rank0/rank1/...; input wait = blocked on receives; exposed comm = the part "
+        caption="sim: the simulator fed this run's median op times; per-rank lists are rank0/rank1/...; input wait = blocked on receives; exposed comm = the part "
         "of it after the producer had finished; hidden comm = modelled transfer time - exposed",
     )
-    cols = ("variant", "n", "step ms", "overhead", "bubble ms", "input wait ms", "exposed comm ms", "hidden comm ms",
+    cols = ("variant", "n", "step ms", "sim ms", "overhead", "bubble ms", "input wait ms", "exposed comm ms", "hidden comm ms",
             "energy J/step", "peak mem MiB")
     for col in cols:
         t.add_column(col, justify="right")
@@ -83,6 +83,7 @@ def _print_table(console, report: dict) -> None:
         pct = report["overhead_pct"].get(name)
         t.add_row(
             name, str(v["streams"]), _fmt(v["step_time_s"], 1e3, ".2f"),
+            _fmt(v["simulated"]["step_time_s"], 1e3, ".2f") if isinstance(v["simulated"], dict) else "-",
             "-" if pct is None else f"{pct:+.1f} %",
             _fmt(v["bubble_s"], 1e3), _fmt(v["input_wait_s"], 1e3), _fmt(v["exposed_comm_s"], 1e3),
             _fmt(v["hidden_comm_s"], 1e3),
