@@ -111,16 +111,19 @@ def time_case(t: int, n: int, c: int, device: str) -> dict[str, float]:
 
 
 SWEEPS = {
-    "pre fwd": [dict(block_t=bt, block_k=bk, num_warps=w) for bt, bk, w in
-                [(16, 128, 4), (16, 64, 4), (32, 128, 4), (32, 64, 8), (64, 64, 8), (64, 128, 8), (16, 128, 8)]],
+    "pre fwd": [dict(block_t=bt, block_k=bk, num_warps=w, fuse_aggregate=f) for bt, bk, w, f in
+                [(32, 128, 4, False), (16, 128, 4, False), (64, 128, 8, False), (64, 64, 4, False),
+                 (32, 128, 4, True), (16, 128, 4, True)]] +
+               [dict(agg_block_t=bt, agg_block_c=bc) for bt, bc in [(2, 256), (8, 256), (4, 512), (8, 128)]],
     "pre bwd reduce": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
-                       [(8, 128, 4), (4, 128, 4), (16, 128, 8), (8, 256, 8), (4, 256, 4), (16, 64, 4)]],
-    "pre bwd apply": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
-                      [(32, 64, 4), (16, 64, 4), (64, 64, 4), (32, 128, 4), (32, 128, 8), (64, 128, 8), (32, 32, 4)]],
+                       [(4, 256, 4), (8, 128, 4), (2, 512, 4), (4, 512, 8)]],
+    "pre bwd apply": [dict(block_t=bt, block_q=bq, num_warps=w) for bt, bq, w in
+                      [(32, 128, 4), (16, 128, 4), (64, 128, 4), (32, 256, 4), (32, 256, 8), (64, 256, 8),
+                       (64, 128, 8), (128, 128, 8)]],
     "post_res fwd": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
-                     [(8, 128, 4), (4, 256, 4), (16, 128, 8), (8, 256, 8), (4, 128, 4), (16, 64, 4)]],
+                     [(4, 256, 4), (2, 512, 4), (8, 256, 8), (4, 512, 8)]],
     "post_res bwd": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
-                     [(8, 128, 4), (4, 128, 4), (2, 256, 4), (8, 256, 8), (4, 256, 8), (16, 64, 4)]],
+                     [(8, 256, 8), (4, 256, 4), (4, 512, 8), (16, 128, 8)]],
 }  # fmt: skip
 
 

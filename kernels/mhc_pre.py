@@ -69,7 +69,7 @@ def _pre_fwd_kernel(
     u_ptr, h_pre_ptr, h_post_ptr, h_res_ptr, proj_ptr, rstd_ptr,
     T, C, eps,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, AGGREGATE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -107,8 +107,15 @@ def _pre_fwd_kernel(
     tl.store(h_post_ptr + rows64[:, None] * n + i[None, :], h_post, mask=m2)
     tl.store(h_res_ptr + rows64[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :], h_res, mask=valid)
 
-    # pass 2: u = H_pre x, last chunk first (it is the most recently loaded, likeliest in L2)
-    i3 = i[None, :, None]
+    if AGGREGATE:
+        _aggregate_rows(x_ptr, u_ptr, h_pre, rows64, row_mask, C, n, N, BC)
+
+
+@triton.jit
+def _aggregate_rows(x_ptr, u_ptr, h_pre, rows64, row_mask, C, n: tl.constexpr, N: tl.constexpr, BC: tl.constexpr):
+    """u = H_pre x over all of C for one token block; last chunk first (likeliest still in L2)."""
+    K = n * C
+    i3 = tl.arange(0, N)[None, :, None]
     xmask3 = row_mask[:, None, None] & (i3 < n)
     nchunks = tl.cdiv(C, BC)
     for back in range(nchunks):
@@ -123,6 +130,28 @@ def _pre_fwd_kernel(
             u.to(u_ptr.dtype.element_ty),
             mask=row_mask[:, None] & cmask[None, :],
         )
+
+
+@triton.jit
+def _pre_aggregate_kernel(
+    x_ptr, h_pre_ptr, u_ptr, T, C, n: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr
+):
+    """u = H_pre x on a (token block, channel block) grid: the second read of x, from HBM, fully parallel."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    row_mask = rows < T
+    rows64 = rows.to(tl.int64)
+    cs = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = cs < C
+    i = tl.arange(0, N)
+    m2 = row_mask[:, None] & (i < n)[None, :]
+    h_pre = tl.load(h_pre_ptr + rows64[:, None] * n + i[None, :], mask=m2, other=0.0)
+    x3 = tl.load(
+        x_ptr + rows64[:, None, None] * (n * C) + i[None, :, None] * C + cs[None, None, :],
+        mask=m2[:, :, None] & cmask[None, None, :],
+        other=0.0,
+    )
+    u = tl.sum(h_pre[:, :, None] * x3.to(tl.float32), axis=1)
+    tl.store(u_ptr + rows64[:, None] * C + cs[None, :], u.to(u_ptr.dtype.element_ty), mask=row_mask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -197,46 +226,50 @@ def _pre_bwd_reduce_kernel(
 def _pre_bwd_apply_kernel(
     x_ptr, du_ptr, phi_ptr, h_pre_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_part_ptr,
     T, C, TT,
-    n: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    # One tile holds all n streams of a channel block side by side: column q is stream q // BC,
+    # channel q % BC, i.e. row i*C + c of phi and column i*C + c of vec(x); du and H_pre are
+    # gathered per column (the repeats hit L1), so every x and du element leaves HBM once.
     split = tl.program_id(0)
-    cs = tl.program_id(1) * BC + tl.arange(0, BC)
-    cmask = cs < C
+    q = tl.arange(0, N * BC)
+    qi = q // BC
+    qc = tl.program_id(1) * BC + q % BC
+    qmask = (qi < n) & (qc < C)
+    krow = qi * C + qc
     cols = tl.arange(0, MP)
     col_mask = cols < M
     K = n * C
+    phi_t = tl.load(
+        phi_ptr + krow[None, :] * M + cols[:, None], mask=col_mask[:, None] & qmask[None, :], other=0.0
+    ).to(tl.float32)  # [MP, N*BC]
+    dphi = tl.zeros((N * BC, MP), dtype=tl.float32)
     t_start = split * TT
     t_end = tl.minimum(t_start + TT, T)
-    for i in range(n):
-        # phi rows of stream i, this channel block: [BC, MP]
-        ph = tl.load(
-            phi_ptr + (i * C + cs)[:, None] * M + cols[None, :], mask=cmask[:, None] & col_mask[None, :], other=0.0
-        ).to(tl.float32)
-        dphi = tl.zeros((BC, MP), dtype=tl.float32)
-        for t0 in range(t_start, t_end, BT):
-            rows = t0 + tl.arange(0, BT)
-            row_mask = rows < t_end
-            rows64 = rows.to(tl.int64)
-            tile_mask = row_mask[:, None] & cmask[None, :]
-            du = tl.load(du_ptr + rows64[:, None] * C + cs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-            x_off = rows64[:, None] * K + i * C + cs[None, :]
-            xi = tl.load(x_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
-            draw = tl.load(
-                draw_ptr + rows64[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
-            )
-            coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
-            hp = tl.load(h_pre_ptr + rows64 * n + i, mask=row_mask, other=0.0)
-            dx = hp[:, None] * du + coef[:, None] * xi + tl.dot(draw, tl.trans(ph), input_precision=PRECISION)
-            if ACCUMULATE:
-                dx += tl.load(dx_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
-            dphi = tl.dot(tl.trans(xi), draw, dphi, input_precision=PRECISION)
-        tl.store(
-            dphi_part_ptr + split.to(tl.int64) * K * M + (i * C + cs)[:, None] * M + cols[None, :],
-            dphi,
-            mask=cmask[:, None] & col_mask[None, :],
+    for t0 in range(t_start, t_end, BT):
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < t_end
+        rows64 = rows.to(tl.int64)
+        tile_mask = row_mask[:, None] & qmask[None, :]
+        x_off = rows64[:, None] * K + krow[None, :]
+        x2 = tl.load(x_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
+        du2 = tl.load(du_ptr + rows64[:, None] * C + qc[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        hp2 = tl.load(h_pre_ptr + rows64[:, None] * n + qi[None, :], mask=tile_mask, other=0.0)
+        draw = tl.load(
+            draw_ptr + rows64[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
         )
+        coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
+        dx = hp2 * du2 + coef[:, None] * x2 + tl.dot(draw, phi_t, input_precision=PRECISION)
+        if ACCUMULATE:
+            dx += tl.load(dx_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+        dphi = tl.dot(tl.trans(x2), draw, dphi, input_precision=PRECISION)
+    tl.store(
+        dphi_part_ptr + split.to(tl.int64) * K * M + krow[:, None] * M + cols[None, :],
+        dphi,
+        mask=qmask[:, None] & col_mask[None, :],
+    )
 
 
 def _pow2(v: int, lo: int = 1) -> int:
@@ -256,12 +289,18 @@ def _num_sms(device: torch.device) -> int:
 
 def pre_forward(
     x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
-    block_t: int = 16, block_k: int | None = None, block_c: int = 128, num_warps: int | None = None,
+    block_t: int = 32, block_k: int | None = None, num_warps: int | None = None,
+    fuse_aggregate: bool = False, agg_block_t: int | None = None, agg_block_c: int = 256,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """Launch the fused forward on ``x [T, n, C]`` (contiguous). Returns ``u, h_pre, h_post, h_res, proj, rstd``."""
+    """Launch the forward on ``x [T, n, C]`` (contiguous). Returns ``u, h_pre, h_post, h_res, proj, rstd``.
+
+    ``fuse_aggregate``: compute u inside the mapping kernel (second pass over each token block,
+    hoping for L2 hits) instead of in :func:`_pre_aggregate_kernel` on a 2-D grid.
+    """
     t, n, c = x.shape
     m = 2 * n + n * n
     mp = _pow2(m, 16)
+    nn_ = _pow2(n, 2)
     f32 = dict(device=x.device, dtype=torch.float32)
     u = torch.empty((t, c), device=x.device, dtype=x.dtype)
     h_pre, h_post = torch.empty((t, n), **f32), torch.empty((t, n), **f32)
@@ -271,20 +310,24 @@ def pre_forward(
         block_k = 128 if mp <= 32 else 64
     if num_warps is None:
         num_warps = 4 if mp <= 32 else 8
-    block_c = min(block_c, _pow2(c, 16))
-    grid = (triton.cdiv(t, block_t),)
-    _pre_fwd_kernel[grid](
+    _pre_fwd_kernel[(triton.cdiv(t, block_t),)](
         x, phi, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, t, c, eps,
-        n=n, N=_pow2(n, 2), M=m, MP=mp, ITERS=iters, BT=block_t, BK=block_k, BC=block_c,
-        PRECISION=_precision(x.dtype), num_warps=num_warps,
+        n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=block_t, BK=block_k, BC=min(128, _pow2(c, 16)),
+        PRECISION=_precision(x.dtype), AGGREGATE=fuse_aggregate, num_warps=num_warps,
     )  # fmt: skip
+    if not fuse_aggregate:
+        bt = agg_block_t or max(1, 16 // nn_)  # [BT, N, BC] tile of ~4K values
+        bc = min(agg_block_c, _pow2(c, 16))
+        _pre_aggregate_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+            x, h_pre, u, t, c, n=n, N=nn_, BT=bt, BC=bc, num_warps=4
+        )
     return u, h_pre, h_post, h_res, proj, rstd
 
 
 def pre_backward_reduce(
     x: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
     du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
-    block_t: int = 8, block_c: int = 128, num_warps: int = 4,
+    block_t: int = 4, block_c: int = 256, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Backward pass 1: ``(dlogit [T, M], dalpha_part [T, 3], draw [T, M], coef [T])``, all fp32."""
     t, n, c = x.shape
@@ -306,12 +349,16 @@ def pre_backward_reduce(
 def pre_backward_apply(
     x: torch.Tensor, phi: torch.Tensor, h_pre: torch.Tensor, du: torch.Tensor, draw: torch.Tensor,
     coef: torch.Tensor, dx_accum: torch.Tensor | None = None,
-    block_t: int = 32, block_c: int = 64, num_warps: int = 4,
+    block_t: int = 32, block_q: int = 128, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Backward pass 2: ``(dx [T, n, C], dphi [K, M] fp32)``; ``dx_accum`` receives dx in place if given."""
+    """Backward pass 2: ``(dx [T, n, C], dphi [K, M] fp32)``; ``dx_accum`` receives dx in place if given.
+
+    ``block_q``: columns of the [block_t, n x channels] tile; the channel block is block_q / n.
+    """
     t, n, c = x.shape
     m = 2 * n + n * n
-    block_c = min(block_c, _pow2(c, 16))
+    ns = _pow2(n)
+    block_c = min(max(16, block_q // ns), _pow2(c, 16))
     c_blocks = triton.cdiv(c, block_c)
     t_blocks = triton.cdiv(t, block_t)
     # enough programs to fill the chip, few token splits so the dphi partials stay small
@@ -322,7 +369,7 @@ def pre_backward_apply(
     dx = dx_accum if dx_accum is not None else torch.empty_like(x)
     _pre_bwd_apply_kernel[(splits, c_blocks)](
         x, du, phi, h_pre, draw, coef, dx, dphi_part, t, c, tokens_per_split,
-        n=n, M=m, MP=_pow2(m, 16), BT=block_t, BC=block_c, ACCUMULATE=dx_accum is not None,
+        n=n, N=ns, M=m, MP=_pow2(m, 16), BT=block_t, BC=block_c, ACCUMULATE=dx_accum is not None,
         PRECISION=_precision(x.dtype), num_warps=num_warps,
     )  # fmt: skip
     return dx, (dphi_part[0] if splits == 1 else dphi_part.sum(0))
