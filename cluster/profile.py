@@ -277,6 +277,9 @@ def run_report(cfg: Any, sched: Any, results: list[Any], nvml: list[dict[str, An
             "peak_memory_bytes": peaks if all(isinstance(p, (int, float)) for p in peaks) else UNAVAILABLE,
             "loss": res.loss,
         })
+    if results and all(isinstance(r.get("nvml"), dict) for res in results for r in res.ranks):
+        # The workers sampled their own GPU (NvmlSampler.end_step() per step): per rank, exact step edges.
+        nvml = [{"steps": [res.ranks[r]["nvml"] for res in results]} for r in range(len(results[0].ranks))]
     return {"device": device, "on_gpu": device != "cpu", "steps": steps, "nvml": nvml,
             "simulated": simulated_from_measured(cfg, sched, results)}
 
@@ -297,8 +300,9 @@ class PipelineRunner:
     reconfigured (new chunks, optimizer and executor; same actors, same process group) after.
 
     NVML is sampled from this process for the GPUs ``0 .. ranks-1`` of the local host,
-    each step bracketed by the driver: a single-host measurement (the workers do not
-    report energy themselves yet).
+    each step bracketed by the driver: a single-host measurement. Where the workers return
+    their own per-step sampler summary (a ``"nvml"`` dict in each rank's step record), that
+    is used instead.
     """
 
     def __init__(self, nvml_period_s: float = 0.02) -> None:

@@ -100,6 +100,22 @@ def test_exposed_comm_is_the_wait_after_the_producer_finished():
     assert prof.exposed_comm_seconds(sched, ranks) == pytest.approx([3.5 - 3.0, 1.5 - 1.0])
 
 
+def test_worker_side_nvml_summaries_are_preferred():
+    from dualpipe_mhc.scheduler import build_schedule
+
+    cfg = load_config("tiny")
+    sched = build_schedule("dualpipev", ranks=2, microbatches=4)
+    act = {"kind": "W", "wait_start": 0.0, "start": 0.0, "end": 1.0,
+           "halves": [{"kind": "W", "stage": 0, "microbatch": 0, "seconds": 1.0, "full": False}]}
+    res = SimpleNamespace(
+        step_time=1.0, loss=1.0, busy=lambda: [1.0, 1.0], waiting=lambda: [0.0, 0.0],
+        ranks=[{"actions": [act], "peak_memory_bytes": 5.0, "nvml": {"energy_j": 10.0 * (r + 1)}} for r in range(2)],
+    )
+    run = prof.run_report(cfg, sched, [res, res], [], "NVIDIA H200")
+    assert run["on_gpu"] and run["nvml"] == [{"steps": [{"energy_j": 10.0}] * 2}, {"steps": [{"energy_j": 20.0}] * 2}]
+    assert prof.measurement(run)["energy_j_per_step"] == 30.0
+
+
 def test_verdict_above_target():
     line = prof.verdict(12.3, 4, "dualpipev, 2 ranks", on_gpu=True)
     assert line.startswith("mHC n=4 costs +12.3 %") and "above the paper's +6.7 %" in line and "CPU" not in line
