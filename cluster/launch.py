@@ -75,7 +75,8 @@ class WorkerGroup:
 
         total_cpus = float(ray.cluster_resources().get("CPU", 1))
         if cpus_per_rank is None:
-            cpus_per_rank = 1.0 if use_gpu else min(1.0, total_cpus / ranks)
+            # CPU actors reserve half a logical CPU each, so a few groups fit on a small box.
+            cpus_per_rank = 1.0 if use_gpu else min(0.5, total_cpus / ranks)
         bundle: dict[str, float] = {"CPU": cpus_per_rank}
         if use_gpu:
             bundle["GPU"] = 1
