@@ -305,12 +305,16 @@ class PipelineRunner:
     is used instead.
     """
 
-    def __init__(self, nvml_period_s: float = 0.02) -> None:
+    def __init__(self, nvml_period_s: float = 0.02, pipe: Any = None) -> None:
+        """``pipe``: an already started :class:`Pipeline` of the config's size to reuse (left open)."""
         self.nvml_period_s = nvml_period_s
-        self.pipe: Any = None
+        self.pipe: Any = pipe
+        self.own_pipe = pipe is None
         self.samplers: list[Any] = []
         self.device = "cpu"
         self.nvml_note: str | None = None
+        if pipe is not None:
+            self._start_nvml(len(pipe.group.actors))
 
     def __call__(self, cfg: Any) -> dict[str, Any]:
         """Train ``cfg`` for ``run.steps`` steps exactly as ``dualpipe-mhc run`` would; the run report."""
@@ -356,6 +360,6 @@ class PipelineRunner:
         for s in self.samplers:
             s.stop()
         self.samplers = []
-        if self.pipe is not None:
+        if self.pipe is not None and self.own_pipe:
             self.pipe.close()
-            self.pipe = None
+        self.pipe = None

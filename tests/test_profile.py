@@ -151,11 +151,11 @@ def test_profile_on_two_cpu_ranks(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-def test_recompute_in_the_pipeline_changes_no_number(ray_cluster):
+def test_recompute_in_the_pipeline_changes_no_number(pipeline2):
     """DualPipeV on 2 CPU ranks (zero-bubble B/W split), mHC with and without L_r=1 recomputation:
     the losses of both steps (the second after an optimizer step on the first's gradients) are bitwise equal."""
     base = ["model.layers=4", "model.width=32", "model.seq_len=16", "run.steps=2"]
-    runner = prof.PipelineRunner()
+    runner = prof.PipelineRunner(pipe=pipeline2)  # the session's 2-rank workers, reconfigured
     try:
         off = runner(load_config("tiny", base))
         on = runner(load_config("tiny", base + ["recompute.enabled=true", "recompute.block_layers=1"]))

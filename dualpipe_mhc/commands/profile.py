@@ -13,6 +13,10 @@ import json
 import statistics
 from pathlib import Path
 
+class ProfileFailed(ValueError):
+    """A variant's pipeline run stopped (a rank died, raised or hung); one line, printed by the CLI."""
+
+
 HELP = "run mHC (n=4) and the plain residual (n=1) on the same pipeline and report the mHC overhead"
 DEFAULT_CONFIG = "tiny"
 
@@ -43,10 +47,18 @@ def main(cfg, args) -> dict:
         f"{cfg.pipeline.ranks} ranks, {cfg.pipeline.microbatches} micro-batches x {cfg.tokens_per_microbatch()} tokens, "
         f"{cfg.run.steps} steps ({args.warmup_steps} warm-up), variants mhc, plain{', hc' if args.with_hc else ''}"
     )
-    report = profile(
-        cfg, with_hc=args.with_hc, warmup_steps=args.warmup_steps,
-        progress=lambda name: console.print(f"running {name} ..."),
-    )
+    from ..cluster.runtime import PipelineError
+
+    current = {}
+
+    def progress(name: str) -> None:
+        current["variant"] = name
+        console.print(f"running {name} ...")
+
+    try:
+        report = profile(cfg, with_hc=args.with_hc, warmup_steps=args.warmup_steps, progress=progress)
+    except PipelineError as exc:
+        raise ProfileFailed(f"variant {current.get('variant')}: {exc}") from None
     _print_table(console, report)
 
     out = Path(args.out or ".")
