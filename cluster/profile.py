@@ -7,17 +7,19 @@ on the same schedule, micro-batches and link, and the mHC overhead that results 
 
 Each variant is the same :class:`RunConfig` with only ``model.residual`` and
 ``model.streams`` changed, executed by a *runner*: ``runner(cfg) -> run report``,
-the runtime's ``run`` by default. The run report is reduced here to the numbers a
-comparison needs (see :func:`measurement`); per-rank lists are kept per rank.
+by default a :class:`PipelineRunner`: the runtime's training loop (what ``dualpipe-mhc
+run`` executes) on one group of stage workers reused for every variant. The run
+report is reduced here to the numbers a comparison needs (see :func:`measurement`);
+per-rank lists are kept per rank.
 """
 
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 from typing import Any, Callable
 
 PAPER_OVERHEAD_PCT = 6.7  # mHC n = 4 over the plain residual, training time (arXiv 2512.24880)
+STRETCH_OVERHEAD_PCT = 5.0  # the issue's stretch goal
 UNAVAILABLE = "unavailable"
 
 Runner = Callable[[Any], dict[str, Any]]  # a config -> its run report (see run_report)
@@ -68,6 +70,7 @@ def measurement(run: dict[str, Any], warmup_steps: int = 1) -> dict[str, Any]:
     ranks = len(bubble)
     out: dict[str, Any] = {
         "step_time_s": step_time,
+        "step_time_range_s": [min(s["step_time_s"] for s in kept), max(s["step_time_s"] for s in kept)],
         "step_times_s": [s["step_time_s"] for s in steps],
         "bubble_s": bubble,
         "bubble_fraction": sum(bubble) / (ranks * step_time) if step_time else 0.0,
@@ -142,11 +145,14 @@ def compare(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def verdict(overhead_pct: float, streams: int, setting: str, on_gpu: bool) -> str:
     """One line against the paper's +6.7 %."""
-    where = "within" if overhead_pct <= PAPER_OVERHEAD_PCT else "above"
+    shown = round(overhead_pct, 1)  # the verdict agrees with the number it prints
+    where = "within" if shown <= PAPER_OVERHEAD_PCT else "above"
     line = (
         f"mHC n={streams} costs {overhead_pct:+.1f} % step time over the plain residual ({setting}): "
         f"{where} the paper's +{PAPER_OVERHEAD_PCT} %"
     )
+    if shown <= STRETCH_OVERHEAD_PCT:
+        line += f" and the +{STRETCH_OVERHEAD_PCT:g} % stretch goal"
     if not on_gpu:
         line += " — a CPU run, not comparable to the paper's H800 figure"
     return line
