@@ -48,6 +48,21 @@ def gpus_available() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+class ProgressBoard:
+    """Where each rank last was (step, action index, action): workers post to it without
+    waiting at every action, so a rank whose process dies can still be named with the
+    action it was running. A tiny actor outside the placement group, zero CPUs."""
+
+    def __init__(self) -> None:
+        self.where: dict[int, dict] = {}
+
+    def update(self, rank: int, step: int, index: int, action: str) -> None:
+        self.where[rank] = {"rank": rank, "step": step, "index": index, "action": action}
+
+    def snapshot(self) -> dict[int, dict]:
+        return dict(self.where)
+
+
 @dataclass
 class WorkerGroup:
     """One actor per rank with an initialised process group."""
@@ -57,6 +72,7 @@ class WorkerGroup:
     use_gpu: bool
     backend: str
     descriptions: list[str]
+    board: Any = None
 
     @staticmethod
     def launch(
@@ -93,6 +109,7 @@ class WorkerGroup:
         if not use_gpu:
             threads = max(1, int((os.cpu_count() or 1) // ranks))
         env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(threads), **(extra_env or {}))
+        board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
         remote_cls = ray.remote(StageWorker)
         actors = [
             remote_cls.options(
@@ -105,10 +122,10 @@ class WorkerGroup:
                     placement_group=pg, placement_group_bundle_index=r
                 ),
                 name=None,
-            ).remote(r, ranks, use_gpu, threads)
+            ).remote(r, ranks, use_gpu, threads, board)
             for r in range(ranks)
         ]
-        group = WorkerGroup(actors, pg, use_gpu, backend, [])
+        group = WorkerGroup(actors, pg, use_gpu, backend, [], board)
         try:
             ip, port = ray.get(actors[0].rendezvous_address.remote(), timeout=timeout_s + 60)
             init = f"tcp://{ip}:{port}"
@@ -125,12 +142,13 @@ class WorkerGroup:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for a in self.actors:
+        for a in self.actors + ([self.board] if self.board is not None else []):
             try:
                 ray.kill(a, no_restart=True)
             except Exception:
                 pass
         self.actors = []
+        self.board = None
         if self.placement_group is not None:
             try:
                 remove_placement_group(self.placement_group)

@@ -206,6 +206,7 @@ class Pipeline:
                     seen[r] = key
                     last_change = time.monotonic()
             if time.monotonic() - last_change > self.timeout_s:
+                self._read_board()
                 doing = "; ".join(f"rank {r} at {self._where(r)}" for r in sorted(pending.values()))
                 self._abort()
                 raise PipelineError(
@@ -213,6 +214,20 @@ class Pipeline:
                     "Workers were killed."
                 )
         return results
+
+    def _read_board(self, prefer: set[int] = frozenset()) -> None:
+        """Merge the progress board into ``last_status``: always for ranks in ``prefer`` (dead
+        ones), else only where no polled status names an action (a poll is more recent)."""
+        import ray
+
+        try:
+            if self.group.board is not None:
+                board = ray.get(self.group.board.snapshot.remote(), timeout=2.0)
+                for r, st in board.items():
+                    if r in prefer or r not in self.last_status or self.last_status[r].get("index", -1) < 0:
+                        self.last_status[r] = st
+        except Exception:
+            pass
 
     def _poll(self, pending: dict) -> dict[int, dict[str, Any]]:
         import ray
@@ -253,16 +268,21 @@ class Pipeline:
                 died.add(rank)
             except RayTaskError as exc:
                 errors[rank] = _cause(exc)
+        self._read_board(prefer=died)  # the last action a dead rank posted before it went
         if died:
             r = min(died)
-            others = "; ".join(f"rank {q}: {m}" for q, m in sorted(errors.items()))
+            others = "; ".join(f"rank {q}: {_short(m)}" for q, m in sorted(errors.items()))
             msg = f"{what}: rank {r} died (its process exited) at {self._where(r)}"
             if others:
                 msg += f"; then {others}"
         else:
             # The first rank to fail by itself; peers often fail after it because a transfer broke.
-            r = min(errors, key=lambda q: ("timeout" in errors[q] or "failed (" in errors[q], q))
+            r = min(errors, key=lambda q: ("did not complete" in errors[q] or "failed (" in errors[q], q))
             msg = f"{what}: {errors[r]}"
+        if pending:  # ranks that neither failed nor finished: say where they are stuck
+            self._poll(pending)
+            stuck = sorted(pending.values())
+            msg += "; still running: " + ", ".join(f"rank {q} at {self._where(q)}" for q in stuck)
         self._abort()
         raise PipelineError(msg + ". Workers were killed.")
 
@@ -273,6 +293,10 @@ class Pipeline:
 
             ray.shutdown()
             self.started_ray = False
+
+
+def _short(text: str, limit: int = 240) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _cause(exc: Any) -> str:

@@ -50,8 +50,9 @@ def recompute_layers(cfg: RunConfig) -> int | None:
 
 
 class StageWorker:
-    def __init__(self, rank: int, world: int, use_gpu: bool, threads: int) -> None:
+    def __init__(self, rank: int, world: int, use_gpu: bool, threads: int, board: Any = None) -> None:
         self.rank = rank
+        self.board = board  # ProgressBoard actor handle, or None
         self.world = world
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         if use_gpu:
@@ -110,6 +111,7 @@ class StageWorker:
         self.executor = StepExecutor(
             self.rank, sched, self.chunks, self.transport,
             (cfg.pipeline.microbatch_size, m.seq_len, m.streams, m.width), dtype, self.device, recv_ahead,
+            report=self._report if self.board is not None else None,
         )
         return {"rank": self.rank, "chunks": self.stage_of,
                 "parameters": sum(p.numel() for p in params)}
@@ -150,6 +152,9 @@ class StageWorker:
                 p.grad = flat[offset : offset + n].view_as(p).clone()
                 offset += n
         self.executor.current = (-1, "idle")
+
+    def _report(self, step: int, index: int, action: str) -> None:
+        self.board.update.remote(self.rank, step, index, action)  # fire and forget
 
     def status(self) -> dict[str, Any]:
         idx, what = self.executor.current if self.executor else (-1, "not configured")
