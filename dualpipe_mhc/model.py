@@ -145,6 +145,7 @@ class StageChunk(nn.Module):
         head: Head | None,
         layer_range: tuple[int, int],
         recompute_layers: int | None = None,
+        recompute_replay_once: bool = False,
     ) -> None:
         super().__init__()
         self.embed = embed
@@ -152,6 +153,7 @@ class StageChunk(nn.Module):
         self.head = head
         self.layer_range = layer_range
         self.recompute_layers = check_block_layers(recompute_layers)
+        self.recompute_replay_once = recompute_replay_once
 
     @property
     def is_first(self) -> bool:
@@ -164,7 +166,7 @@ class StageChunk(nn.Module):
     def forward(self, x: Tensor, targets: Tensor | None = None) -> Tensor:
         if self.embed is not None:
             x = self.embed(x)
-        x = run_blocks(self.blocks, x, self.layer_range[0], self.recompute_layers)
+        x = run_blocks(self.blocks, x, self.layer_range[0], self.recompute_layers, self.recompute_replay_once)
         if self.head is None:
             return x
         if targets is None:
@@ -199,15 +201,21 @@ class MhcLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.layers))
         self.head = Head(cfg)
         self.recompute_layers: int | None = None
+        self.recompute_replay_once = False
         self.apply(_init_weights)
 
     def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        x = run_blocks(self.blocks, self.embed(tokens), 0, self.recompute_layers)
+        x = run_blocks(self.blocks, self.embed(tokens), 0, self.recompute_layers, self.recompute_replay_once)
         return lm_loss(self.head(x), targets)
 
-    def enable_recompute(self, block_layers: int | None) -> MhcLM:
-        """Recompute the mHC intermediates in blocks of ``block_layers`` layers (``None``: off)."""
+    def enable_recompute(self, block_layers: int | None, replay_once: bool = False) -> MhcLM:
+        """Recompute the mHC intermediates in blocks of ``block_layers`` layers (``None``: off).
+
+        ``replay_once``: one replay per block even under a split B/W backward (see
+        :func:`dualpipe_mhc.recompute.run_blocks`); default: release as consumed, replay in W again.
+        """
         self.recompute_layers = check_block_layers(block_layers)
+        self.recompute_replay_once = bool(replay_once)
         return self
 
     def stage_chunks(self, stages: int) -> list[StageChunk]:
@@ -220,6 +228,7 @@ class MhcLM(nn.Module):
                 self.head if s == stages - 1 else None,
                 (a, b),
                 self.recompute_layers,
+                self.recompute_replay_once,
             )
             for s, (a, b) in enumerate(ranges)
         ]

@@ -22,7 +22,8 @@ Each recomputed tensor is released as soon as autograd has unpacked it, so one
 block's intermediates live at a time (DESIGN.md's (n+2)·C·L_r term). A second pass
 over a retained graph, such as the zero-bubble W after its B (torch's
 ``stage_backward_input`` / ``stage_backward_weight``), replays the block once more:
-two replays per block and micro-batch under ZB1P, DualPipe and DualPipeV.
+two replays per split B. ``replay_once=True`` keeps the replay until the graph is
+freed instead: one replay, the chunk's recomputed blocks held from B to its W.
 
 Blocks are global (``layer // L_r``) and cut at stage boundaries: each stage
 keeps its own first input, so a block spanning two stages costs one extra kept
@@ -65,14 +66,21 @@ def block_segments(first_layer: int, num_layers: int, block_layers: int) -> list
     return segments
 
 
-def run_blocks(blocks: Sequence[nn.Module], x: Tensor, first_layer: int, block_layers: int | None) -> Tensor:
-    """Apply ``blocks`` (global layers ``first_layer ..``) to ``x [B, S, n, C]``, recomputing if asked."""
+def run_blocks(
+    blocks: Sequence[nn.Module], x: Tensor, first_layer: int, block_layers: int | None, replay_once: bool = False
+) -> Tensor:
+    """Apply ``blocks`` (global layers ``first_layer ..``) to ``x [B, S, n, C]``, recomputing if asked.
+
+    ``replay_once``: keep a block's recomputed tensors until its graph is freed instead of
+    releasing each when unpacked, so a second backward pass (the zero-bubble W) does not
+    replay again; costs holding the chunk's recomputed blocks from B to W.
+    """
     if block_layers is None or not torch.is_grad_enabled():
         for block in blocks:
             x = block(x)
         return x
     for a, b in block_segments(first_layer, len(blocks), block_layers):
-        x = _Segment(blocks[a:b]).forward(x)
+        x = _Segment(blocks[a:b], replay_once=replay_once).forward(x)
     return x
 
 
@@ -110,6 +118,7 @@ class _Segment:
     """One recompute block's slice on one stage."""
 
     blocks: Sequence[nn.Module]
+    replay_once: bool = False
     x0: Tensor | None = None
     x0_requires_grad: bool = False
     ys: list[Tensor] = field(default_factory=list)
@@ -257,6 +266,8 @@ class _Segment:
         return _Replay(slots, named)
 
     def unpack_slot(self, index: int) -> Tensor:
+        if self.replay_once:
+            return self._replayed().slots[index]
         if self._replayed().slots[index] is None:
             # A second backward over a retained graph (e.g. a separate weight-gradient
             # pass): what the first one consumed is gone, so replay once more.

@@ -182,9 +182,10 @@ def test_only_block_inputs_kept(block_layers, stages):
     assert 0 < got.replay_peak_bytes <= min(block_layers, CFG.layers) * per_layer
 
 
-def test_zero_bubble_split_backward_bitwise_equal(monkeypatch):
+@pytest.mark.parametrize("replay_once,expected", [(False, (2, 4)), (True, (2, 2))])
+def test_zero_bubble_split_backward_bitwise_equal(monkeypatch, replay_once, expected):
     """B then W as the runtime runs them (torch's stage_backward_input / stage_backward_weight over a
-    retained graph): same gradients; each block is replayed once in B and once more in W."""
+    retained graph): same gradients; each block is replayed in B and, unless ``replay_once``, again in W."""
     from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
     from dualpipe_mhc import recompute
@@ -194,7 +195,8 @@ def test_zero_bubble_split_backward_bitwise_equal(monkeypatch):
     monkeypatch.setattr(recompute._Segment, "_run_replay", lambda seg: replays.append(1) or original(seg))
 
     def split_step(block_layers):
-        chunk = build_model(CFG, seed=0, kernels="reference", recompute_layers=block_layers).stage_chunks(2)[1]
+        model = build_model(CFG, seed=0, kernels="reference").enable_recompute(block_layers, replay_once)
+        chunk = model.stage_chunks(2)[1]
         g = torch.Generator().manual_seed(0)
         x = torch.randn(BATCH, CFG.seq_len, CFG.streams, CFG.width, generator=g).requires_grad_()
         loss = chunk(x, _data()[1])
@@ -209,7 +211,7 @@ def test_zero_bubble_split_backward_bitwise_equal(monkeypatch):
     dx, grads, after_b = split_step(1)  # layers 3, 4 of 5 -> two blocks
     assert torch.equal(dx, ref_dx)
     assert all(torch.equal(grads[k], g) for k, g in ref_grads.items())
-    assert (after_b, len(replays)) == (2, 4)
+    assert (after_b, len(replays)) == expected
 
 
 def _streams_alive_after_forward(kernels: str, device: str = "cpu") -> int:
