@@ -88,7 +88,7 @@ def _storage_key(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Slot:
     """A tensor saved inside the mHC code: the ``index``-th such save of the segment."""
 
@@ -96,7 +96,7 @@ class _Slot:
     index: int
 
 
-@dataclass
+@dataclass(eq=False)
 class _Named:
     """A tensor saved by F that views a recomputable output (u_k or RMSNorm(u_k))."""
 
@@ -113,7 +113,7 @@ class _Replay:
     named: dict[tuple[str, int], Tensor]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Segment:
     """One recompute block's slice on one stage."""
 
@@ -121,8 +121,8 @@ class _Segment:
     replay_once: bool = False
     x0: Tensor | None = None
     x0_requires_grad: bool = False
-    ys: list[Tensor] = field(default_factory=list)
-    y_requires_grad: list[bool] = field(default_factory=list)
+    ys: dict[int, Tensor] = field(default_factory=dict)  # sublayer k -> its kept output y_k
+    y_requires_grad: dict[int, bool] = field(default_factory=dict)
     kept: set[int] = field(default_factory=set)
     named: dict[int, tuple[tuple[str, int], Tensor]] = field(default_factory=dict)
     regions: list[str] = field(default_factory=lambda: ["mhc"])
@@ -182,8 +182,8 @@ class _Segment:
     def _leave_f(self, k: int):
         def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
             self.regions.pop()
-            self.ys.append(out.detach())
-            self.y_requires_grad.append(out.requires_grad)
+            self.ys[k] = out.detach()
+            self.y_requires_grad[k] = out.requires_grad
             self.kept.add(_storage_key(out))
 
         return hook
