@@ -301,11 +301,22 @@ def simulated_from_measured(cfg: Any, sched: Any, results: list[Any]) -> dict[st
     return {"step_time_s": sim.step_time, "bubble_s": sim.bubble, "exposed_comm_s": sim.exposed_comm}
 
 
+def local_gpus(count: int) -> list[int | str]:
+    """NVML identities of the first ``count`` GPUs this host lends to Ray: ``CUDA_VISIBLE_DEVICES``
+    (indices or UUIDs) when set, since NVML numbers GPUs physically; else 0 .. count-1."""
+    import os
+
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if not visible:
+        return list(range(count))
+    return [int(v) if v.isdigit() else v for v in visible[:count]]
+
+
 class PipelineRunner:
     """Runs each variant config on one group of stage workers, started on first use and
     reconfigured (new chunks, optimizer and executor; same actors, same process group) after.
 
-    NVML is sampled from this process for the GPUs ``0 .. ranks-1`` of the local host,
+    NVML is sampled from this process for the first ``ranks`` GPUs of the local host,
     each step bracketed by the driver: a single-host measurement. Where the workers return
     their own per-step sampler summary (a ``"nvml"`` dict in each rank's step record), that
     is used instead.
@@ -357,8 +368,9 @@ class PipelineRunner:
         if not self.pipe.group.use_gpu:
             self.nvml_note = "CPU run: no GPU energy or NVLink counters"
             return
-        self.samplers = [NvmlSampler(i, self.nvml_period_s).start() for i in range(ranks)]
-        self.nvml_note = f"sampled from the driver for local GPUs 0..{ranks - 1}, steps bracketed by the driver"
+        gpus = local_gpus(ranks)
+        self.samplers = [NvmlSampler(g, self.nvml_period_s).start() for g in gpus]
+        self.nvml_note = f"sampled from the driver for local GPUs {gpus}, steps bracketed by the driver"
         # The GPU's name from NVML: the driver process never touches CUDA itself.
         self.device = self.samplers[0].name or "cuda"
 

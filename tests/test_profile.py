@@ -117,6 +117,15 @@ def test_worker_side_nvml_summaries_are_preferred():
     assert prof.measurement(run)["energy_j_per_step"] == 30.0
 
 
+def test_local_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert prof.local_gpus(2) == [0, 1]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
+    assert prof.local_gpus(2) == [3, 5]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa,GPU-bbb")
+    assert prof.local_gpus(2) == ["GPU-aaa", "GPU-bbb"]
+
+
 def test_verdict_above_target():
     line = prof.verdict(12.3, 4, "dualpipev, 2 ranks", on_gpu=True)
     assert line.startswith("mHC n=4 costs +12.3 %") and "above the paper's +6.7 %" in line and "CPU" not in line
