@@ -1,7 +1,8 @@
 #!/bin/bash
-# The fused-kernel GPU session, in two device calls (each under the 10-minute limit):
+# The fused-kernel GPU session; each mode fits one device call (10-minute limit):
 #   bash benchmarks/run_gpu_kernels.sh check   # GPU tests at full shapes + per-kernel benchmark with block-size sweep
 #   bash benchmarks/run_gpu_kernels.sh block   # whole-block fwd+bwd benchmark, shapes a and b, with a kernel breakdown
+#   bash benchmarks/run_gpu_kernels.sh final   # block benchmark, per-kernel benchmark, then the GPU tests
 # Outputs go to $OUT (the device tool's folder) or benchmarks/results/gpu_run; copy them into benchmarks/results/.
 set -o pipefail
 OUT=${OUT:-benchmarks/results/gpu_run}
@@ -22,5 +23,12 @@ case "${1:-check}" in
   block)
     python3 benchmarks/bench_block.py --profile --out "$OUT" 2>&1 | tee "$OUT/kernels_block.log"
     ;;
-  *) echo "usage: $0 check|block"; exit 2 ;;
+  final)
+    timeout 330 python3 benchmarks/bench_block.py --profile --out "$OUT" 2>&1 | tee "$OUT/kernels_block.log"
+    timeout 80 python3 benchmarks/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels_bench.log"
+    { timeout 40 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -k "77-2048-1-bf16"
+      timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -rf --tb=short
+    } 2>&1 | tee "$OUT/kernels_gpu_tests.log"
+    ;;
+  *) echo "usage: $0 check|block|final"; exit 2 ;;
 esac

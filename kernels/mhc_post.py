@@ -106,7 +106,7 @@ def _tile(n: int, c: int, block_t: int | None, block_c: int, values: int) -> tup
 
 def post_res_forward(
     x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
-    block_t: int | None = None, block_c: int = 256, num_warps: int = 4,
+    block_t: int | None = None, block_c: int = 512, num_warps: int = 4,
 ) -> torch.Tensor:  # fmt: skip
     """``x [T, n, C], y [T, C], h_post [T, n] fp32, h_res [T, n, n] fp32`` (contiguous) -> x_next."""
     t, n, c = x.shape

@@ -349,7 +349,7 @@ def pre_backward_reduce(
 def pre_backward_apply(
     x: torch.Tensor, phi: torch.Tensor, h_pre: torch.Tensor, du: torch.Tensor, draw: torch.Tensor,
     coef: torch.Tensor, dx_accum: torch.Tensor | None = None,
-    block_t: int = 32, block_q: int = 128, num_warps: int = 4,
+    block_t: int = 32, block_q: int | None = None, num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Backward pass 2: ``(dx [T, n, C], dphi [K, M] fp32)``; ``dx_accum`` receives dx in place if given.
 
@@ -358,6 +358,8 @@ def pre_backward_apply(
     t, n, c = x.shape
     m = 2 * n + n * n
     ns = _pow2(n)
+    if block_q is None:
+        block_q = 256 if _pow2(m, 16) <= 32 else 128  # n = 8: the [MP, q] phi tile is 4x wider
     block_c = min(max(16, block_q // ns), _pow2(c, 16))
     c_blocks = triton.cdiv(c, block_c)
     t_blocks = triton.cdiv(t, block_t)

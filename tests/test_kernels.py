@@ -134,8 +134,8 @@ def leaves(*tensors, double: bool = False):
 
 
 def sublayer(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """A stand-in F: elementwise, so its float64 twin is exact."""
-    return torch.tanh(u * w.to(u.dtype)) * 1.5
+    """A stand-in F, elementwise, computed in at least fp32 and returned in u's dtype."""
+    return (torch.tanh(u.to(torch.promote_types(u.dtype, torch.float32)) * w) * 1.5).to(u.dtype)
 
 
 def _poison_cuda_cache(device: str) -> None:
@@ -314,7 +314,7 @@ def test_dispatch_exposes_fused_ops(fused_cpu):
 # --- GPU: compiled kernels, the full grid ---
 
 GPU_C = [64, 1000, 2048, 7168]
-GPU_T = [1, 77, 4096]
+GPU_T = [1, 77, 1537]
 
 
 @pytest.mark.gpu
