@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--rep-ms", type=int, default=1500)
-    ap.add_argument("--variants", nargs="+", default=["plain", "mhc eager", "mhc compile", "mhc fused"])
+    ap.add_argument("--variants", nargs="+", default=["plain", "mhc fused", "mhc eager", "mhc compile"])
     ap.add_argument("--copy-bandwidth", type=float, default=None, help="B/s; measured here when not given")
     ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of plain and fused")
     ap.add_argument("--out", default="benchmarks/results")
@@ -200,11 +200,11 @@ def main() -> None:
                 f"{r['peak_GiB']:.2f} |"
             )
         print("\n".join(lines[-len(rows):]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = name.replace(" ", "_").replace("/", "_")
-    (out / f"kernels_block_{tag}.json").write_text(json.dumps(results, indent=1))
-    (out / f"kernels_block_{tag}.md").write_text("\n".join(lines) + "\n")
+        out = Path(args.out)  # written after every shape, so a cut-short run keeps what it measured
+        out.mkdir(parents=True, exist_ok=True)
+        tag = name.replace(" ", "_").replace("/", "_")
+        (out / f"kernels_block_{tag}.json").write_text(json.dumps(results, indent=1))
+        (out / f"kernels_block_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
