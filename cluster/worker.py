@@ -144,12 +144,14 @@ class StageWorker:
             self.executor.current = (-1, f"gradient sum of stage {stage}")
             params = list(self.chunks[chunk_of[stage]].parameters())
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            # Summed in float32 whatever the parameter dtype: a bf16 sum of two copies would add
+            # a rounding the single-process accumulation does not have.
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
             dist.all_reduce(flat, group=group)
             offset = 0
             for p in params:
                 n = p.numel()
-                p.grad = flat[offset : offset + n].view_as(p).clone()
+                p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
                 offset += n
         self.executor.current = (-1, "idle")
 
