@@ -33,15 +33,20 @@ LINKS = {
 }
 
 
+CPU_SMOKE = [  # the same grid on CPU actors over gloo: checks the script end to end, measures nothing
+    "run.dtype=float32", "run.kernels=reference", "cluster.use_gpus=no", "cluster.backend=gloo", "hardware.preset=cpu",
+]
+
+
 def model_overrides(args: argparse.Namespace) -> list[str]:
+    gpu = ["cluster.use_gpus=yes", "cluster.backend=nccl", "hardware.preset=h200", "run.dtype=bfloat16", "run.kernels=auto"]
     return [
         f"model.width={args.width}", f"model.heads={args.width // 128}", f"model.layers={args.layers}",
         "model.mlp=swiglu", f"model.mlp_hidden={args.mlp_hidden}", f"model.seq_len={args.seq_len}",
         "model.vocab_size=32768", "model.streams=4", "model.residual=mhc",
         f"pipeline.ranks={args.ranks}", f"pipeline.microbatches={args.microbatches}", "pipeline.microbatch_size=1",
-        "run.dtype=bfloat16", "run.kernels=auto", f"run.steps={args.steps}", "run.timeout_s=600",
-        "cluster.use_gpus=yes", "cluster.backend=nccl", "hardware.preset=h200",
-    ] + (
+        f"run.steps={args.steps}", "run.timeout_s=600",
+    ] + (CPU_SMOKE if args.cpu_smoke else gpu) + (
         [] if args.recompute == "none" else ["recompute.enabled=true", f"recompute.block_layers={args.recompute}"]
     )
 
@@ -60,10 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recompute", default="auto", help="L_r: an int, 'auto' (the planner) or 'none' (default auto)")
     p.add_argument("--with-hc", action="store_true", help="also run unconstrained HC")
     p.add_argument("--quick", action="store_true", help="small model, 3 steps: checks the pipeline end to end")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU actors (gloo): checks this script")
     p.add_argument("--out", default="benchmarks/results", help="directory for reports (default benchmarks/results)")
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.mlp_hidden, args.layers, args.seq_len, args.steps = 1024, 2816, 8, 1024, 3
+    if args.cpu_smoke:
+        args.width, args.mlp_hidden, args.layers, args.seq_len, args.steps = 128, 320, 8, 32, 2
     args.microbatches = args.microbatches or 4 * args.ranks
     bad = [link for link in args.links.split(",") if link not in LINKS]
     if bad:
@@ -107,32 +115,43 @@ def planner_prediction(cfg, block_layers: int | None) -> dict | str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from dualpipe_mhc.cluster.profile import profile
-    from dualpipe_mhc.commands.profile import plot
-    from dualpipe_mhc.config import load_config
+    from dualpipe_mhc.cluster.profile import PipelineRunner
 
     device = device_name()
-    if device == "cpu":
+    if device == "cpu" and not args.cpu_smoke:
         print("no CUDA device: this benchmark is for GPU hosts (use `dualpipe-mhc profile` on the CPU)", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for schedule in args.schedules.split(","):
-        for link in args.links.split(","):
-            overrides = model_overrides(args) + [f"pipeline.schedule={schedule}"] + LINKS[link]
-            cfg = load_config(None, overrides)
-            name = f"profile_{device}_{args.ranks}r_{schedule}_{link}"
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(overrides)}", flush=True)
-            report = profile(cfg, with_hc=args.with_hc, progress=lambda v: print(f"  {v} ...", flush=True))
-            report["planner_peak_memory"] = planner_prediction(cfg, report["recompute_block_layers"])
-            report["command"] = "python benchmarks/run_profile_gpu.py " + " ".join(argv or sys.argv[1:])
-            (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-            plot(report, out / f"{name}.png")
-            print(f"  {report['verdict']}", flush=True)
-            rows.append(summary_row(schedule, link, report))
+    for link in args.links.split(","):
+        # One worker group per link: the workers build their transport (and its shaper) once.
+        runner = PipelineRunner()
+        try:
+            for schedule in args.schedules.split(","):
+                rows.append(profile_one(args, argv, out, device, runner, schedule, link))
+        finally:
+            runner.close()
     write_summary(out / f"summary_{device}_{args.ranks}r", device, args, rows)
     return 0
+
+
+def profile_one(args, argv, out: Path, device: str, runner, schedule: str, link: str) -> dict:
+    from dualpipe_mhc.cluster.profile import profile
+    from dualpipe_mhc.commands.profile import plot
+    from dualpipe_mhc.config import load_config
+
+    overrides = model_overrides(args) + [f"pipeline.schedule={schedule}"] + LINKS[link]
+    cfg = load_config(None, overrides)
+    name = f"profile_{device}_{args.ranks}r_{schedule}_{link}"
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(overrides)}", flush=True)
+    report = profile(cfg, with_hc=args.with_hc, runner=runner, progress=lambda v: print(f"  {v} ...", flush=True))
+    report["planner_peak_memory"] = planner_prediction(cfg, report["recompute_block_layers"])
+    report["command"] = "python benchmarks/run_profile_gpu.py " + " ".join(argv or sys.argv[1:])
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    plot(report, out / f"{name}.png")
+    print(f"  {report['verdict']}", flush=True)
+    return summary_row(schedule, link, report)
 
 
 def summary_row(schedule: str, link: str, report: dict) -> dict:
@@ -173,7 +192,8 @@ def write_summary(stem: Path, device: str, args: argparse.Namespace, rows: list[
         f"# mHC n=4 vs plain n=1 on {args.ranks} x {device}",
         "",
         f"C={args.width}, SwiGLU {args.mlp_hidden}, {args.layers} layers, {args.seq_len} tokens x "
-        f"{args.microbatches} micro-batches, bf16, recompute {args.recompute}, {args.steps} steps (first = warm-up).",
+        f"{args.microbatches} micro-batches, {'fp32 on CPU' if args.cpu_smoke else 'bf16'}, recompute "
+        f"{args.recompute}, {args.steps} steps (first = warm-up).",
         "Paper: +6.7 % (H800, 27B MoE). Deltas are mHC minus plain, mean over ranks.",
         "",
         "| schedule | link | plain ms | mHC ms | overhead | Δ compute ms | Δ bubble ms | Δ exposed comm ms "
