@@ -141,20 +141,22 @@ def test_command_rejects_bad_warmup(tmp_path):
 
 @pytest.mark.ray
 def test_profile_on_two_cpu_ranks(ray_cluster, tmp_path):
-    """The real runtime: the tiny config on 2 CPU ranks over gloo, both variants, JSON + PNG."""
+    """The real runtime, as a new user runs it: the tiny config on 2 CPU ranks over gloo, mHC / plain / HC,
+    JSON + PNG."""
     from dualpipe_mhc.cli import main
 
     out = tmp_path / "prof"
-    rc = main(["profile", "--set", "run.steps=2", "--set", "model.layers=4", "--set", "model.width=32",
+    rc = main(["profile", "--with-hc", "--set", "run.steps=2", "--set", "model.layers=4", "--set", "model.width=32",
                "--set", "model.seq_len=16", "--out", str(out), "--json", str(tmp_path / "r.json")])
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert set(report["variants"]) == {"mhc", "plain"}
+    assert set(report["variants"]) == {"mhc", "plain", "hc"}
     for v in report["variants"].values():
         assert v["step_time_s"] > 0 and len(v["bubble_s"]) == 2 and len(v["exposed_comm_s"]) == 2
         assert v["energy_j_per_step"] == "unavailable"
         assert v["loss"] == pytest.approx(v["loss"]) and 0 < v["loss"] < 10
     assert report["variants"]["mhc"]["streams"] == 4 and report["variants"]["plain"]["streams"] == 1
+    assert set(report["overhead_pct"]) == {"mhc", "hc"}
     assert isinstance(report["overhead_pct"]["mhc"], float)
     assert report["verdict"].startswith("mHC n=4 costs") and "CPU run" in report["verdict"]
     assert (out / "profile.json").exists() and (out / "profile.png").stat().st_size > 1000
