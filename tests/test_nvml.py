@@ -199,3 +199,22 @@ def test_bad_period_and_unbalanced_steps():
     sampler = NvmlSampler(0, backend=FakeNvml(FakeClock(), missing=("init",))).start()
     with pytest.raises(RuntimeError, match="begin_step"):
         sampler.end_step()
+
+
+def test_lazy_import_picks_up_an_injected_pynvml_module(monkeypatch):
+    import sys
+    import types
+
+    clock = FakeClock()
+    fake = FakeNvml(clock)
+    module = types.ModuleType("pynvml")
+    for name in dir(fake):
+        if name.startswith(("nvml", "NVML")):
+            setattr(module, name, getattr(fake, name))
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    sampler = NvmlSampler(0, period_s=10.0, clock=clock).start()
+    sampler.begin_step()
+    clock.advance(3.0)
+    step = sampler.end_step()
+    sampler.stop()
+    assert step["energy_j"] == pytest.approx(3.0 * POWER_W) and fake.shutdown
