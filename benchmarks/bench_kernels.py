@@ -7,7 +7,8 @@ For each shape it times (CUDA events through triton.testing.do_bench, median, af
 warm-up, random bf16 inputs) every launch of the fused path:
     pre fwd           _pre_fwd_kernel
     pre bwd reduce    _pre_bwd_reduce_kernel   (dH_pre, Sinkhorn backward, per-token scalars)
-    pre bwd apply     _pre_bwd_apply_kernel    (dx with the post/res gradient added in place, dphi partials)
+    pre bwd apply     _pre_bwd_apply_kernel    (dx with the post/res gradient added in place)
+                      + _pre_bwd_dphi_kernel   (dphi = vec(x)^T draw; or fused into the former, --sweep compares)
     post_res fwd / bwd
 and the eager reference of the same op for context. Bytes are counted two ways:
 ``min`` = each stream tensor read or written once (the HBM floor of the op), ``design`` =
@@ -34,7 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualpipe_mhc.kernels import reference as ref  # noqa: E402
 from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  # noqa: E402
-from dualpipe_mhc.kernels.mhc_pre import pre_backward_apply, pre_backward_reduce, pre_forward  # noqa: E402
+from dualpipe_mhc.kernels.mhc_pre import (  # noqa: E402
+    pre_backward_apply,
+    pre_backward_dphi,
+    pre_backward_reduce,
+    pre_forward,
+)
 
 ITERS = 20
 
@@ -117,9 +123,11 @@ SWEEPS = {
                [dict(agg_block_t=bt, agg_block_c=bc) for bt, bc in [(2, 256), (8, 256), (4, 512), (8, 128)]],
     "pre bwd reduce": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
                        [(4, 256, 4), (8, 128, 4), (2, 512, 4), (4, 512, 8)]],
-    "pre bwd apply": [dict(block_t=bt, block_q=bq, num_warps=w) for bt, bq, w in
-                      [(32, 128, 4), (16, 128, 4), (64, 128, 4), (32, 256, 4), (32, 256, 8), (64, 256, 8),
-                       (64, 128, 8), (128, 128, 8)]],
+    "pre bwd apply": [dict(block_t=bt, block_q=bq, num_warps=w, fuse_dphi=f) for bt, bq, w, f in
+                      [(32, 256, 8, True), (32, 256, 8, False), (32, 256, 4, False), (16, 256, 4, False),
+                       (8, 512, 4, False), (16, 512, 8, False), (32, 128, 4, False)]],
+    "pre bwd dphi": [dict(block_t=bt, block_k=bk, num_warps=w) for bt, bk, w in
+                     [(64, 128, 4), (32, 128, 4), (64, 256, 8), (128, 128, 8), (32, 64, 4)]],
     "post_res fwd": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
                      [(4, 256, 4), (2, 512, 4), (8, 256, 8), (4, 512, 8)]],
     "post_res bwd": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
@@ -137,6 +145,7 @@ def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
         "pre fwd": lambda kw: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, **kw),
         "pre bwd reduce": lambda kw: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS, **kw),
         "pre bwd apply": lambda kw: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc, **kw),
+        "pre bwd dphi": lambda kw: pre_backward_dphi(x, draw, **kw),
         "post_res fwd": lambda kw: post_res_forward(x, y, h_post, h_res, **kw),
         "post_res bwd": lambda kw: post_res_backward(gx, x, y, h_post, h_res, **kw),
     }

@@ -227,7 +227,7 @@ def _pre_bwd_apply_kernel(
     x_ptr, du_ptr, phi_ptr, h_pre_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_part_ptr,
     T, C, TT,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, DPHI: tl.constexpr,
 ):  # fmt: skip
     # One tile holds all n streams of a channel block side by side: column q is stream q // BC,
     # channel q % BC, i.e. row i*C + c of phi and column i*C + c of vec(x); du and H_pre are
@@ -264,11 +264,43 @@ def _pre_bwd_apply_kernel(
         if ACCUMULATE:
             dx += tl.load(dx_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
-        dphi = tl.dot(tl.trans(x2), draw, dphi, input_precision=PRECISION)
+        if DPHI:
+            dphi = tl.dot(tl.trans(x2), draw, dphi, input_precision=PRECISION)
+    if DPHI:
+        tl.store(
+            dphi_part_ptr + split.to(tl.int64) * K * M + krow[:, None] * M + cols[None, :],
+            dphi,
+            mask=qmask[:, None] & col_mask[None, :],
+        )
+
+
+@triton.jit
+def _pre_bwd_dphi_kernel(
+    x_ptr, draw_ptr, dphi_part_ptr, T, K, TT,
+    M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dphi = vec(x)^T draw, [K, M]: a GEMM over tokens, one partial per token split."""
+    split = tl.program_id(0)
+    ks = tl.program_id(1) * BK + tl.arange(0, BK)
+    kmask = ks < K
+    cols = tl.arange(0, MP)
+    col_mask = cols < M
+    acc = tl.zeros((BK, MP), dtype=tl.float32)
+    t_start = split * TT
+    t_end = tl.minimum(t_start + TT, T)
+    for t0 in range(t_start, t_end, BT):
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < t_end
+        rows64 = rows.to(tl.int64)
+        xt = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        draw = tl.load(
+            draw_ptr + rows64[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+        )
+        acc = tl.dot(tl.trans(xt.to(tl.float32)), draw, acc, input_precision=PRECISION)
     tl.store(
-        dphi_part_ptr + split.to(tl.int64) * K * M + krow[:, None] * M + cols[None, :],
-        dphi,
-        mask=qmask[:, None] & col_mask[None, :],
+        dphi_part_ptr + split.to(tl.int64) * K * M + ks[:, None] * M + cols[None, :],
+        acc,
+        mask=kmask[:, None] & col_mask[None, :],
     )
 
 
@@ -348,12 +380,14 @@ def pre_backward_reduce(
 
 def pre_backward_apply(
     x: torch.Tensor, phi: torch.Tensor, h_pre: torch.Tensor, du: torch.Tensor, draw: torch.Tensor,
-    coef: torch.Tensor, dx_accum: torch.Tensor | None = None,
+    coef: torch.Tensor, dx_accum: torch.Tensor | None = None, fuse_dphi: bool = False,
     block_t: int = 32, block_q: int | None = None, num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Backward pass 2: ``(dx [T, n, C], dphi [K, M] fp32)``; ``dx_accum`` receives dx in place if given.
 
     ``block_q``: columns of the [block_t, n x channels] tile; the channel block is block_q / n.
+    ``fuse_dphi``: accumulate dphi in the dx kernel (one read of x) instead of in
+    :func:`_pre_bwd_dphi_kernel` (a second read of x, but two simpler kernels).
     """
     t, n, c = x.shape
     m = 2 * n + n * n
@@ -367,14 +401,35 @@ def pre_backward_apply(
     splits = max(1, min(t_blocks, 16, triton.cdiv(4 * _num_sms(x.device), c_blocks)))
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(t, tokens_per_split)
-    dphi_part = torch.empty((splits, n * c, m), device=x.device, dtype=torch.float32)
+    dphi_part = torch.empty((splits if fuse_dphi else 1, n * c, m), device=x.device, dtype=torch.float32)
     dx = dx_accum if dx_accum is not None else torch.empty_like(x)
     _pre_bwd_apply_kernel[(splits, c_blocks)](
         x, du, phi, h_pre, draw, coef, dx, dphi_part, t, c, tokens_per_split,
         n=n, N=ns, M=m, MP=_pow2(m, 16), BT=block_t, BC=block_c, ACCUMULATE=dx_accum is not None,
-        PRECISION=_precision(x.dtype), num_warps=num_warps,
+        PRECISION=_precision(x.dtype), DPHI=fuse_dphi, num_warps=num_warps,
     )  # fmt: skip
+    if not fuse_dphi:
+        return dx, pre_backward_dphi(x, draw)
     return dx, (dphi_part[0] if splits == 1 else dphi_part.sum(0))
+
+
+def pre_backward_dphi(
+    x: torch.Tensor, draw: torch.Tensor, block_t: int = 64, block_k: int = 128, num_warps: int = 4
+) -> torch.Tensor:
+    """dphi = vec(x)^T draw ``[K, M]`` fp32."""
+    t, n, c = x.shape
+    k, m = n * c, draw.shape[1]
+    k_blocks = triton.cdiv(k, block_k)
+    t_blocks = triton.cdiv(t, block_t)
+    splits = max(1, min(t_blocks, 16, triton.cdiv(2 * _num_sms(x.device), k_blocks)))
+    tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
+    splits = triton.cdiv(t, tokens_per_split)
+    dphi_part = torch.empty((splits, k, m), device=x.device, dtype=torch.float32)
+    _pre_bwd_dphi_kernel[(splits, k_blocks)](
+        x, draw, dphi_part, t, k, tokens_per_split,
+        M=m, MP=_pow2(m, 16), BT=block_t, BK=block_k, PRECISION=_precision(x.dtype), num_warps=num_warps,
+    )  # fmt: skip
+    return dphi_part[0] if splits == 1 else dphi_part.sum(0)
 
 
 def pre_backward(

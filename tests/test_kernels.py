@@ -247,6 +247,25 @@ def test_fused_aggregate_variant_cpu(fused_cpu):
         assert torch.equal(a, b)
 
 
+def test_fused_dphi_variant_cpu(fused_cpu):
+    """dphi accumulated in the dx kernel equals the separate dphi GEMM kernel."""
+    from dualpipe_mhc.kernels import mhc_pre
+
+    torch.manual_seed(8)
+    t, n, c = 45, 4, 200
+    x, phi, alpha, bias = make_inputs(t, n, c, torch.bfloat16, "cpu")
+    _, h_pre, _, _, proj, rstd = mhc_pre.pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
+    du = torch.randn(t, c).to(torch.bfloat16)
+    _, _, draw, coef = mhc_pre.pre_backward_reduce(
+        x, alpha, bias, proj, rstd, du, torch.randn(t, n), torch.randn(t, n, n), ITERS
+    )
+    dx1, dphi1 = mhc_pre.pre_backward_apply(x, phi, h_pre, du, draw, coef, fuse_dphi=True)
+    dx2, dphi2 = mhc_pre.pre_backward_apply(x, phi, h_pre, du, draw, coef, fuse_dphi=False)
+    assert torch.equal(dx1, dx2)
+    want = x.reshape(t, -1).double().T @ draw.double()
+    assert rel_err(dphi1, want) < 1e-5 and rel_err(dphi2, want) < 1e-5
+
+
 @pytest.mark.parametrize("iters", [0, 1, 3])
 def test_sinkhorn_iteration_counts_cpu(fused_cpu, iters):
     torch.manual_seed(iters)
