@@ -2,8 +2,9 @@
 
 Clock-free ping-pong: rank 0 sends N bytes, rank 1 answers with a 4-byte message over
 the same (shaped) link. ``one_way(N) = RTT(N) - RTT(tiny) / 2``, where RTT(tiny) is a
-tiny message each way. Each point is the median of ``repeats`` round trips after one
-warm-up. A least-squares line ``one_way = latency + N / bandwidth`` through the points
+tiny message each way. Each point is the best of ``repeats`` round trips after one
+warm-up: on a shared host, scheduling noise only ever adds time, and the difference of
+two noisy medians can even go negative for small messages. A least-squares line ``one_way = latency + N / bandwidth`` through the points
 gives the link figures the simulator reads (profile ``link`` object).
 """
 
@@ -58,7 +59,7 @@ def measure(
     try:
         def rtt(n: int) -> float:
             _round_trip(tp, rank, n, device)  # warm-up: connections, allocator
-            return statistics.median(_round_trip(tp, rank, n, device) for _ in range(repeats))
+            return min(_round_trip(tp, rank, n, device) for _ in range(repeats))
 
         tiny = rtt(TINY)
         return [{"bytes": n, "one_way_s": max(rtt(n) - tiny / 2, 1e-9)} for n in sizes]
