@@ -137,7 +137,7 @@ def layer_cost(shape: ModelShape, hw: Hardware, traffic: MhcTraffic, bwd_traffic
         w=gemm / hw.flops,
         mhc_f=mhc_f,
         act_mem=base_bytes,
-        mhc_act_mem=0.0 if shape.residual == "plain" else b * t * (n + 2) * c,
+        mhc_act_mem=0.0 if shape.residual == "plain" else b * t * 2 * (n + 2) * c,  # per sublayer, two of them
     )
 
 

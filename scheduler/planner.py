@@ -1,12 +1,15 @@
 """Recomputation planner: how many layers L_r per mHC recomputation block (DESIGN.md §4).
 
 Recomputing mHC's intermediates in blocks of L_r consecutive layers keeps only each
-block's input, n*C per token, and rebuilds one block's (n+2)*C per layer during its
-backward. Per token and micro-batch that is about
+block's input, n*C per token, and rebuilds one block's intermediates, (n+2)*C per
+mHC-wrapped sublayer, during its backward. DESIGN.md's L counts those sublayers; a
+layer here (as in ``model.layers`` and ``recompute.block_layers``) is an attention
+and an MLP sublayer, two of them. Per token and micro-batch, with L and L_r in layers:
 
-    n*C*ceil(L/L_r) + (n+2)*C*L_r,   minimised at   L_r* = sqrt(n*L/(n+2))
+    n*C*ceil(L/L_r) + 2*(n+2)*C*L_r,   minimised at   L_r* = sqrt(n*L/(2*(n+2)))
 
-(the closed form). A pipeline rank holds several micro-batches at once, though, and
+which is DESIGN's sqrt(n*L/(n+2)) in sublayers, halved back into layers (the closed
+form). A pipeline rank holds several micro-batches at once, though, and
 only the kept inputs multiply with them, while blocks are cut at stage boundaries; so
 the planner then searches every L_r with the cost model: for each, the worst rank's peak
 (activations of its in-flight micro-batches from the schedule, plus one block being
@@ -50,7 +53,7 @@ class PlanResult:
     schedule: str
     streams: int
     layers: int
-    closed_form: float  # sqrt(n*L/(n+2)), unrounded
+    closed_form: float  # sqrt(n*L/(2(n+2))) layers, unrounded
     closed_form_block: int
     budget_gib: float
     state_gib: float  # worst rank's parameters + gradients + optimizer state
@@ -72,9 +75,14 @@ class PlanResult:
         return out
 
 
+SUBLAYERS_PER_LAYER = 2  # attention + MLP, each wrapped by its own hyper-connection
+
+
 def closed_form(streams: int, layers: int) -> float:
-    """L_r* = sqrt(n*L/(n+2)), the minimum of n*C*L/L_r + (n+2)*C*L_r."""
-    return math.sqrt(streams * layers / (streams + 2))
+    """L_r* in layers: DESIGN's sqrt(n*L/(n+2)) over sublayers, i.e. sqrt(n*L/(2(n+2))) over layers,
+    the minimum of n*C*L/L_r + 2*(n+2)*C*L_r."""
+    sublayers = SUBLAYERS_PER_LAYER * layers
+    return math.sqrt(streams * sublayers / (streams + 2)) / SUBLAYERS_PER_LAYER
 
 
 def closed_form_block(streams: int, layers: int) -> int:
@@ -83,7 +91,7 @@ def closed_form_block(streams: int, layers: int) -> int:
     candidates = {max(1, math.floor(x)), max(1, math.ceil(x))}
 
     def memory(lr: int) -> float:
-        return streams * math.ceil(layers / lr) + (streams + 2) * lr
+        return streams * math.ceil(layers / lr) + SUBLAYERS_PER_LAYER * (streams + 2) * lr
 
     return min(min(candidates, key=lambda lr: (memory(lr), lr)), layers)
 
@@ -114,7 +122,8 @@ def plan_recompute(
         budget_gib = cfg.recompute.memory_budget_gib or cfg.hardware.memory_gib
     params = stage_params(shape, sched.num_stages)
     state = [sum(params[s] for s in sched.chunks_of(r).values()) * state_bytes_per_param for r in range(sched.ranks)]
-    block_bytes = shape.bytes_per_elem * shape.tokens * (shape.n + 2) * shape.width  # one layer's intermediates
+    # one layer's mHC intermediates: (n+2)*C per token for each of its two sublayers
+    block_bytes = shape.bytes_per_elem * shape.tokens * SUBLAYERS_PER_LAYER * (shape.n + 2) * shape.width
 
     rows = []
     max_block = min(shape.layers, max(8, 3 * math.ceil(closed_form(shape.n, shape.layers))))

@@ -1,6 +1,6 @@
 """``dualpipe-mhc plan``: choose the mHC recomputation block size L_r under a per-GPU memory budget.
 
-Prints the closed form sqrt(n*L/(n+2)), then every searched L_r with the fullest rank's
+Prints the closed form sqrt(n*L/(2(n+2))) (DESIGN's sqrt(n*L/(n+2)) over sublayers, in layers), then every searched L_r with the fullest rank's
 activation and total memory, the recomputation time and the simulated step time, and the
 choice; the runtime takes ``block_layers`` from the JSON (or ``plan_recompute(cfg)``).
 """
@@ -30,7 +30,7 @@ def _table(rows, cfg, schedule: str, budget: float, choice, closed_form: float, 
     m = cfg.model
     title = (
         f"recomputation plan: {m.layers} layers, n={m.streams}, {schedule} "
-        f"on {cfg.pipeline.ranks} ranks, budget {budget:g} GiB; closed form sqrt(nL/(n+2)) = {closed_form:.2f} -> L_r={closed_block}"
+        f"on {cfg.pipeline.ranks} ranks, budget {budget:g} GiB; closed form sqrt(nL/(2(n+2))) = {closed_form:.2f} -> L_r={closed_block}"
     )
     table = Table(title=title, caption="memory on the fullest rank; recompute = seconds per step on the busiest rank")
     for col in ("L_r", "activations GiB", "total GiB", "recompute s", "step s", "fits"):
