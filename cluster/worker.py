@@ -60,6 +60,7 @@ class StageWorker:
         torch.set_num_threads(max(1, threads))
         self.executor: StepExecutor | None = None
         self.transport: Transport | None = None
+        self._link: tuple[float, float] | None = None  # (bytes/s, s) the transport shapes to
         self.step = -1
 
     # -- setup ---------------------------------------------------------------------------
@@ -92,11 +93,14 @@ class StageWorker:
         del model, all_chunks
         params = [p for c in sorted(self.chunks) for p in self.chunks[c].parameters()]
         self.optimizer = make_optimizer(params, cfg.run.lr)
-        if self.transport is None:
-            shaper = None
-            if cfg.link.shape:
-                shaper = LinkShaper(cfg.link.bandwidth, cfg.link.latency, device=self.device)
+        link = (cfg.link.bandwidth, cfg.link.latency) if cfg.link.shape else None
+        if self.transport is None or link != self._link:
+            # A new link setting gets a new transport (its groups: collective, every rank is here too).
+            if self.transport is not None:
+                self.transport.close()
+            shaper = LinkShaper(*link, device=self.device) if link else None
             self.transport = Transport(self.rank, self.world, self.device, cfg.run.timeout_s, shaper)
+            self._link = link
         self.transport.timeout_s = cfg.run.timeout_s
         # DualPipe holds every model stage on two ranks; their gradients are summed before the step.
         self.sync_groups: list[tuple[int, Any]] = []

@@ -61,14 +61,17 @@ def _fail_step(pipe, rank: int, index: int, mode: str) -> tuple[str, float]:
     return str(info.value), time.monotonic() - t0
 
 
-@pytest.mark.parametrize("mode", ["exit", "raise", "drop_sends", "hang"])
+@pytest.mark.parametrize("mode", ["exit", "raise", "drop_sends", "hang", "hang_last"])
 def test_failure_ends_run_naming_rank_and_action(fresh_pipeline, mode):
     pipe = fresh_pipeline
     pids = _pids(pipe)
     sched = pipe.sched
-    index = 6
+    # hang_last: rank 1 hangs in its last action, a W nobody waits for, so no peer times out
+    # and the driver's own progress watch has to end the run
+    index = len(sched.actions[1]) - 1 if mode == "hang_last" else 6
     action = sched.actions[1][index]
-    message, elapsed = _fail_step(pipe, 1, index, mode)
+    assert mode != "hang_last" or action.kind == "W"
+    message, elapsed = _fail_step(pipe, 1, index, "hang" if mode == "hang_last" else mode)
     assert "\n" not in message
     assert elapsed < TIMEOUT_S + CLEANUP_S, f"took {elapsed:.1f} s: {message}"
     if mode == "exit":
@@ -78,6 +81,8 @@ def test_failure_ends_run_naming_rank_and_action(fresh_pipeline, mode):
     elif mode == "drop_sends":
         # rank 1 stops sending from this action on; rank 0 waits for it in vain
         assert "rank 0" in message and "from rank 1 did not complete" in message and "needed by" in message
+    elif mode == "hang_last":
+        assert "no rank made progress" in message and f"rank 1 at step 1 action {index} {action}" in message
     else:
         # rank 0's receive from the hung rank times out first; the message says where rank 1 hangs
         assert "from rank 1 did not complete" in message

@@ -51,3 +51,23 @@ def test_fit_line_recovers_latency_and_bandwidth():
     fit = fit_line(points)
     assert fit["bandwidth_gbps"] == pytest.approx(50.0, rel=1e-6)
     assert fit["latency_us"] == pytest.approx(5.0, rel=1e-4)
+
+
+def test_pipeline_step_pays_for_a_shaped_link(pipeline2):
+    """Reconfiguring onto a slow shaped link slows the step by at least the transfers on
+    micro-batch 0's critical path (DualPipeV on 2 ranks: 2 activations out, 2 gradients back)."""
+    from conftest import small_config
+    from dualpipe_mhc.cluster.measure import activation_bytes
+    from dualpipe_mhc.cluster.train import pipeline_schedule
+
+    fast = small_config("dualpipev", 2, 4)
+    slow = small_config("dualpipev", 2, 4)
+    slow = slow.model_copy(update={"link": slow.link.model_copy(update={"bandwidth_gbps": 0.001, "latency_us": 2000.0,
+                                                                        "shape": True})})
+    per_message = 2e-3 + activation_bytes(slow) / 1e6
+    times = {}
+    for name, cfg in (("fast", fast), ("slow", slow)):
+        pipeline2.configure(cfg, pipeline_schedule(cfg))
+        times[name] = min(pipeline2.step(s, apply_optimizer=False).step_time for s in range(2))
+    assert per_message > 0.01
+    assert times["slow"] > times["fast"] + 4 * per_message * 0.9, times
