@@ -176,7 +176,7 @@ class Pipeline:
     # -- waiting on every rank with failure detection ------------------------------------
     def _call_all(self, method: str, args: tuple, what: str) -> list[Any]:
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError
 
         actors = self.group.actors
         pending = {getattr(a, method).remote(*args): r for r, a in enumerate(actors)}

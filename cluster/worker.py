@@ -111,7 +111,7 @@ class StageWorker:
                     self.sync_groups.append((stage, group))
         m = cfg.model
         if recv_ahead is None:
-            recv_ahead = len(sched.actions[self.rank]) if self.device.type == "cpu" else 2
+            recv_ahead = len(sched.actions[self.rank]) if self.device.type == "cpu" else 4
         self.executor = StepExecutor(
             self.rank, sched, self.chunks, self.transport,
             (cfg.pipeline.microbatch_size, m.seq_len, m.streams, m.width), dtype, self.device, recv_ahead,
