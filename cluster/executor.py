@@ -81,10 +81,8 @@ class StepExecutor:
         act_dtype: torch.dtype,
         device: torch.device,
         recv_ahead: int,
-        report: Any = None,
     ) -> None:
         self.rank = rank
-        self.report = report  # report(step, index, action) at each compute action, or None
         self.sched = sched
         self.chunks = chunks
         self.stage_of = sched.chunks_of(rank)  # chunk -> model stage
@@ -135,8 +133,6 @@ class StepExecutor:
         stamps: list[tuple[Action, int, int, list[int]]] = []
         for i, action in enumerate(self.actions):
             self.current = (i, str(action))
-            if self.report is not None and action.kind in ("F", "B", "W", "FB"):
-                self.report(step, i, str(action))
             try:
                 self._maybe_fault(i)
                 self._post_receives(i)

@@ -49,8 +49,8 @@ def gpus_available() -> int:
 
 
 class ProgressBoard:
-    """Where each rank last was (step, action index, action): workers post to it without
-    waiting at every action, so a rank whose process dies can still be named with the
+    """Where each rank last was (step, action index, action): every worker's progress thread
+    posts to it without waiting, so a rank whose process dies can still be named with the
     action it was running. A tiny actor outside the placement group, zero CPUs."""
 
     def __init__(self) -> None:
