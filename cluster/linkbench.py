@@ -22,18 +22,18 @@ from .transport import Transport
 TINY = 4
 
 
-def _round_trip(tp: Transport, rank: int, nbytes: int, device: torch.device) -> float:
-    big = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=device)
-    tiny = torch.zeros(TINY // 4, dtype=torch.float32, device=device)
+def _round_trip(tp: Transport, rank: int, big: torch.Tensor, tiny: torch.Tensor) -> float:
+    device = big.device
+    nbytes = big.numel() * big.element_size()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     if rank == 0:
         send = tp.isend(big, 1, f"{nbytes} B probe")
-        tp.wait_recv(tp.irecv(tiny.shape, tiny.dtype, 1, "reply"), "calibration")
+        tp.wait_recv(tp.irecv(tiny.shape, tiny.dtype, 1, "reply", out=tiny), "calibration")
         tp.wait_send(send, "calibration")
     else:
-        tp.wait_recv(tp.irecv(big.shape, big.dtype, 0, f"{nbytes} B probe"), "calibration")
+        tp.wait_recv(tp.irecv(big.shape, big.dtype, 0, f"{nbytes} B probe", out=big), "calibration")
         tp.wait_send(tp.isend(tiny, 0, "reply"), "calibration")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -57,12 +57,16 @@ def measure(
     shaper = LinkShaper(bandwidth, latency, device=device) if bandwidth else None
     tp = Transport(rank, world, device, timeout_s, shaper)
     try:
-        def rtt(n: int) -> float:
-            _round_trip(tp, rank, n, device)  # warm-up: connections, allocator
-            return min(_round_trip(tp, rank, n, device) for _ in range(repeats))
+        reply = torch.zeros(TINY // 4, dtype=torch.float32, device=device)
 
-        tiny = rtt(TINY)
-        return [{"bytes": n, "one_way_s": max(rtt(n) - tiny / 2, 1e-9)} for n in sizes]
+        def rtt(n: int) -> float:
+            # One buffer per size, touched before timing: the link is measured, not page faults.
+            big = torch.ones(max(1, n // 4), dtype=torch.float32, device=device)
+            _round_trip(tp, rank, big, reply)  # warm-up: connections
+            return min(_round_trip(tp, rank, big, reply) for _ in range(repeats))
+
+        base = rtt(TINY)
+        return [{"bytes": n, "one_way_s": max(rtt(n) - base / 2, 1e-9)} for n in sizes]
     finally:
         tp.close()
 

@@ -104,15 +104,18 @@ class Transport:
             handle.works.append(self._raw_isend(tensor, dst))
         return handle
 
-    def irecv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, what: str) -> RecvHandle:
-        """Post a receive of a ``shape`` tensor from ``src`` (chunked like the sender's shaper)."""
+    def irecv(
+        self, shape: tuple[int, ...], dtype: torch.dtype, src: int, what: str, out: torch.Tensor | None = None
+    ) -> RecvHandle:
+        """Post a receive of a ``shape`` tensor from ``src`` (chunked like the sender's shaper),
+        into ``out`` (contiguous) if given, else a new buffer."""
         group = self._group(src, self.rank)
         if self.cuda:
             with torch.cuda.stream(self.comm_stream):
-                buf = torch.empty(shape, dtype=dtype, device=self.device)
+                buf = out if out is not None else torch.empty(shape, dtype=dtype, device=self.device)
                 works = self._post_recv(buf, src, group)
         else:
-            buf = torch.empty(shape, dtype=dtype, device=self.device)
+            buf = out if out is not None else torch.empty(shape, dtype=dtype, device=self.device)
             works = self._post_recv(buf, src, group)
         return RecvHandle(buf, works, src, what)
 
