@@ -193,7 +193,7 @@ class StepExecutor:
             return
         mode = self.fault[2]
         if mode == "exit":
-            time.sleep(0.05)  # dies a moment into the action, as a crash in a kernel would
+            time.sleep(0.2)  # dies a moment into the action, as a crash in a kernel would
             os._exit(17)
         if mode == "raise":
             raise RuntimeError("injected failure")
