@@ -130,8 +130,9 @@ def _compare_and_write(cfg, sched, outcome, out: Path, args):
     files["trace"] = str(write_chrome_trace(measured_result(sched, typical), out / "trace.json", title))
     if not args.no_plot:
         files["png"] = str(write_timeline_png(measured_result(sched, typical), out / "timeline.png", title))
-    measured.bubble = [statistics.median(col) for col in zip(*[[max(0.0, r.step_time - b) for b in r.busy()] for r in kept])]
+    # Medians throughout, and the bubble from them, so the table's rows add up.
     measured.busy = [statistics.median(col) for col in zip(*[r.busy() for r in kept])]
+    measured.bubble = [max(0.0, median_time - b) for b in measured.busy]
     measured.exposed_comm = [statistics.median(col) for col in zip(*[r.waiting() for r in kept])]
     return files, measured, predicted, costs
 
