@@ -6,8 +6,11 @@
     W   the deferred weight gradients of (stage, microbatch)
     FB  an overlapped pair: both inputs are awaited, then the F half and the B half run
         back to back on the compute stream (no split ``overlapped_forward_backward``
-        implementation exists for the mHC blocks); the F half's output is sent while the
-        B half computes, so the pair's communication overlaps its compute.
+        implementation exists for the mHC blocks, so the simulator's F&B = F + B holds,
+        fb_overlap ~ 1). Only the communication overlaps: the pair's receives were posted
+        ahead and its sends leave asynchronously (after the pair with ``add_comms``'s
+        SEND placement, as DeepSeek's reference does; right after the F half without
+        explicit SENDs) while the next actions compute.
 
 Transfers: with explicit SEND_*/RECV_* actions (``scheduler.add_comms``) a send is
 issued at its SEND action and a receive is posted no later than its RECV action; without
