@@ -139,7 +139,8 @@ class StageWorker:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.executor.current = (-1, f"barrier before step {step}")
-        dist.barrier()  # every rank's clock starts the step together: the timelines line up
+        # Every rank's clock starts the step together, so the timelines line up.
+        dist.barrier(device_ids=[self.device.index or 0] if self.device.type == "cuda" else None)
         rec = self.executor.run(step, data)
         self._sum_replicated_grads()
         if apply_optimizer:
