@@ -19,6 +19,8 @@ after the post/res backward, because it needs dL/dh_res.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -32,13 +34,19 @@ _LINK_ATTR = "_mhc_grad_link"
 
 
 class _GradLink:
-    """dL/dx handed from ``post_res``'s backward to ``mhc_pre``'s backward for the same x."""
+    """dL/dx handed from ``post_res``'s backward to ``mhc_pre``'s backward for the same x.
 
-    __slots__ = ("x", "dx")
+    Holds x weakly: activation recomputation must stay free to drop it.
+    """
+
+    __slots__ = ("_x", "dx")
 
     def __init__(self, x: Tensor) -> None:
-        self.x = x
+        self._x = weakref.ref(x)
         self.dx: Tensor | None = None
+
+    def links(self, x: Tensor) -> bool:
+        return self._x() is x
 
     def give(self, dx: Tensor) -> None:
         if self.dx is None:
@@ -136,7 +144,7 @@ def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     _check(x, "mhc", "post_res")
     *lead, n, c = x.shape
     link = getattr(h_res, _LINK_ATTR, None)
-    if link is not None and (link.x is not x or not torch.is_grad_enabled()):
+    if link is not None and (not link.links(x) or not torch.is_grad_enabled()):
         link = None
     out = PostResFunction.apply(
         x.reshape(-1, n, c).contiguous(),
