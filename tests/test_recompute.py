@@ -263,11 +263,6 @@ def test_fused_kernels_interpreted_bitwise_equal(interpreted_fused):
     assert interpreted_fused["loss"] and interpreted_fused["grads"] == []
 
 
-@pytest.mark.xfail(
-    reason="kernels/fused.py: _GradLink.x holds a strong reference to every sublayer's x, so the "
-    "fused path keeps x_l alive whatever recomputation drops; a weakref (or clearing it in post_res) fixes it",
-    strict=False,
-)
 def test_fused_kernels_free_recomputed_streams(interpreted_fused):
     assert interpreted_fused["alive"] == 0
 
@@ -285,7 +280,6 @@ def test_fused_kernels_bf16_within_tolerance():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the fused kernels")
-@pytest.mark.xfail(reason="kernels/fused.py _GradLink.x keeps x_l alive (see the interpreted test)", strict=False)
 def test_fused_recompute_frees_stream_memory_on_gpu():
     cfg = CFG.model_copy(update=dict(width=256, heads=4, mlp_hidden=640, layers=4, seq_len=256))
 
