@@ -35,7 +35,7 @@ from dualpipe_mhc.scheduler.ir import Action, Schedule
 
 from .plan import Key, MessagePlan, build_plan, comm_key, has_comms, key_label
 from .timing import StepClock
-from .transport import RecvHandle, SendHandle, Transport, TransferTimeout
+from .transport import RecvHandle, SendHandle, TransferError, TransferTimeout, Transport
 
 
 class RankError(RuntimeError):
@@ -154,7 +154,7 @@ class StepExecutor:
                     self._run_half(half, x, rec)
                     ends.append(self.clock.stamp())
                 stamps.append((action, t_a, t_b, ends))
-            except (RankError, TransferTimeout):
+            except (RankError, TransferError):
                 raise
             except Exception as exc:
                 raise RankError(f"rank {self.rank} failed in step {step} at action {i} {action}: {type(exc).__name__}: {exc}") from exc

@@ -31,7 +31,11 @@ import torch.distributed as dist
 from .shaping import LinkShaper, chunk_bounds
 
 
-class TransferTimeout(RuntimeError):
+class TransferError(RuntimeError):
+    """A send or receive failed (the peer went away); the message names rank, peer and tensor."""
+
+
+class TransferTimeout(TransferError):
     """A send or receive did not complete within the run's timeout."""
 
 
@@ -144,7 +148,7 @@ class Transport:
                 raise TransferTimeout(f"{label} did not complete within {self.timeout_s:g} s ({context})")
             handle.works = handle.done.works
             if handle.done.error is not None:
-                raise RuntimeError(f"{label} failed ({context}): {handle.done.error}")
+                raise TransferError(f"{label} failed ({context}): {handle.done.error}")
         self._wait_works(handle.works, label, context)
 
     def _wait_works(self, works: list[Any], label: str, context: str) -> None:
@@ -165,7 +169,7 @@ class Transport:
                 msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 if "imeout" in msg or "timed out" in msg.lower():
                     raise TransferTimeout(f"{label} did not complete within {self.timeout_s:g} s ({context})") from None
-                raise RuntimeError(f"{label} failed ({context}): {msg}") from None
+                raise TransferError(f"{label} failed ({context}): {msg}") from None
 
     def close(self) -> None:
         if self.shaper is not None:
