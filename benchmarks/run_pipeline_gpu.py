@@ -159,7 +159,7 @@ def grad_check(pipe, args) -> list[dict]:
 
 def bench(pipe, args) -> list[dict]:
     from dualpipe_mhc.cluster.measure import measured_costs
-    from dualpipe_mhc.cluster.plan import build_plan
+    from dualpipe_mhc.cluster.profile import incoming_transfer_seconds
     from dualpipe_mhc.cluster.train import pipeline_schedule, train
     from dualpipe_mhc.scheduler import simulate
 
@@ -176,9 +176,7 @@ def bench(pipe, args) -> list[dict]:
             costs = measured_costs(cfg, sched, outcome.results, warmup=args.warmup)
             sim = simulate(sched, costs)
             act = costs.act_bytes[0]
-            per_msg = cfg.link.latency + act / cfg.link.bandwidth
-            comm = [sum(1 for src in build_plan(sched, r).src_of.values() if src != r) * per_msg
-                    for r in range(sched.ranks)]
+            comm = incoming_transfer_seconds(cfg, sched)
             hidden = [1 - min(w, c) / c if c else 1.0 for w, c in zip(wait, comm)]
             peak = [max((rk.get("peak_memory_bytes") or 0) for rk in [r.ranks[i] for r in kept]) for i in range(sched.ranks)]
             row = {

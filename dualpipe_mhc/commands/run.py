@@ -12,7 +12,9 @@ per-action costs this run measured. Under ``--out`` (default ``out/run``):
 JSON keys (``--json``): schedule, ranks, microbatches, device, backend, workers,
 start_step, resumed_from, steps (list of {step, loss, step_time_s, wall_s,
 bubble_fraction}), final_loss, measured {step_time_s, bubble_fraction, busy_s,
-input_wait_s}, simulated {step_time_s, bubble_fraction, exposed_comm_s},
+input_wait_s, modelled_comm_s (the link's time for the messages each rank receives),
+hidden_comm_fraction (1 - min(wait, comm) / comm: a lower bound, waits also cover
+upstream compute)}, simulated {step_time_s, bubble_fraction, exposed_comm_s},
 sim_error_pct, costs {f_s, b_s, w_s, fb_overlap}, files {profile, trace, png},
 checkpoints, warmup_steps, config.
 """
@@ -109,6 +111,7 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
 
 def _compare_and_write(cfg, sched, outcome, out: Path, args):
     from dualpipe_mhc.cluster.measure import measured_costs, measured_result
+    from dualpipe_mhc.cluster.profile import incoming_transfer_seconds
     from dualpipe_mhc.scheduler import simulate
     from dualpipe_mhc.scheduler.trace import write_chrome_trace, write_timeline_png
 
@@ -121,7 +124,8 @@ def _compare_and_write(cfg, sched, outcome, out: Path, args):
     # The trace shows the measured step closest to the median.
     median_time = statistics.median(r.step_time for r in kept)
     typical = min(kept, key=lambda r: abs(r.step_time - median_time))
-    measured = measured_result(sched, typical)
+    comm = incoming_transfer_seconds(cfg, sched)
+    measured = measured_result(sched, typical, comm_time=comm)
     measured.step_time = median_time  # the table quotes medians
     out.mkdir(parents=True, exist_ok=True)
     files = {"profile": str(out / "profile.json")}
@@ -173,8 +177,10 @@ def _report(cfg, sched, outcome, state, measured, predicted, costs, files, warmu
         "warmup_steps": warmup, "files": files, "config": dump_config(cfg),
     }
     if measured is not None:
+        hidden = [1.0 - min(w, c) / c if c else 1.0 for w, c in zip(measured.exposed_comm, measured.comm_time)]
         report["measured"] = {"step_time_s": measured.step_time, "bubble_fraction": measured.bubble_fraction,
-                              "busy_s": measured.busy, "input_wait_s": measured.exposed_comm}
+                              "busy_s": measured.busy, "input_wait_s": measured.exposed_comm,
+                              "modelled_comm_s": measured.comm_time, "hidden_comm_fraction": hidden}
         report["simulated"] = {"step_time_s": predicted.step_time, "bubble_fraction": predicted.bubble_fraction,
                                "exposed_comm_s": predicted.exposed_comm}
         report["sim_error_pct"] = 100 * (predicted.step_time / measured.step_time - 1) if measured.step_time else None
