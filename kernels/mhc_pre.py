@@ -66,6 +66,31 @@ def _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n: tl.constexpr, N: tl.co
 
 
 @triton.jit
+def _mappings(
+    proj, rstd, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
+    rows, row_mask, n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr,
+):  # fmt: skip
+    """Store proj [BT, MP] and rstd [BT]; then sigmoid, 2 sigmoid and Sinkhorn; store and return h_pre [BT, N]."""
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, MP)
+    tl.store(proj_ptr + rows64[:, None] * M + cols[None, :], proj, mask=row_mask[:, None] & (cols < M)[None, :])
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    # proj is re-read below in the [BT, n] / [BT, n, n] shapes by other threads of this program.
+    tl.debug_barrier()
+
+    p_pre, p_post, p_res, m2, valid = _load_proj(proj_ptr, rows64, row_mask, n, N, M)
+    l_pre, l_post, l_res = _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n, N)
+    h_pre = tl.where(m2, tl.sigmoid(l_pre), 0.0)
+    h_post = 2.0 * tl.sigmoid(l_post)
+    h_res = sinkhorn_fwd(sinkhorn_init(l_res, valid), ITERS)
+    i = tl.arange(0, N)
+    tl.store(h_pre_ptr + rows64[:, None] * n + i[None, :], h_pre, mask=m2)
+    tl.store(h_post_ptr + rows64[:, None] * n + i[None, :], h_post, mask=m2)
+    tl.store(h_res_ptr + rows64[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :], h_res, mask=valid)
+    return h_pre
+
+
+@triton.jit
 def _pre_fwd_kernel(
     x_ptr, phi_ptr, alpha_ptr, bias_ptr,
     u_ptr, h_pre_ptr, h_post_ptr, h_res_ptr, proj_ptr, rstd_ptr,
@@ -94,23 +119,83 @@ def _pre_fwd_kernel(
         acc = tl.dot(xk, ph.to(tl.float32), acc, input_precision=PRECISION)
     rstd = 1.0 / tl.sqrt(ss / K + eps)
     proj = acc * rstd[:, None]
-    tl.store(proj_ptr + rows64[:, None] * M + cols[None, :], proj, mask=row_mask[:, None] & col_mask[None, :])
-    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
-    # proj is re-read below in the [BT, n] / [BT, n, n] shapes by other threads of this program.
-    tl.debug_barrier()
-
-    p_pre, p_post, p_res, m2, valid = _load_proj(proj_ptr, rows64, row_mask, n, N, M)
-    l_pre, l_post, l_res = _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n, N)
-    h_pre = tl.where(m2, tl.sigmoid(l_pre), 0.0)
-    h_post = 2.0 * tl.sigmoid(l_post)
-    h_res = sinkhorn_fwd(sinkhorn_init(l_res, valid), ITERS)
-    i = tl.arange(0, N)
-    tl.store(h_pre_ptr + rows64[:, None] * n + i[None, :], h_pre, mask=m2)
-    tl.store(h_post_ptr + rows64[:, None] * n + i[None, :], h_post, mask=m2)
-    tl.store(h_res_ptr + rows64[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :], h_res, mask=valid)
-
+    h_pre = _mappings(
+        proj, rstd, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
+        rows, row_mask, n, N, M, MP, ITERS,
+    )  # fmt: skip
     if AGGREGATE:
         _aggregate_rows(x_ptr, u_ptr, h_pre, rows64, row_mask, C, n, N, BC)
+
+
+@triton.jit
+def _dot_bf16(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b for bf16 a, b. ``UPCAST``: in fp32 (exact products), for Triton's CPU interpreter,
+    whose bf16 dot is wrong (Triton 3.9: errors of 1e10 on a 16 x 16 product)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _pre_fwd_partial_kernel(
+    x_ptr, phi2_ptr, part_ptr, ss_part_ptr,
+    T, K, KS,
+    MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Split forward, pass 1, grid (token blocks, K splits): partial sum of squares and x @ phi over K/splits.
+
+    bf16 x meets phi as a bf16 hi + lo pair (``phi2`` [2, K, MP], zero-padded columns): two bf16
+    dots per tile, error ~2^-17 of phi (tf32 rounds phi to 2^-11), x fed to the tensor cores as
+    loaded. Splitting K lets a program take 64-128 tokens (phi re-read from L2 once per token
+    block, not per 32 tokens) while the grid still fills the chip.
+    """
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    row_mask = rows < T
+    rows64 = rows.to(tl.int64)
+    split = tl.program_id(1)
+    cols = tl.arange(0, MP)
+    acc = tl.zeros((BT, MP), dtype=tl.float32)
+    ss = tl.zeros((BT,), dtype=tl.float32)
+    k_start = split * KS
+    k_end = tl.minimum(k_start + KS, K)
+    for k0 in range(k_start, k_end, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < k_end
+        xk = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        xf = xk.to(tl.float32)
+        ss += tl.sum(xf * xf, axis=1)
+        ph_off = ks[:, None] * MP + cols[None, :]
+        hi = tl.load(phi2_ptr + ph_off, mask=kmask[:, None], other=0.0)
+        lo = tl.load(phi2_ptr + K * MP + ph_off, mask=kmask[:, None], other=0.0)
+        acc = _dot_bf16(xk, hi, acc, UPCAST)
+        acc = _dot_bf16(xk, lo, acc, UPCAST)
+    part_off = split.to(tl.int64) * T * MP + rows64[:, None] * MP + cols[None, :]
+    tl.store(part_ptr + part_off, acc, mask=row_mask[:, None])
+    tl.store(ss_part_ptr + split.to(tl.int64) * T + rows64, ss, mask=row_mask)
+
+
+@triton.jit
+def _pre_fwd_finish_kernel(
+    part_ptr, ss_part_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr, proj_ptr, rstd_ptr,
+    T, K, SPLITS, eps,
+    n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr,
+):  # fmt: skip
+    """Split forward, pass 2: sum the K-split partials, 1/rms, then the mappings and Sinkhorn."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    row_mask = rows < T
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, MP)
+    acc = tl.zeros((BT, MP), dtype=tl.float32)
+    ss = tl.zeros((BT,), dtype=tl.float32)
+    for s in range(SPLITS):
+        base = s * T.to(tl.int64)
+        acc += tl.load(part_ptr + (base + rows64[:, None]) * MP + cols[None, :], mask=row_mask[:, None], other=0.0)
+        ss += tl.load(ss_part_ptr + base + rows64, mask=row_mask, other=0.0)
+    rstd = 1.0 / tl.sqrt(ss / K + eps)
+    _mappings(
+        acc * rstd[:, None], rstd, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
+        rows, row_mask, n, N, M, MP, ITERS,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -229,7 +314,8 @@ def _pre_bwd_apply_kernel(
     x_ptr, du_ptr, phi_ptr, h_pre_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_part_ptr,
     T, C, TT,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, DPHI: tl.constexpr,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, DPHI: tl.constexpr, DPHI_BF16: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     # One tile holds all n streams of a channel block side by side: column q is stream q // BC,
     # channel q % BC, i.e. row i*C + c of phi and column i*C + c of vec(x); du and H_pre are
@@ -255,7 +341,8 @@ def _pre_bwd_apply_kernel(
         rows64 = rows.to(tl.int64)
         tile_mask = row_mask[:, None] & qmask[None, :]
         x_off = rows64[:, None] * K + krow[None, :]
-        x2 = tl.load(x_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
+        x_raw = tl.load(x_ptr + x_off, mask=tile_mask, other=0.0)
+        x2 = x_raw.to(tl.float32)
         du2 = tl.load(du_ptr + rows64[:, None] * C + qc[None, :], mask=tile_mask, other=0.0).to(tl.float32)
         hp2 = tl.load(h_pre_ptr + rows64[:, None] * n + qi[None, :], mask=tile_mask, other=0.0)
         draw = tl.load(
@@ -267,7 +354,16 @@ def _pre_bwd_apply_kernel(
             dx += tl.load(dx_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
         if DPHI:
-            dphi = tl.dot(tl.trans(x2), draw, dphi, input_precision=PRECISION)
+            if DPHI_BF16:
+                # bf16 x as loaded, draw as a bf16 hi + lo pair: wgmma takes bf16 operands in either
+                # major order, where tf32 needs both transposed through shared memory
+                draw_hi = draw.to(tl.bfloat16)
+                draw_lo = (draw - draw_hi.to(tl.float32)).to(tl.bfloat16)
+                x_t = tl.trans(x_raw)
+                dphi = _dot_bf16(x_t, draw_hi, dphi, UPCAST)
+                dphi = _dot_bf16(x_t, draw_lo, dphi, UPCAST)
+            else:
+                dphi = tl.dot(tl.trans(x2), draw, dphi, input_precision=PRECISION)
     if DPHI:
         tl.store(
             dphi_part_ptr + split.to(tl.int64) * K * M + krow[:, None] * M + cols[None, :],
@@ -280,6 +376,7 @@ def _pre_bwd_apply_kernel(
 def _pre_bwd_dphi_kernel(
     x_ptr, draw_ptr, dphi_part_ptr, T, K, TT,
     M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    DPHI_BF16: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """dphi = vec(x)^T draw, [K, M]: a GEMM over tokens, one partial per token split."""
     split = tl.program_id(0)
@@ -298,7 +395,12 @@ def _pre_bwd_dphi_kernel(
         draw = tl.load(
             draw_ptr + rows64[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
         )
-        acc = tl.dot(tl.trans(xt.to(tl.float32)), draw, acc, input_precision=PRECISION)
+        if DPHI_BF16:  # as in _pre_bwd_apply_kernel
+            draw_hi = draw.to(tl.bfloat16)
+            acc = _dot_bf16(tl.trans(xt), draw_hi, acc, UPCAST)
+            acc = _dot_bf16(tl.trans(xt), (draw - draw_hi.to(tl.float32)).to(tl.bfloat16), acc, UPCAST)
+        else:
+            acc = tl.dot(tl.trans(xt.to(tl.float32)), draw, acc, input_precision=PRECISION)
     tl.store(
         dphi_part_ptr + split.to(tl.int64) * K * M + ks[:, None] * M + cols[None, :],
         acc,
@@ -315,40 +417,92 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def _interpreted() -> bool:
+    return type(_pre_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
+# Launch defaults (measured on H100: benchmarks/NOTES_kernels.md). A dict so that the
+# benchmarks can A/B a whole configuration; the launchers' keyword arguments override it.
+TUNING = {
+    "fwd_split": True,  # bf16 x: K-split bf16 hi/lo mapping kernel (v4); else the single tf32 kernel (v2)
+    "fwd_block_t": 128, "fwd_block_k": 64, "fwd_warps": 4, "fwd_stages": 3,
+    "apply_dphi_bf16": True,  # bf16 x: dphi = x^T (draw_hi + draw_lo) in bf16 dots (v4); else tf32 (v2)
+    "apply_block_t": 32, "apply_block_q": None, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
+}  # fmt: skip
+V2_TUNING = {"fwd_split": False, "apply_dphi_bf16": False, "apply_block_t": 32, "apply_block_q": None,
+             "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True}  # fmt: skip
+
+
+def split_phi_bf16(phi: torch.Tensor, mp: int) -> torch.Tensor:
+    """phi [K, M] -> [2, K, MP] bf16: hi = bf16(phi), lo = bf16(phi - hi), columns zero-padded to MP."""
+    hi = phi.to(torch.bfloat16)
+    lo = (phi.float() - hi.float()).to(torch.bfloat16)
+    return torch.nn.functional.pad(torch.stack((hi, lo)), (0, mp - phi.shape[1])).contiguous()
+
+
 def pre_forward(
     x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
-    block_t: int = 32, block_k: int | None = None, num_warps: int | None = None,
+    block_t: int | None = None, block_k: int | None = None, num_warps: int | None = None,
     fuse_aggregate: bool = False, agg_block_t: int | None = None, agg_block_c: int = 256,
+    split: bool | None = None, num_stages: int | None = None, k_splits: int | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Launch the forward on ``x [T, n, C]`` (contiguous). Returns ``u, h_pre, h_post, h_res, proj, rstd``.
 
-    ``fuse_aggregate``: compute u inside the mapping kernel (second pass over each token block,
-    hoping for L2 hits) instead of in :func:`_pre_aggregate_kernel` on a 2-D grid.
+    ``split`` (default ``TUNING['fwd_split']``, bf16 x only): the K-split pair
+    :func:`_pre_fwd_partial_kernel` + :func:`_pre_fwd_finish_kernel`; otherwise
+    :func:`_pre_fwd_kernel` (one program per ``block_t`` tokens over all of K, tf32 dots).
+    ``fuse_aggregate`` (single kernel only): compute u inside the mapping kernel (second pass over
+    each token block, hoping for L2 hits) instead of in :func:`_pre_aggregate_kernel` on a 2-D grid.
     """
     t, n, c = x.shape
     m = 2 * n + n * n
     mp = _pow2(m, 16)
     nn_ = _pow2(n, 2)
+    k = n * c
     f32 = dict(device=x.device, dtype=torch.float32)
     u = torch.empty((t, c), device=x.device, dtype=x.dtype)
     h_pre, h_post = torch.empty((t, n), **f32), torch.empty((t, n), **f32)
     h_res = torch.empty((t, n, n), **f32)
     proj, rstd = torch.empty((t, m), **f32), torch.empty((t,), **f32)
-    if block_k is None:
-        block_k = 128 if mp <= 32 else 64
-    if num_warps is None:
-        num_warps = 4 if mp <= 32 else 8
-    _pre_fwd_kernel[(triton.cdiv(t, block_t),)](
-        x, phi, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, t, c, eps,
-        n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=block_t, BK=block_k, BC=min(128, _pow2(c, 16)),
-        PRECISION=_precision(x.dtype), AGGREGATE=fuse_aggregate, num_warps=num_warps,
-    )  # fmt: skip
+    split = TUNING["fwd_split"] if split is None else split
+    if split and x.dtype == torch.bfloat16 and not fuse_aggregate:
+        # n = 8 (MP = 128): a [128, 128] fp32 accumulator is too many registers; halve the tokens
+        bt = block_t or (TUNING["fwd_block_t"] if mp <= 32 else 64)
+        bk = block_k or TUNING["fwd_block_k"]
+        t_blocks = triton.cdiv(t, bt)
+        if k_splits is None:  # ~2 programs per SM, each at least 4 K-blocks long
+            k_splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), t_blocks), triton.cdiv(k, 4 * bk)))
+        ks = triton.cdiv(triton.cdiv(k, k_splits), bk) * bk
+        k_splits = triton.cdiv(k, ks)
+        part = torch.empty((k_splits, t, mp), **f32)
+        ss_part = torch.empty((k_splits, t), **f32)
+        _pre_fwd_partial_kernel[(t_blocks, k_splits)](
+            x, split_phi_bf16(phi, mp), part, ss_part, t, k, ks, MP=mp, BT=bt, BK=bk, UPCAST=_interpreted(),
+            num_warps=num_warps or (TUNING["fwd_warps"] if mp <= 32 else 8),
+            num_stages=num_stages or TUNING["fwd_stages"],
+        )  # fmt: skip
+        fbt = 16 if mp <= 32 else 8
+        _pre_fwd_finish_kernel[(triton.cdiv(t, fbt),)](
+            part, ss_part, alpha, bias, h_pre, h_post, h_res, proj, rstd, t, k, k_splits, eps,
+            n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=fbt, num_warps=4,
+        )  # fmt: skip
+    else:
+        bt = block_t or 32
+        if block_k is None:
+            block_k = 128 if mp <= 32 else 64
+        if num_warps is None:
+            num_warps = 4 if mp <= 32 else 8
+        _pre_fwd_kernel[(triton.cdiv(t, bt),)](
+            x, phi, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, t, c, eps,
+            n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=bt, BK=block_k, BC=min(128, _pow2(c, 16)),
+            PRECISION=_precision(x.dtype), AGGREGATE=fuse_aggregate, num_warps=num_warps,
+        )  # fmt: skip
     if not fuse_aggregate:
         bt = agg_block_t or max(1, 16 // nn_)  # [BT, N, BC] tile of ~4K values
         bc = min(agg_block_c, _pow2(c, 16))
@@ -382,8 +536,9 @@ def pre_backward_reduce(
 
 def pre_backward_apply(
     x: torch.Tensor, phi: torch.Tensor, h_pre: torch.Tensor, du: torch.Tensor, draw: torch.Tensor,
-    coef: torch.Tensor, dx_accum: torch.Tensor | None = None, fuse_dphi: bool = True,
-    block_t: int = 32, block_q: int | None = None, num_warps: int = 8,
+    coef: torch.Tensor, dx_accum: torch.Tensor | None = None, fuse_dphi: bool | None = None,
+    block_t: int | None = None, block_q: int | None = None, num_warps: int | None = None,
+    dphi_bf16: bool | None = None, num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Backward pass 2: ``(dx [T, n, C], dphi [K, M] fp32)``; ``dx_accum`` receives dx in place if given.
 
@@ -392,6 +547,12 @@ def pre_backward_apply(
     block) instead of in :func:`_pre_bwd_dphi_kernel` (a second read of x, two simpler kernels;
     on H100 at C = 4096 with block_t=16, num_warps=4 it timed 13 % faster, not yet tried in the block).
     """
+    fuse_dphi = TUNING["apply_fuse_dphi"] if fuse_dphi is None else fuse_dphi
+    dphi_bf16 = TUNING["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16
+    block_t = block_t or TUNING["apply_block_t"]
+    block_q = block_q or TUNING["apply_block_q"]
+    num_warps = num_warps or TUNING["apply_warps"]
+    num_stages = num_stages or TUNING["apply_stages"]
     t, n, c = x.shape
     m = 2 * n + n * n
     ns = _pow2(n)
@@ -409,15 +570,17 @@ def pre_backward_apply(
     _pre_bwd_apply_kernel[(splits, c_blocks)](
         x, du, phi, h_pre, draw, coef, dx, dphi_part, t, c, tokens_per_split,
         n=n, N=ns, M=m, MP=_pow2(m, 16), BT=block_t, BC=block_c, ACCUMULATE=dx_accum is not None,
-        PRECISION=_precision(x.dtype), DPHI=fuse_dphi, num_warps=num_warps,
+        PRECISION=_precision(x.dtype), DPHI=fuse_dphi, DPHI_BF16=dphi_bf16 and x.dtype == torch.bfloat16,
+        UPCAST=_interpreted(), num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
     )  # fmt: skip
     if not fuse_dphi:
-        return dx, pre_backward_dphi(x, draw)
+        return dx, pre_backward_dphi(x, draw, dphi_bf16=dphi_bf16)
     return dx, (dphi_part[0] if splits == 1 else dphi_part.sum(0))
 
 
 def pre_backward_dphi(
-    x: torch.Tensor, draw: torch.Tensor, block_t: int = 64, block_k: int = 128, num_warps: int = 4
+    x: torch.Tensor, draw: torch.Tensor, block_t: int = 64, block_k: int = 128, num_warps: int = 4,
+    dphi_bf16: bool | None = None,
 ) -> torch.Tensor:
     """dphi = vec(x)^T draw ``[K, M]`` fp32."""
     t, n, c = x.shape
@@ -430,7 +593,9 @@ def pre_backward_dphi(
     dphi_part = torch.empty((splits, k, m), device=x.device, dtype=torch.float32)
     _pre_bwd_dphi_kernel[(splits, k_blocks)](
         x, draw, dphi_part, t, k, tokens_per_split,
-        M=m, MP=_pow2(m, 16), BT=block_t, BK=block_k, PRECISION=_precision(x.dtype), num_warps=num_warps,
+        M=m, MP=_pow2(m, 16), BT=block_t, BK=block_k, PRECISION=_precision(x.dtype),
+        DPHI_BF16=(TUNING["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16) and x.dtype == torch.bfloat16,
+        UPCAST=_interpreted(), num_warps=num_warps,
     )  # fmt: skip
     return dphi_part[0] if splits == 1 else dphi_part.sum(0)
 
