@@ -116,7 +116,7 @@ class Pipeline:
 
     def step(self, step: int, apply_optimizer: bool = True) -> StepResult:
         t0 = time.perf_counter()
-        recs = self._call_all("run_step", (step, apply_optimizer), f"step {step}")
+        recs = self._call_all("run_step", (step, apply_optimizer), f"step {step}", watch_progress=True)
         wall = time.perf_counter() - t0
         losses = {mb: v for r in recs for mb, v in r["losses"].items()}
         loss = sum(losses.values()) / len(losses) if losses else float("nan")
@@ -174,7 +174,11 @@ class Pipeline:
         self.close()
 
     # -- waiting on every rank with failure detection ------------------------------------
-    def _call_all(self, method: str, args: tuple, what: str) -> list[Any]:
+    def _call_all(self, method: str, args: tuple, what: str, watch_progress: bool = False) -> list[Any]:
+        """Call ``method`` on every rank and wait for all. A rank that raises or dies ends the
+        call at once; with ``watch_progress`` (steps) so does ``timeout_s`` without any rank
+        moving to another action. Building chunks or saving checkpoints may take long: those
+        calls are only ended by failures."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -197,7 +201,7 @@ class Pipeline:
                     failures.append((rank, "", True))
             if failures:
                 self._fail(failures, pending, what)
-            if ready:
+            if ready or not watch_progress:
                 continue
             statuses = self._poll(pending)
             for r, st in statuses.items():
@@ -211,7 +215,8 @@ class Pipeline:
                 self._abort()
                 raise PipelineError(
                     f"{what}: no rank made progress for {self.timeout_s:g} s (run.timeout_s); {doing}. "
-                    "Workers were killed."
+                    "Workers were killed; raise run.timeout_s if one action can legitimately take that long "
+                    "(first-step kernel compilation)."
                 )
         return results
 
