@@ -11,7 +11,8 @@ Variants, each timed fwd+bwd (input gradient included, as in a pipeline stage):
     plain         residual kind 'plain', n = 1
     mhc eager     n = 4, the PyTorch reference ops
     mhc compile   n = 4, torch.compile of the same stack with the reference ops
-    mhc fused     n = 4, the Triton kernels
+    mhc fused     n = 4, the Triton kernels (mhc_pre.TUNING, updated from ``--tuning``)
+    mhc fused v2  n = 4, the Triton kernels with the previous defaults (mhc_pre.V2_TUNING), for A/B
 Timing: triton.testing.do_bench (CUDA events, median, warm-up first, L2 flushed between runs).
 Peak memory: torch.cuda.max_memory_allocated during one fwd+bwd, minus what was allocated before it.
 
@@ -131,10 +132,17 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["plain", "mhc fused", "mhc eager", "mhc compile"])
     ap.add_argument("--copy-bandwidth", type=float, default=None, help="B/s; measured here when not given")
     ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of plain and fused")
+    ap.add_argument("--tuning", default=None, help="JSON of mhc_pre.TUNING overrides for 'mhc fused'")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
     name = torch.cuda.get_device_name()
+    from dualpipe_mhc.kernels import mhc_pre
+
+    tunings = {
+        "mhc fused": json.loads(Path(args.tuning).read_text()) if args.tuning else {},
+        "mhc fused v2": mhc_pre.V2_TUNING,
+    }
     bw = args.copy_bandwidth
     if bw is None:
         a = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
@@ -147,7 +155,7 @@ def main() -> None:
     results = {
         "device": name, "copy_bandwidth_Bps": bw, "layers": args.layers, "batch": args.batch, "seq": args.seq,
         "streams": n, "torch": torch.__version__, "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "shapes": {},
+        "shapes": {}, "tuning": {k: {**mhc_pre.TUNING, **v} for k, v in tunings.items()},
     }  # fmt: skip
     lines = [
         f"device: {name}; copy bandwidth {bw / 1e12:.2f} TB/s; {args.layers} layers, {args.batch} x {args.seq} tokens, "
@@ -165,7 +173,7 @@ def main() -> None:
         rows = {}
         for variant in args.variants:
             streams, residual = (1, "plain") if variant == "plain" else (n, "mhc")
-            kernels = "triton" if variant == "mhc fused" else "reference"
+            kernels = "triton" if variant.startswith("mhc fused") else "reference"
             stack = build_stack(shape, args.layers, streams, residual, kernels)
             if variant == "mhc compile":
                 stack = torch.compile(stack)
@@ -174,13 +182,14 @@ def main() -> None:
             x.requires_grad_()
             grad = torch.randn(x.shape, device="cuda", generator=g).to(torch.bfloat16)
             t0 = time.time()
-            rows[variant] = measure(stack, x, grad, args.rep_ms)
-            rows[variant]["wall_s"] = time.time() - t0
-            print(f"  {key} {variant}: {rows[variant]}", flush=True)
-            if args.profile and variant in ("plain", "mhc fused"):
-                top = kernel_breakdown(stack, x, grad)
-                rows[variant]["kernels_ms"] = top[:40]
-                print("    top kernels (ms):", [(k[:60], round(v, 3)) for k, v in top[:15]], flush=True)
+            with mhc_pre.tuning(tunings.get(variant, {})):
+                rows[variant] = measure(stack, x, grad, args.rep_ms)
+                rows[variant]["wall_s"] = time.time() - t0
+                print(f"  {key} {variant}: {rows[variant]}", flush=True)
+                if args.profile and variant.startswith("mhc fused"):
+                    top = kernel_breakdown(stack, x, grad)
+                    rows[variant]["kernels_ms"] = top[:40]
+                    print("    top kernels (ms):", [(k[:60], round(v, 3)) for k, v in top[:15]], flush=True)
             del stack, x, grad
             torch.cuda.empty_cache()
         plain = rows.get("plain", {}).get("ms")
@@ -196,7 +205,8 @@ def main() -> None:
             target = f"+{130 * floor_min / plain:.1f} %" if plain else ""
             lines.append(
                 f"| {key} (C={c}, {shape['mlp']} {shape['hidden']}) | {variant} | {r['ms']:.2f} | {over} | "
-                f"{floor if variant == 'mhc fused' else ''} | {target if variant == 'mhc fused' else ''} | "
+                f"{floor if variant.startswith('mhc fused') else ''} | "
+                f"{target if variant.startswith('mhc fused') else ''} | "
                 f"{r['peak_GiB']:.2f} |"
             )
         print("\n".join(lines[-len(rows):]), flush=True)

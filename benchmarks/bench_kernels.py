@@ -1,11 +1,14 @@
 """Per-kernel benchmark of the fused mHC ops: time, bytes moved, bandwidth vs the measured copy bandwidth.
 
     python benchmarks/bench_kernels.py [--tokens 8192] [--widths 2048 4096 7168] [--streams 4]
-                                       [--sweep] [--out benchmarks/results]
+                                       [--sweep [--write-tuning best.json] [--no-cases]]
+                                       [--tuning best.json] [--out benchmarks/results]
 
 For each shape it times (CUDA events through triton.testing.do_bench, median, after
-warm-up, random bf16 inputs) every launch of the fused path:
-    pre fwd           _pre_fwd_kernel
+warm-up, random bf16 inputs) every launch of the fused path, with mhc_pre.TUNING (updated
+from ``--tuning``) and, for the pre kernels, with the previous defaults (mhc_pre.V2_TUNING, "(v2)" rows):
+    pre fwd           _pre_fwd_partial_kernel + _pre_fwd_finish_kernel + _pre_aggregate_kernel
+                      (v2: _pre_fwd_kernel + _pre_aggregate_kernel)
     pre bwd reduce    _pre_bwd_reduce_kernel   (dH_pre, Sinkhorn backward, per-token scalars)
     pre bwd apply     _pre_bwd_apply_kernel    (dx with the post/res gradient added in place)
                       + _pre_bwd_dphi_kernel   (dphi = vec(x)^T draw; or fused into the former, --sweep compares)
@@ -14,7 +17,8 @@ and the eager reference of the same op for context. Bytes are counted two ways:
 ``min`` = each stream tensor read or written once (the HBM floor of the op), ``design`` =
 what the kernel touches (pre fwd reads x twice: its second pass may hit L2; the pre
 backward reads x and du in both passes). Bandwidth = min bytes / time, so a kernel at
-100 % would run at the floor. ``--sweep`` also times a grid of block sizes per kernel.
+100 % would run at the floor. ``--sweep`` first times mhc_pre.FWD_CANDIDATES and
+APPLY_CANDIDATES at ``--sweep-widths`` and picks, per kernel, the least total time.
 
 Writes ``kernels_ops_<device>.json`` and ``.md`` under ``--out``.
 """
@@ -35,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualpipe_mhc.kernels import reference as ref  # noqa: E402
 from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  # noqa: E402
+from dualpipe_mhc.kernels import mhc_pre  # noqa: E402
 from dualpipe_mhc.kernels.mhc_pre import (  # noqa: E402
     pre_backward_apply,
-    pre_backward_dphi,
     pre_backward_reduce,
     pre_forward,
 )
@@ -102,6 +106,10 @@ def time_case(t: int, n: int, c: int, device: str) -> dict[str, float]:
         "post_res bwd": bench(lambda: post_res_backward(gx, x, y, h_post, h_res)),
     }
     res["pre bwd"] = res["pre bwd reduce"] + res["pre bwd apply"]
+    with mhc_pre.tuning(mhc_pre.V2_TUNING):  # the previous defaults, same inputs, same run
+        res["pre fwd (v2)"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS))
+        res["pre bwd apply (v2)"] = bench(lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc))
+    res["pre bwd (v2)"] = res["pre bwd reduce"] + res["pre bwd apply (v2)"]
     # eager reference, same inputs (fwd only, and fwd+bwd of the op)
     xr = x.detach().requires_grad_()
     pr, ar, br = (p.detach().requires_grad_() for p in (phi, alpha, bias))
@@ -116,53 +124,51 @@ def time_case(t: int, n: int, c: int, device: str) -> dict[str, float]:
     return res
 
 
-SWEEPS = {
-    "pre fwd": [dict(block_t=bt, block_k=bk, num_warps=w, fuse_aggregate=f) for bt, bk, w, f in
-                [(32, 128, 4, False), (16, 128, 4, False), (64, 128, 8, False), (64, 64, 4, False),
-                 (32, 128, 4, True), (16, 128, 4, True)]] +
-               [dict(agg_block_t=bt, agg_block_c=bc) for bt, bc in [(2, 256), (8, 256), (4, 512), (8, 128)]],
-    "pre bwd reduce": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
-                       [(4, 256, 4), (8, 128, 4), (2, 512, 4), (4, 512, 8)]],
-    "pre bwd apply": [dict(block_t=bt, block_q=bq, num_warps=w, fuse_dphi=f) for bt, bq, w, f in
-                      [(32, 256, 8, True), (32, 256, 8, False), (32, 256, 4, False), (16, 256, 4, False),
-                       (8, 512, 4, False), (16, 512, 8, False), (32, 128, 4, False)]],
-    "pre bwd dphi": [dict(block_t=bt, block_k=bk, num_warps=w) for bt, bk, w in
-                     [(64, 128, 4), (32, 128, 4), (64, 256, 8), (128, 128, 8), (32, 64, 4)]],
-    "post_res fwd": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
-                     [(4, 256, 4), (2, 512, 4), (8, 256, 8), (4, 512, 8)]],
-    "post_res bwd": [dict(block_t=bt, block_c=bc, num_warps=w) for bt, bc, w in
-                     [(8, 256, 8), (4, 256, 4), (4, 512, 8), (16, 128, 8)]],
-}  # fmt: skip
-
-
 def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
+    """Time every tuning candidate of mhc_pre (FWD_CANDIDATES, APPLY_CANDIDATES, and the v2 defaults)."""
     x, phi, alpha, bias, y, du, gx = make_case(t, n, c, device)
     u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
     dh_post, dh_res = torch.randn_like(h_post), torch.randn_like(h_res)
     _, _, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS)
     acc = gx.clone()
     calls = {
-        "pre fwd": lambda kw: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, **kw),
-        "pre bwd reduce": lambda kw: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS, **kw),
-        "pre bwd apply": lambda kw: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc, **kw),
-        "pre bwd dphi": lambda kw: pre_backward_dphi(x, draw, **kw),
-        "post_res fwd": lambda kw: post_res_forward(x, y, h_post, h_res, **kw),
-        "post_res bwd": lambda kw: post_res_backward(gx, x, y, h_post, h_res, **kw),
-    }
+        "pre fwd": (lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS),
+                    mhc_pre.FWD_CANDIDATES + [{"fwd_split": False}]),
+        "pre bwd apply": (lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc),
+                          mhc_pre.APPLY_CANDIDATES + [mhc_pre.V2_TUNING]),
+    }  # fmt: skip
     out = {}
-    for name, configs in SWEEPS.items():
+    for name, (fn, configs) in calls.items():
         rows = []
-        for kw in configs:
+        for i, kw in enumerate(configs):
             try:
-                ms = bench(lambda: calls[name](kw), 100)
+                with mhc_pre.tuning(kw):
+                    ms = bench(fn, 100)
             except Exception as e:  # a config that does not compile (e.g. out of shared memory) is skipped
                 ms = float("nan")
-                print(f"  {name} {kw}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-            rows.append({**kw, "ms": ms})
-        rows.sort(key=lambda r: (r["ms"] != r["ms"], r["ms"]))
+                print(f"  {name} {kw}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+            rows.append({**kw, "candidate": i, "ms": ms})
+            print(f"  sweep C={c} {name} #{i} {kw}: {ms:.4f} ms", flush=True)
         out[name] = rows
-        print(f"  sweep {name}: best {rows[0]}, worst {rows[-1]}", flush=True)
     return out
+
+
+def best_tuning(sweeps: list[dict[str, list]]) -> dict:
+    """The candidate with the least total time over the swept shapes, per kernel, as TUNING overrides."""
+    best = {}
+    for name in sweeps[0]:
+        totals = {}
+        for sw in sweeps:
+            for row in sw[name]:
+                totals[row["candidate"]] = totals.get(row["candidate"], 0.0) + row["ms"]
+        ok = {k: v for k, v in totals.items() if v == v}
+        pick = min(ok, key=ok.get)
+        row = sweeps[0][name][pick]
+        prefix = "fwd_" if name == "pre fwd" else "apply_"  # a v2 row carries both kernels' keys
+        picked = {k: v for k, v in row.items() if k.startswith(prefix)}
+        best.update(picked)
+        print(f"  best {name}: candidate {pick} {picked} total {ok[pick]:.4f} ms", flush=True)
+    return best
 
 
 def main() -> None:
@@ -170,7 +176,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192])
     ap.add_argument("--widths", type=int, nargs="+", default=[2048, 4096, 7168])
     ap.add_argument("--streams", type=int, nargs="+", default=[4])
-    ap.add_argument("--sweep", action="store_true", help="also time a grid of block sizes at the first shape")
+    ap.add_argument("--sweep", action="store_true", help="time the tuning candidates first, at --sweep-widths")
+    ap.add_argument("--sweep-widths", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--tuning", default=None, help="JSON of mhc_pre.TUNING overrides to time as the default")
+    ap.add_argument("--write-tuning", default=None, help="with --sweep: write the best candidates here (JSON)")
+    ap.add_argument("--no-cases", action="store_true", help="with --sweep: stop after the sweep")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     device = "cuda"
@@ -182,9 +192,22 @@ def main() -> None:
         "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "cases": [],
     }  # fmt: skip
     if args.sweep:
-        t, n, c = args.tokens[0], args.streams[0], args.widths[0]
-        print(f"sweep at T={t} n={n} C={c}")
-        results["sweep"] = {"shape": [t, n, c], **sweep(t, n, c, device)}
+        t, n = args.tokens[0], args.streams[0]
+        sweeps = [sweep(t, n, c, device) for c in args.sweep_widths]
+        best = best_tuning(sweeps)
+        results["sweep"] = {"T": t, "n": n, "widths": args.sweep_widths, "by_width": sweeps, "best": best}
+        if args.write_tuning:
+            Path(args.write_tuning).write_text(json.dumps(best, indent=1))
+        if args.no_cases:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            tag = name.replace(" ", "_").replace("/", "_")
+            (out / f"kernels_sweep_{tag}.json").write_text(json.dumps(results, indent=1))
+            return
+    overrides = json.loads(Path(args.tuning).read_text()) if args.tuning else {}
+    mhc_pre.TUNING.update(overrides)
+    results["tuning"] = dict(mhc_pre.TUNING)
+    print("tuning:", mhc_pre.TUNING, flush=True)
     lines = [
         f"device: {name}, copy bandwidth {bw / 1e12:.2f} TB/s (1 GiB bf16 copy, read+write); bf16 streams",
         "",
@@ -198,18 +221,19 @@ def main() -> None:
                 nbytes = stream_bytes(t, n, c)
                 case = {"T": t, "n": n, "C": c, "ms": times, "bytes": nbytes}
                 results["cases"].append(case)
-                for k in ("pre fwd", "pre bwd reduce", "pre bwd apply", "pre bwd", "post_res fwd", "post_res bwd"):
-                    lo, design = nbytes[k]
+                for k in ("pre fwd", "pre fwd (v2)", "pre bwd reduce", "pre bwd apply", "pre bwd apply (v2)",
+                          "pre bwd", "pre bwd (v2)", "post_res fwd", "post_res bwd"):
+                    lo, design = nbytes[k.removesuffix(" (v2)")]
                     gbs = lo / (times[k] * 1e-3) / 1e9
                     refms = {"pre fwd": times["ref pre fwd"], "post_res fwd": times["ref post_res fwd"]}.get(k)
                     refcol = f"{refms:.3f}" if refms else ""
-                    if k == "pre bwd":
+                    if k in ("pre bwd", "pre bwd (v2)"):
                         refcol = f"{times['ref pre fwd+bwd'] - times['ref pre fwd']:.3f} (fwd+bwd − fwd)"
                     lines.append(
                         f"| {t} | {n} | {c} | {k} | {times[k]:.3f} | {lo / 1e6:.0f} | {design / 1e6:.0f} | "
                         f"{gbs:.0f} | {100 * gbs * 1e9 / bw:.0f} % | {refcol} |"
                     )
-                print("\n".join(lines[-6:]), flush=True)
+                print("\n".join(lines[-9:]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = name.replace(" ", "_").replace("/", "_")

@@ -3,6 +3,9 @@
 #   bash benchmarks/run_gpu_kernels.sh check   # GPU tests at full shapes + per-kernel benchmark with block-size sweep
 #   bash benchmarks/run_gpu_kernels.sh block   # whole-block fwd+bwd benchmark, shapes a and b, with a kernel breakdown
 #   bash benchmarks/run_gpu_kernels.sh final   # block benchmark, per-kernel benchmark, then the GPU tests
+#   bash benchmarks/run_gpu_kernels.sh ab      # one tight call: sweep of mhc_pre's tuning candidates -> best;
+#       per-kernel table (best vs v2 defaults); block A/B (plain, fused v2, fused best); NVML smoke;
+#       every GPU test of the repo (pydantic etc. from .whl, see /work/shared/gpu-host). At most 8 files in $OUT.
 # Outputs go to $OUT (the device tool's folder) or benchmarks/results/gpu_run; copy them into benchmarks/results/.
 set -o pipefail
 OUT=${OUT:-benchmarks/results/gpu_run}
@@ -30,5 +33,20 @@ case "${1:-check}" in
       timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -rf --tb=short
     } 2>&1 | tee "$OUT/kernels_gpu_tests.log"
     ;;
-  *) echo "usage: $0 check|block|final"; exit 2 ;;
+  ab)
+    tag=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+    best=/tmp/best_tuning.json
+    { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
+      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+      timeout 110 python3 benchmarks/bench_kernels.py --sweep --no-cases --write-tuning $best --out "$OUT"
+      [ -s $best ] || echo '{"fwd_split": false, "apply_dphi_bf16": false}' >$best
+      timeout 60 python3 benchmarks/bench_kernels.py --widths 2048 4096 --tuning $best --out "$OUT"
+      timeout 140 python3 benchmarks/bench_block.py --variants plain "mhc fused v2" "mhc fused" --rep-ms 800 \
+        --profile --tuning $best --out "$OUT"
+      timeout 25 python3 benchmarks/nvml_smoke.py --out "$OUT/nvml_smoke_$tag.json"
+    } 2>&1 | tee "$OUT/all.log"
+    timeout 150 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -rfEs --tb=short \
+      --continue-on-collection-errors --durations=5 2>&1 | tee "$OUT/gpu_tests_$tag.txt"
+    ;;
+  *) echo "usage: $0 check|block|final|ab"; exit 2 ;;
 esac

@@ -28,6 +28,8 @@ d rstd = <dproj, proj> / rstd -> coef = -d rstd * rstd^3 / K  (dx += coef * x).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -188,9 +190,9 @@ def _pre_fwd_finish_kernel(
     acc = tl.zeros((BT, MP), dtype=tl.float32)
     ss = tl.zeros((BT,), dtype=tl.float32)
     for s in range(SPLITS):
-        base = s * T.to(tl.int64)
-        acc += tl.load(part_ptr + (base + rows64[:, None]) * MP + cols[None, :], mask=row_mask[:, None], other=0.0)
-        ss += tl.load(ss_part_ptr + base + rows64, mask=row_mask, other=0.0)
+        srows = rows64 + s * T  # T may arrive as the constant 1 (Triton specialises it): no T.to()
+        acc += tl.load(part_ptr + srows[:, None] * MP + cols[None, :], mask=row_mask[:, None], other=0.0)
+        ss += tl.load(ss_part_ptr + srows, mask=row_mask, other=0.0)
     rstd = 1.0 / tl.sqrt(ss / K + eps)
     _mappings(
         acc * rstd[:, None], rstd, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
@@ -431,12 +433,40 @@ def _num_sms(device: torch.device) -> int:
 # benchmarks can A/B a whole configuration; the launchers' keyword arguments override it.
 TUNING = {
     "fwd_split": True,  # bf16 x: K-split bf16 hi/lo mapping kernel (v4); else the single tf32 kernel (v2)
-    "fwd_block_t": 128, "fwd_block_k": 64, "fwd_warps": 4, "fwd_stages": 3,
+    "fwd_block_t": 128, "fwd_block_k": 64, "fwd_warps": 4, "fwd_stages": 3, "fwd_k_splits": None,
     "apply_dphi_bf16": True,  # bf16 x: dphi = x^T (draw_hi + draw_lo) in bf16 dots (v4); else tf32 (v2)
     "apply_block_t": 32, "apply_block_q": None, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
 }  # fmt: skip
 V2_TUNING = {"fwd_split": False, "apply_dphi_bf16": False, "apply_block_t": 32, "apply_block_q": None,
              "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True}  # fmt: skip
+# What benchmarks/bench_kernels.py --sweep times and tests/test_kernels.py checks on the GPU (n <= 4 keys;
+# n = 8 keeps its own block sizes where the launchers say so).
+FWD_CANDIDATES = [
+    dict(fwd_block_t=bt, fwd_block_k=bk, fwd_warps=w, fwd_stages=st, fwd_k_splits=ks)
+    for bt, bk, w, st, ks in [(128, 64, 4, 3, None), (128, 128, 8, 3, None), (64, 128, 4, 3, None),
+                              (128, 64, 8, 4, None), (256, 64, 8, 3, None), (64, 64, 4, 4, None), (128, 64, 4, 3, 8)]
+]  # fmt: skip
+APPLY_CANDIDATES = [
+    dict(apply_block_t=bt, apply_block_q=bq, apply_warps=w, apply_fuse_dphi=f, apply_dphi_bf16=True, apply_stages=st)
+    for bt, bq, w, f, st in [(32, 256, 8, True, None), (16, 256, 4, True, None), (32, 128, 4, True, None),
+                             (64, 256, 8, True, None), (32, 256, 8, True, 3), (16, 256, 4, False, None),
+                             (32, 256, 8, False, None)]
+]  # fmt: skip
+
+
+@contextlib.contextmanager
+def tuning(overrides: dict):
+    """Run with ``TUNING`` updated by ``overrides`` (an A/B run, a sweep point); restored on exit."""
+    unknown = set(overrides) - set(TUNING)
+    if unknown:
+        raise KeyError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(TUNING)}")
+    saved = dict(TUNING)
+    TUNING.update(overrides)
+    try:
+        yield
+    finally:
+        TUNING.clear()
+        TUNING.update(saved)
 
 
 def split_phi_bf16(phi: torch.Tensor, mp: int) -> torch.Tensor:
@@ -476,6 +506,7 @@ def pre_forward(
         bt = block_t or (TUNING["fwd_block_t"] if mp <= 32 else 64)
         bk = block_k or TUNING["fwd_block_k"]
         t_blocks = triton.cdiv(t, bt)
+        k_splits = k_splits or TUNING["fwd_k_splits"]
         if k_splits is None:  # ~2 programs per SM, each at least 4 K-blocks long
             k_splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), t_blocks), triton.cdiv(k, 4 * bk)))
         ks = triton.cdiv(triton.cdiv(k, k_splits), bk) * bk

@@ -373,6 +373,21 @@ def test_ops_alone_gpu(fused_gpu, n, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("which", range(15))
+def test_tuning_candidates_gpu(fused_gpu, which):
+    """Every configuration the sweep may pick computes the same function (bf16, n = 4 and 8)."""
+    from dualpipe_mhc.kernels import mhc_pre
+
+    cands = mhc_pre.FWD_CANDIDATES + mhc_pre.APPLY_CANDIDATES + [mhc_pre.V2_TUNING]
+    if which >= len(cands):
+        pytest.skip(f"only {len(cands)} candidates")
+    with mhc_pre.tuning(cands[which]):
+        for t, n, c in ((1537, 4, 2048), (77, 8, 1000)):
+            torch.manual_seed(which + n)
+            assert_close(check_layer(fused_gpu, t, n, c, torch.bfloat16, "cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
 def test_hyper_connection_layer_uses_fused_gpu(fused_gpu):
     from dualpipe_mhc.mhc import HyperConnection
 
