@@ -134,8 +134,10 @@ def _dot_bf16(a, b, acc, UPCAST: tl.constexpr):
     """acc + a @ b for bf16 a, b. ``UPCAST``: in fp32 (exact products), for Triton's CPU interpreter,
     whose bf16 dot is wrong (Triton 3.9: errors of 1e10 on a 16 x 16 product)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
 
 
 @triton.jit
