@@ -9,6 +9,9 @@ import json
 import sys
 from pathlib import Path
 
+# Optional dependencies and the extra that brings each.
+_EXTRAS = {"ray": "cluster", "pynvml": "cluster", "triton": "kernels"}
+
 COMMANDS = ("simulate", "run", "profile", "plan", "stability", "calibrate-link")
 
 
@@ -54,6 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.json and getattr(exc, "report", None) is not None:
             _write_json(args.json, {**exc.report, "error": str(exc)})
         print(f"dualpipe-mhc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"dualpipe-mhc {args.command}: error: needs {exc.name}, which is not installed; "
+            f"pip install 'dualpipe-mhc[{extra}]' (or pip install -e '.[{extra}]' from a checkout)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"dualpipe-mhc {args.command}: interrupted", file=sys.stderr)
