@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ConfigError, load_config
 
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"dualpipe-mhc {args.command}: error: --out {args.out} is a file; name a directory", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config or getattr(mod, "DEFAULT_CONFIG", None), args.overrides)
         report = mod.main(cfg, args)
