@@ -153,6 +153,40 @@ def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
     return out
 
 
+def split_parts(t: int, n: int, c: int, device: str) -> dict[str, float]:
+    """The K-split forward's launches timed one by one (ms), to say where its time goes."""
+    x, phi, alpha, bias, *_ = make_case(t, n, c, device)
+    m, k = 2 * n + n * n, n * c
+    mp = triton.next_power_of_2(max(m, 16))
+    bt, bk = mhc_pre.TUNING["fwd_block_t"], mhc_pre.TUNING["fwd_block_k"]
+    out = {"split_phi_bf16": bench(lambda: mhc_pre.split_phi_bf16(phi, mp))}
+    phi2 = mhc_pre.split_phi_bf16(phi, mp)
+    for splits in (4, 8, 16):
+        ks = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+        sp = triton.cdiv(k, ks)
+        part, ss = torch.empty((sp, t, mp), device=device), torch.empty((sp, t), device=device)
+        grid = (triton.cdiv(t, bt), sp)
+        out[f"partial splits={sp}"] = bench(
+            lambda: mhc_pre._pre_fwd_partial_kernel[grid](
+                x, phi2, part, ss, t, k, ks, MP=mp, BT=bt, BK=bk, UPCAST=False, num_warps=4, num_stages=3
+            )
+        )
+    f32 = dict(device=device, dtype=torch.float32)
+    outs = [torch.empty((t, n), **f32), torch.empty((t, n), **f32), torch.empty((t, n, n), **f32),
+            torch.empty((t, m), **f32), torch.empty((t,), **f32)]  # fmt: skip
+    out[f"finish splits={sp}"] = bench(
+        lambda: mhc_pre._pre_fwd_finish_kernel[(triton.cdiv(t, 16),)](
+            part, ss, alpha, bias, *outs, t, k, sp, 1e-6,
+            n=n, N=max(2, triton.next_power_of_2(n)), M=m, MP=mp, ITERS=ITERS, BT=16, num_warps=4,
+        )  # fmt: skip
+    )
+    with mhc_pre.tuning({"fwd_split": True}):
+        out["whole split pre fwd"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS))
+    out["whole v2 pre fwd"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, split=False))
+    print(f"  split parts C={c}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()), flush=True)
+    return out
+
+
 def best_tuning(sweeps: list[dict[str, list]]) -> dict:
     """The candidate with the least total time over the swept shapes, per kernel, as TUNING overrides."""
     best = {}
@@ -181,6 +215,7 @@ def main() -> None:
     ap.add_argument("--tuning", default=None, help="JSON of mhc_pre.TUNING overrides to time as the default")
     ap.add_argument("--write-tuning", default=None, help="with --sweep: write the best candidates here (JSON)")
     ap.add_argument("--no-cases", action="store_true", help="with --sweep: stop after the sweep")
+    ap.add_argument("--split-parts", action="store_true", help="only time the K-split forward's launches")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     device = "cuda"
@@ -191,6 +226,10 @@ def main() -> None:
         "device": name, "copy_bandwidth_Bps": bw, "torch": torch.__version__, "triton": triton.__version__,
         "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "cases": [],
     }  # fmt: skip
+    if args.split_parts:
+        for c in args.widths:
+            split_parts(args.tokens[0], args.streams[0], c, device)
+        return
     if args.sweep:
         t, n = args.tokens[0], args.streams[0]
         sweeps = [sweep(t, n, c, device) for c in args.sweep_widths]

@@ -48,5 +48,17 @@ case "${1:-check}" in
     timeout 150 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -rfEs --tb=short \
       --continue-on-collection-errors --durations=5 2>&1 | tee "$OUT/gpu_tests_$tag.txt"
     ;;
-  *) echo "usage: $0 check|block|final|ab"; exit 2 ;;
+  ab2)  # the second call: new defaults vs v2 in the block (order swapped), the split forward's parts, GPU tests
+    tag=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+    { timeout 40 python3 benchmarks/bench_kernels.py --split-parts --widths 2048 4096
+      timeout 110 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused v2" --rep-ms 800 \
+        --profile --out "$OUT"
+    } 2>&1 | tee "$OUT/all2.log"
+    # every GPU test of the repo, in three processes at once (compilation is the slow part; no timing here)
+    run() { timeout 240 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -rfEs --tb=short \
+              --continue-on-collection-errors -k "$1" >"/tmp/gpu_tests_$2.txt" 2>&1; echo "rc=$?" >>"/tmp/gpu_tests_$2.txt"; }
+    run "layer_matches and fp32" 1 & run "layer_matches and bf16" 2 & run "not layer_matches" 3 & wait
+    for i in 1 2 3; do echo "=== part $i"; cat /tmp/gpu_tests_$i.txt; done | tee "$OUT/gpu_tests_$tag.txt"
+    ;;
+  *) echo "usage: $0 check|block|final|ab|ab2"; exit 2 ;;
 esac

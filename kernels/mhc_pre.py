@@ -434,10 +434,12 @@ def _num_sms(device: torch.device) -> int:
 # Launch defaults (measured on H100: benchmarks/NOTES_kernels.md). A dict so that the
 # benchmarks can A/B a whole configuration; the launchers' keyword arguments override it.
 TUNING = {
-    "fwd_split": True,  # bf16 x: K-split bf16 hi/lo mapping kernel (v4); else the single tf32 kernel (v2)
+    # bf16 x: K-split bf16 hi/lo mapping kernel (v4 option; 0.34-0.49 ms against v2's 0.21 at C = 2048,
+    # sweep of 2026-11-25) when True; the single tf32 kernel (v2) when False
+    "fwd_split": False,
     "fwd_block_t": 128, "fwd_block_k": 64, "fwd_warps": 4, "fwd_stages": 3, "fwd_k_splits": None,
     "apply_dphi_bf16": True,  # bf16 x: dphi = x^T (draw_hi + draw_lo) in bf16 dots (v4); else tf32 (v2)
-    "apply_block_t": 32, "apply_block_q": None, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
+    "apply_block_t": 64, "apply_block_q": 256, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
 }  # fmt: skip
 V2_TUNING = {"fwd_split": False, "apply_dphi_bf16": False, "apply_block_t": 32, "apply_block_q": None,
              "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True}  # fmt: skip
