@@ -15,12 +15,17 @@ Kernels (block sizes: launcher defaults, from the sweeps in benchmarks/results/k
                             and x @ phi (tensor cores, tf32); then sigmoid, 2 sigmoid and Sinkhorn
                             on-chip. With AGGREGATE it also writes u = H_pre x in a second pass
                             over its tokens (hoping for L2 hits: measured 10 % slower on H100).
+    _pre_fwd_partial_kernel the K-split option (``TUNING['fwd_split']``, bf16 x): grid (token blocks,
+    _pre_fwd_finish_kernel  K splits), x @ phi as bf16 dots against phi's hi + lo halves, then a
+                            finish kernel for 1/rms, the mappings and Sinkhorn. Off by default:
+                            0.276 vs 0.210 ms at C = 2048 (H100), see benchmarks/NOTES_kernels.md.
     _pre_aggregate_kernel   u = H_pre x on a (token, channel) grid: the default second read of x.
     _pre_bwd_reduce_kernel  one program per BT tokens: dH_pre = <du, x_i> over C, then every
                             per-token scalar of the backward (Sinkhorn backward by recompute).
     _pre_bwd_apply_kernel   grid (token splits, channel blocks): dx = H_pre du + draw @ phi^T
                             + coef x (+ the post/res gradient, accumulated in place), and by
-                            default a partial dphi = x^T draw per token split.
+                            default a partial dphi = x^T draw per token split (bf16 dots for
+                            bf16 x, draw split hi + lo: no tf32 transposes through shared memory).
     _pre_bwd_dphi_kernel    the alternative: dphi as its own GEMM over tokens (one more read of x).
 The per-token chain of the backward:  dlogit -> dproj = alpha dlogit -> draw = dproj * rstd,
 d rstd = <dproj, proj> / rstd -> coef = -d rstd * rstd^3 / K  (dx += coef * x).
@@ -569,6 +574,16 @@ def pre_backward_reduce(
     return dlogit, dalpha_part, draw, coef
 
 
+def apply_tuning(dtype: torch.dtype, n: int) -> dict:
+    """The apply kernel's defaults for a stream dtype and n.
+
+    TUNING's apply sizes were measured for bf16 streams and n <= 4. fp32 tiles and n = 8's
+    [128, q] dphi tile ran out of shared memory at block_t = 64 on H100 (262-524 KB asked,
+    227 KB there): those keep the v2 configuration, GPU-tested as it stands.
+    """
+    return TUNING if dtype == torch.bfloat16 and _pow2(2 * n + n * n, 16) <= 32 else V2_TUNING
+
+
 def pre_backward_apply(
     x: torch.Tensor, phi: torch.Tensor, h_pre: torch.Tensor, du: torch.Tensor, draw: torch.Tensor,
     coef: torch.Tensor, dx_accum: torch.Tensor | None = None, fuse_dphi: bool | None = None,
@@ -578,18 +593,20 @@ def pre_backward_apply(
     """Backward pass 2: ``(dx [T, n, C], dphi [K, M] fp32)``; ``dx_accum`` receives dx in place if given.
 
     ``block_q``: columns of the [block_t, n x channels] tile; the channel block is block_q / n.
-    ``fuse_dphi``: accumulate dphi in the dx kernel (one read of x; the default, measured in the
-    block) instead of in :func:`_pre_bwd_dphi_kernel` (a second read of x, two simpler kernels;
-    on H100 at C = 4096 with block_t=16, num_warps=4 it timed 13 % faster, not yet tried in the block).
+    ``fuse_dphi``: accumulate dphi in the dx kernel (one read of x; the default) instead of in
+    :func:`_pre_bwd_dphi_kernel` (a second read of x). ``dphi_bf16``: dphi's dots in bf16 (x as
+    loaded, draw as a hi + lo pair) rather than tf32. Defaults: ``TUNING`` for bf16 x with n <= 4,
+    ``V2_TUNING`` otherwise.
     """
-    fuse_dphi = TUNING["apply_fuse_dphi"] if fuse_dphi is None else fuse_dphi
-    dphi_bf16 = TUNING["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16
-    block_t = block_t or TUNING["apply_block_t"]
-    block_q = block_q or TUNING["apply_block_q"]
-    num_warps = num_warps or TUNING["apply_warps"]
-    num_stages = num_stages or TUNING["apply_stages"]
     t, n, c = x.shape
     m = 2 * n + n * n
+    tuned = apply_tuning(x.dtype, n)
+    fuse_dphi = tuned["apply_fuse_dphi"] if fuse_dphi is None else fuse_dphi
+    dphi_bf16 = tuned["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16
+    block_t = block_t or tuned["apply_block_t"]
+    block_q = block_q or tuned["apply_block_q"]
+    num_warps = num_warps or tuned["apply_warps"]
+    num_stages = num_stages or tuned["apply_stages"]
     ns = _pow2(n)
     if block_q is None:
         block_q = 256 if _pow2(m, 16) <= 32 else 128  # n = 8: the [MP, q] phi tile is 4x wider

@@ -270,6 +270,15 @@ def test_fused_dphi_variant_cpu(fused_cpu):
     assert all(torch.equal(dx, dxs[0]) for dx in dxs)
 
 
+def test_apply_defaults_fit_shared_memory_cpu(fused_cpu):
+    """The tuned apply sizes (bf16, n <= 4) are not used where they ran out of shared memory on H100."""
+    from dualpipe_mhc.kernels import mhc_pre
+
+    assert mhc_pre.apply_tuning(torch.bfloat16, 4) is mhc_pre.TUNING
+    for dtype, n in ((torch.float32, 4), (torch.float32, 1), (torch.bfloat16, 8), (torch.float16, 2)):
+        assert mhc_pre.apply_tuning(dtype, n) is mhc_pre.V2_TUNING
+
+
 def test_split_forward_variant_cpu(fused_cpu):
     """The K-split bf16 hi/lo forward equals the single-kernel forward (proj to ~2^-17, the rest to rounding)."""
     from dualpipe_mhc.kernels import mhc_pre
