@@ -66,9 +66,10 @@ class _KernelMode:
             self._restore_library()
             os.environ.pop("TRITON_INTERPRET", None)
         if _interpreted(fused._pre_fwd_kernel) != interpret:
-            from dualpipe_mhc.kernels import mhc_post, mhc_pre, sinkhorn
+            from dualpipe_mhc.kernels import mhc_post, mhc_pre, mhc_pre_bwd, mhc_pre_common, sinkhorn
 
-            for module in (sinkhorn, mhc_pre, mhc_post, fused):
+            # dependencies first: each module binds the jit functions of those it imports
+            for module in (sinkhorn, mhc_pre_common, mhc_pre_bwd, mhc_pre, mhc_post, fused):
                 importlib.reload(module)
         return fused
 

@@ -1,0 +1,294 @@
+"""Backward of the fused mHC pre op: the reduce, apply and (optional) dphi kernels and their
+launchers. The forward, the shapes and the per-token chain are described in :mod:`kernels.mhc_pre`."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .mhc_pre_common import TUNING, V2_TUNING, _dot_bf16, _interpreted, _load_proj, _logits, _num_sms, _pow2, _precision
+from .sinkhorn import sinkhorn_bwd, sinkhorn_init
+
+
+@triton.jit
+def _pre_bwd_reduce_kernel(
+    x_ptr, du_ptr, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, dh_post_ptr, dh_res_ptr, scratch_ptr,
+    dlogit_ptr, dalpha_part_ptr, draw_ptr, coef_ptr,
+    T, C,
+    n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    row_mask = rows < T
+    rows64 = rows.to(tl.int64)
+    K = n * C
+    i = tl.arange(0, N)
+    i3 = i[None, :, None]
+    xmask3 = row_mask[:, None, None] & (i3 < n)
+
+    # dH_pre[t, i] = <du[t], x[t, i]>
+    dh_pre = tl.zeros((BT, N), dtype=tl.float32)
+    for c0 in range(0, C, BC):
+        cs = c0 + tl.arange(0, BC)
+        cmask = cs < C
+        du = tl.load(du_ptr + rows64[:, None] * C + cs[None, :], mask=row_mask[:, None] & cmask[None, :], other=0.0)
+        x3 = tl.load(
+            x_ptr + rows64[:, None, None] * K + i3 * C + cs[None, None, :], mask=xmask3 & cmask[None, None, :], other=0.0
+        )
+        dh_pre += tl.sum(x3.to(tl.float32) * du.to(tl.float32)[:, None, :], axis=2)
+
+    p_pre, p_post, p_res, m2, valid = _load_proj(proj_ptr, rows64, row_mask, n, N, M)
+    l_pre, l_post, l_res = _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n, N)
+    s_pre = tl.sigmoid(l_pre)
+    d_pre = tl.where(m2, dh_pre * s_pre * (1.0 - s_pre), 0.0)
+    s_post = tl.sigmoid(l_post)
+    dh_post = tl.load(dh_post_ptr + rows64[:, None] * n + i[None, :], mask=m2, other=0.0)
+    d_post = tl.where(m2, dh_post * 2.0 * s_post * (1.0 - s_post), 0.0)
+    res_off = rows64[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
+    dh_res = tl.load(dh_res_ptr + res_off, mask=valid, other=0.0)
+    d_res = sinkhorn_bwd(sinkhorn_init(l_res, valid), dh_res, valid, scratch_ptr, rows, row_mask, ITERS, N)
+    d_res = tl.where(valid, d_res, 0.0)
+
+    dl_base = dlogit_ptr + rows64[:, None] * M
+    tl.store(dl_base + i[None, :], d_pre, mask=m2)
+    tl.store(dl_base + n + i[None, :], d_post, mask=m2)
+    tl.store(dl_base[:, :, None] + 2 * n + i[None, :, None] * n + i[None, None, :], d_res, mask=valid)
+    # dalpha_g = sum over tokens of <dlogit_g, proj_g>; the token sum is left to the caller
+    ga_pre = tl.sum(d_pre * p_pre, axis=1)
+    ga_post = tl.sum(d_post * p_post, axis=1)
+    ga_res = tl.sum(tl.sum(d_res * p_res, axis=2), axis=1)
+    tl.store(dalpha_part_ptr + rows64 * 3, ga_pre, mask=row_mask)
+    tl.store(dalpha_part_ptr + rows64 * 3 + 1, ga_post, mask=row_mask)
+    tl.store(dalpha_part_ptr + rows64 * 3 + 2, ga_res, mask=row_mask)
+
+    a_pre = tl.load(alpha_ptr).to(tl.float32)
+    a_post = tl.load(alpha_ptr + 1).to(tl.float32)
+    a_res = tl.load(alpha_ptr + 2).to(tl.float32)
+    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=1.0)
+    # <dproj, proj> = rstd * d rstd
+    dot_pp = a_pre * ga_pre + a_post * ga_post + a_res * ga_res
+    tl.store(coef_ptr + rows, -dot_pp * rstd * rstd / K, mask=row_mask)
+    dr_base = draw_ptr + rows64[:, None] * M
+    tl.store(dr_base + i[None, :], a_pre * d_pre * rstd[:, None], mask=m2)
+    tl.store(dr_base + n + i[None, :], a_post * d_post * rstd[:, None], mask=m2)
+    tl.store(
+        dr_base[:, :, None] + 2 * n + i[None, :, None] * n + i[None, None, :],
+        a_res * d_res * rstd[:, None, None],
+        mask=valid,
+    )
+
+
+@triton.jit
+def _pre_bwd_apply_kernel(
+    x_ptr, du_ptr, phi_ptr, h_pre_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_part_ptr,
+    T, C, TT,
+    n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, DPHI: tl.constexpr, DPHI_BF16: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    # One tile holds all n streams of a channel block side by side: column q is stream q // BC,
+    # channel q % BC, i.e. row i*C + c of phi and column i*C + c of vec(x); du and H_pre are
+    # gathered per column (the repeats hit L1), so every x and du element leaves HBM once.
+    split = tl.program_id(0)
+    q = tl.arange(0, N * BC)
+    qi = q // BC
+    qc = tl.program_id(1) * BC + q % BC
+    qmask = (qi < n) & (qc < C)
+    krow = qi * C + qc
+    cols = tl.arange(0, MP)
+    col_mask = cols < M
+    K = n * C
+    phi_t = tl.load(
+        phi_ptr + krow[None, :] * M + cols[:, None], mask=col_mask[:, None] & qmask[None, :], other=0.0
+    ).to(tl.float32)  # [MP, N*BC]
+    dphi = tl.zeros((N * BC, MP), dtype=tl.float32)
+    t_start = split * TT
+    t_end = tl.minimum(t_start + TT, T)
+    for t0 in range(t_start, t_end, BT):
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < t_end
+        rows64 = rows.to(tl.int64)
+        tile_mask = row_mask[:, None] & qmask[None, :]
+        x_off = rows64[:, None] * K + krow[None, :]
+        x_raw = tl.load(x_ptr + x_off, mask=tile_mask, other=0.0)
+        x2 = x_raw.to(tl.float32)
+        du2 = tl.load(du_ptr + rows64[:, None] * C + qc[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        hp2 = tl.load(h_pre_ptr + rows64[:, None] * n + qi[None, :], mask=tile_mask, other=0.0)
+        draw = tl.load(
+            draw_ptr + rows64[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+        )
+        coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
+        dx = hp2 * du2 + coef[:, None] * x2 + tl.dot(draw, phi_t, input_precision=PRECISION)
+        if ACCUMULATE:
+            dx += tl.load(dx_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+        if DPHI:
+            if DPHI_BF16:
+                # bf16 x as loaded, draw as a bf16 hi + lo pair: wgmma takes bf16 operands in either
+                # major order, where tf32 needs both transposed through shared memory
+                draw_hi = draw.to(tl.bfloat16)
+                draw_lo = (draw - draw_hi.to(tl.float32)).to(tl.bfloat16)
+                x_t = tl.trans(x_raw)
+                dphi = _dot_bf16(x_t, draw_hi, dphi, UPCAST)
+                dphi = _dot_bf16(x_t, draw_lo, dphi, UPCAST)
+            else:
+                dphi = tl.dot(tl.trans(x2), draw, dphi, input_precision=PRECISION)
+    if DPHI:
+        tl.store(
+            dphi_part_ptr + split.to(tl.int64) * K * M + krow[:, None] * M + cols[None, :],
+            dphi,
+            mask=qmask[:, None] & col_mask[None, :],
+        )
+
+
+@triton.jit
+def _pre_bwd_dphi_kernel(
+    x_ptr, draw_ptr, dphi_part_ptr, T, K, TT,
+    M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+    DPHI_BF16: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """dphi = vec(x)^T draw, [K, M]: a GEMM over tokens, one partial per token split."""
+    split = tl.program_id(0)
+    ks = tl.program_id(1) * BK + tl.arange(0, BK)
+    kmask = ks < K
+    cols = tl.arange(0, MP)
+    col_mask = cols < M
+    acc = tl.zeros((BK, MP), dtype=tl.float32)
+    t_start = split * TT
+    t_end = tl.minimum(t_start + TT, T)
+    for t0 in range(t_start, t_end, BT):
+        rows = t0 + tl.arange(0, BT)
+        row_mask = rows < t_end
+        rows64 = rows.to(tl.int64)
+        xt = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
+        draw = tl.load(
+            draw_ptr + rows64[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+        )
+        if DPHI_BF16:  # as in _pre_bwd_apply_kernel
+            draw_hi = draw.to(tl.bfloat16)
+            acc = _dot_bf16(tl.trans(xt), draw_hi, acc, UPCAST)
+            acc = _dot_bf16(tl.trans(xt), (draw - draw_hi.to(tl.float32)).to(tl.bfloat16), acc, UPCAST)
+        else:
+            acc = tl.dot(tl.trans(xt.to(tl.float32)), draw, acc, input_precision=PRECISION)
+    tl.store(
+        dphi_part_ptr + split.to(tl.int64) * K * M + ks[:, None] * M + cols[None, :],
+        acc,
+        mask=kmask[:, None] & col_mask[None, :],
+    )
+
+
+def pre_backward_reduce(
+    x: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
+    du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
+    block_t: int = 4, block_c: int = 256, num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Backward pass 1: ``(dlogit [T, M], dalpha_part [T, 3], draw [T, M], coef [T])``, all fp32."""
+    t, n, c = x.shape
+    m = 2 * n + n * n
+    nn_ = _pow2(n, 2)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    scratch = torch.empty((t, 2 * iters, nn_), **f32)
+    dlogit = torch.empty((t, m), **f32)
+    dalpha_part = torch.empty((t, 3), **f32)
+    draw = torch.empty((t, m), **f32)
+    coef = torch.empty((t,), **f32)
+    _pre_bwd_reduce_kernel[(triton.cdiv(t, block_t),)](
+        x, du, proj, rstd, alpha, bias, dh_post, dh_res, scratch, dlogit, dalpha_part, draw, coef, t, c,
+        n=n, N=nn_, M=m, ITERS=iters, BT=block_t, BC=min(block_c, _pow2(c, 16)), num_warps=num_warps,
+    )  # fmt: skip
+    return dlogit, dalpha_part, draw, coef
+
+
+def apply_tuning(dtype: torch.dtype, n: int) -> dict:
+    """The apply kernel's defaults for a stream dtype and n.
+
+    TUNING's apply sizes were measured for bf16 streams and n <= 4. fp32 tiles and n = 8's
+    [128, q] dphi tile ran out of shared memory at block_t = 64 on H100 (262-524 KB asked,
+    227 KB there): those keep the v2 configuration, GPU-tested as it stands.
+    """
+    return TUNING if dtype == torch.bfloat16 and _pow2(2 * n + n * n, 16) <= 32 else V2_TUNING
+
+
+def pre_backward_apply(
+    x: torch.Tensor, phi: torch.Tensor, h_pre: torch.Tensor, du: torch.Tensor, draw: torch.Tensor,
+    coef: torch.Tensor, dx_accum: torch.Tensor | None = None, fuse_dphi: bool | None = None,
+    block_t: int | None = None, block_q: int | None = None, num_warps: int | None = None,
+    dphi_bf16: bool | None = None, num_stages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Backward pass 2: ``(dx [T, n, C], dphi [K, M] fp32)``; ``dx_accum`` receives dx in place if given.
+
+    ``block_q``: columns of the [block_t, n x channels] tile; the channel block is block_q / n.
+    ``fuse_dphi``: accumulate dphi in the dx kernel (one read of x; the default) instead of in
+    :func:`_pre_bwd_dphi_kernel` (a second read of x). ``dphi_bf16``: dphi's dots in bf16 (x as
+    loaded, draw as a hi + lo pair) rather than tf32. Defaults: ``TUNING`` for bf16 x with n <= 4,
+    ``V2_TUNING`` otherwise.
+    """
+    t, n, c = x.shape
+    m = 2 * n + n * n
+    tuned = apply_tuning(x.dtype, n)
+    fuse_dphi = tuned["apply_fuse_dphi"] if fuse_dphi is None else fuse_dphi
+    dphi_bf16 = tuned["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16
+    block_t = block_t or tuned["apply_block_t"]
+    block_q = block_q or tuned["apply_block_q"]
+    num_warps = num_warps or tuned["apply_warps"]
+    num_stages = num_stages or tuned["apply_stages"]
+    ns = _pow2(n)
+    if block_q is None:
+        block_q = 256 if _pow2(m, 16) <= 32 else 128  # n = 8: the [MP, q] phi tile is 4x wider
+    block_c = min(max(16, block_q // ns), _pow2(c, 16))
+    c_blocks = triton.cdiv(c, block_c)
+    t_blocks = triton.cdiv(t, block_t)
+    # enough programs to fill the chip, few token splits so the dphi partials stay small
+    splits = max(1, min(t_blocks, 16, triton.cdiv(4 * _num_sms(x.device), c_blocks)))
+    tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
+    splits = triton.cdiv(t, tokens_per_split)
+    dphi_part = torch.empty((splits if fuse_dphi else 1, n * c, m), device=x.device, dtype=torch.float32)
+    dx = dx_accum if dx_accum is not None else torch.empty_like(x)
+    _pre_bwd_apply_kernel[(splits, c_blocks)](
+        x, du, phi, h_pre, draw, coef, dx, dphi_part, t, c, tokens_per_split,
+        n=n, N=ns, M=m, MP=_pow2(m, 16), BT=block_t, BC=block_c, ACCUMULATE=dx_accum is not None,
+        PRECISION=_precision(x.dtype), DPHI=fuse_dphi, DPHI_BF16=dphi_bf16 and x.dtype == torch.bfloat16,
+        UPCAST=_interpreted(), num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
+    )  # fmt: skip
+    if not fuse_dphi:
+        return dx, pre_backward_dphi(x, draw, dphi_bf16=dphi_bf16)
+    return dx, (dphi_part[0] if splits == 1 else dphi_part.sum(0))
+
+
+def pre_backward_dphi(
+    x: torch.Tensor, draw: torch.Tensor, block_t: int = 64, block_k: int = 128, num_warps: int = 4,
+    dphi_bf16: bool | None = None,
+) -> torch.Tensor:
+    """dphi = vec(x)^T draw ``[K, M]`` fp32."""
+    t, n, c = x.shape
+    k, m = n * c, draw.shape[1]
+    k_blocks = triton.cdiv(k, block_k)
+    t_blocks = triton.cdiv(t, block_t)
+    splits = max(1, min(t_blocks, 16, triton.cdiv(2 * _num_sms(x.device), k_blocks)))
+    tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
+    splits = triton.cdiv(t, tokens_per_split)
+    dphi_part = torch.empty((splits, k, m), device=x.device, dtype=torch.float32)
+    _pre_bwd_dphi_kernel[(splits, k_blocks)](
+        x, draw, dphi_part, t, k, tokens_per_split,
+        M=m, MP=_pow2(m, 16), BT=block_t, BK=block_k, PRECISION=_precision(x.dtype),
+        DPHI_BF16=(TUNING["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16) and x.dtype == torch.bfloat16,
+        UPCAST=_interpreted(), num_warps=num_warps,
+    )  # fmt: skip
+    return dphi_part[0] if splits == 1 else dphi_part.sum(0)
+
+
+def pre_backward(
+    x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
+    h_pre: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
+    du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
+    dx_accum: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients ``dx [T, n, C], dphi [K, M] fp32, dalpha [3] fp32, dbias [M] fp32``.
+
+    ``dx_accum`` (if given, ``[T, n, C]`` in x's dtype, owned by the caller) receives the
+    result in place: the gradient reaching x through the post/res op, summed without an extra pass.
+    """
+    dlogit, dalpha_part, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, iters)
+    dx, dphi = pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum)
+    return dx, dphi, dalpha_part.sum(0), dlogit.sum(0)

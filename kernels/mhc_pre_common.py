@@ -1,0 +1,139 @@
+"""Pieces shared by the mHC pre forward (:mod:`kernels.mhc_pre`) and backward
+(:mod:`kernels.mhc_pre_bwd`): the on-chip mapping code and the launch-tuning table."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .sinkhorn import sinkhorn_fwd, sinkhorn_init
+
+
+@triton.jit
+def _load_proj(proj_ptr, rows64, row_mask, n: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
+    """This block's projections split by mapping: pre [BT, N], post [BT, N], res [BT, N, N], and the masks."""
+    i = tl.arange(0, N)
+    imask = i < n
+    m2 = row_mask[:, None] & imask[None, :]
+    valid = m2[:, :, None] & imask[None, None, :]
+    base = proj_ptr + rows64[:, None] * M
+    p_pre = tl.load(base + i[None, :], mask=m2, other=0.0)
+    p_post = tl.load(base + n + i[None, :], mask=m2, other=0.0)
+    p_res = tl.load(base[:, :, None] + 2 * n + i[None, :, None] * n + i[None, None, :], mask=valid, other=0.0)
+    return p_pre, p_post, p_res, m2, valid
+
+
+@triton.jit
+def _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n: tl.constexpr, N: tl.constexpr):
+    """alpha * proj + bias for the three mappings, in float32."""
+    i = tl.arange(0, N)
+    imask = i < n
+    a_pre = tl.load(alpha_ptr).to(tl.float32)
+    a_post = tl.load(alpha_ptr + 1).to(tl.float32)
+    a_res = tl.load(alpha_ptr + 2).to(tl.float32)
+    b_pre = tl.load(bias_ptr + i, mask=imask, other=0.0).to(tl.float32)
+    b_post = tl.load(bias_ptr + n + i, mask=imask, other=0.0).to(tl.float32)
+    b_res = tl.load(
+        bias_ptr + 2 * n + i[:, None] * n + i[None, :], mask=imask[:, None] & imask[None, :], other=0.0
+    ).to(tl.float32)
+    return a_pre * p_pre + b_pre[None, :], a_post * p_post + b_post[None, :], a_res * p_res + b_res[None, :, :]
+
+
+@triton.jit
+def _mappings(
+    proj, rstd, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
+    rows, row_mask, n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr,
+):  # fmt: skip
+    """Store proj [BT, MP] and rstd [BT]; then sigmoid, 2 sigmoid and Sinkhorn; store and return h_pre [BT, N]."""
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, MP)
+    tl.store(proj_ptr + rows64[:, None] * M + cols[None, :], proj, mask=row_mask[:, None] & (cols < M)[None, :])
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    # proj is re-read below in the [BT, n] / [BT, n, n] shapes by other threads of this program.
+    tl.debug_barrier()
+
+    p_pre, p_post, p_res, m2, valid = _load_proj(proj_ptr, rows64, row_mask, n, N, M)
+    l_pre, l_post, l_res = _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n, N)
+    h_pre = tl.where(m2, tl.sigmoid(l_pre), 0.0)
+    h_post = 2.0 * tl.sigmoid(l_post)
+    h_res = sinkhorn_fwd(sinkhorn_init(l_res, valid), ITERS)
+    i = tl.arange(0, N)
+    tl.store(h_pre_ptr + rows64[:, None] * n + i[None, :], h_pre, mask=m2)
+    tl.store(h_post_ptr + rows64[:, None] * n + i[None, :], h_post, mask=m2)
+    tl.store(h_res_ptr + rows64[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :], h_res, mask=valid)
+    return h_pre
+
+
+@triton.jit
+def _dot_bf16(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b for bf16 a, b. ``UPCAST``: in fp32 (exact products), for Triton's CPU interpreter,
+    whose bf16 dot is wrong (Triton 3.9: errors of 1e10 on a 16 x 16 product)."""
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+def _pow2(v: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(v))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # bf16/fp16 streams are exact in tf32; fp32 streams get the 3-pass split for full fp32 accuracy.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _interpreted() -> bool:
+    return type(_load_proj).__name__ == "InterpretedFunction"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+# Launch defaults (measured on H100: benchmarks/NOTES_kernels.md). A dict so that the
+# benchmarks can A/B a whole configuration; the launchers' keyword arguments override it.
+TUNING = {
+    # bf16 x: K-split bf16 hi/lo mapping kernel (v4 option; 0.34-0.49 ms against v2's 0.21 at C = 2048,
+    # sweep of 2026-11-25) when True; the single tf32 kernel (v2) when False
+    "fwd_split": False,
+    "fwd_block_t": 128, "fwd_block_k": 64, "fwd_warps": 4, "fwd_stages": 3, "fwd_k_splits": None,
+    "apply_dphi_bf16": True,  # bf16 x: dphi = x^T (draw_hi + draw_lo) in bf16 dots (v4); else tf32 (v2)
+    "apply_block_t": 64, "apply_block_q": 256, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
+}  # fmt: skip
+V2_TUNING = {"fwd_split": False, "apply_dphi_bf16": False, "apply_block_t": 32, "apply_block_q": None,
+             "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True}  # fmt: skip
+# What benchmarks/bench_kernels.py --sweep times and tests/test_kernels.py checks on the GPU (n <= 4 keys;
+# n = 8 keeps its own block sizes where the launchers say so).
+FWD_CANDIDATES = [
+    dict(fwd_block_t=bt, fwd_block_k=bk, fwd_warps=w, fwd_stages=st, fwd_k_splits=ks)
+    for bt, bk, w, st, ks in [(128, 64, 4, 3, None), (128, 128, 8, 3, None), (64, 128, 4, 3, None),
+                              (128, 64, 8, 4, None), (256, 64, 8, 3, None), (64, 64, 4, 4, None), (128, 64, 4, 3, 8)]
+]  # fmt: skip
+APPLY_CANDIDATES = [
+    dict(apply_block_t=bt, apply_block_q=bq, apply_warps=w, apply_fuse_dphi=f, apply_dphi_bf16=True, apply_stages=st)
+    for bt, bq, w, f, st in [(32, 256, 8, True, None), (16, 256, 4, True, None), (32, 128, 4, True, None),
+                             (64, 256, 8, True, None), (32, 256, 8, True, 3), (16, 256, 4, False, None),
+                             (32, 256, 8, False, None)]
+]  # fmt: skip
+
+
+@contextlib.contextmanager
+def tuning(overrides: dict):
+    """Run with ``TUNING`` updated by ``overrides`` (an A/B run, a sweep point); restored on exit."""
+    unknown = set(overrides) - set(TUNING)
+    if unknown:
+        raise KeyError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(TUNING)}")
+    saved = dict(TUNING)
+    TUNING.update(overrides)
+    try:
+        yield
+    finally:
+        TUNING.clear()
+        TUNING.update(saved)
