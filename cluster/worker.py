@@ -26,6 +26,7 @@ from dualpipe_mhc.scheduler.ir import Schedule
 
 from .data import step_microbatches
 from .executor import StepExecutor
+from .nvml import NvmlSampler, nvml_device_for_torch
 from .plan import stage_holders
 from .shaping import LinkShaper
 from .transport import Transport
@@ -67,6 +68,9 @@ class StageWorker:
         self.transport: Transport | None = None
         self._link: tuple[float, float] | None = None  # (bytes/s, s) the transport shapes to
         self._reporter: threading.Thread | None = None
+        # This rank's own GPU, sampled from its own process: per-step energy and NVLink bytes with
+        # exact step edges, on any node (the driver can only see its local GPUs).
+        self.nvml: NvmlSampler | None = NvmlSampler(nvml_device_for_torch(0)).start() if use_gpu else None
         self.step = -1
 
     # -- setup ---------------------------------------------------------------------------
@@ -146,14 +150,21 @@ class StageWorker:
         # A generation-2 collection inside a step stalled it by ~170 ms on the CPU (the whole
         # pipeline waits for the paused rank), so automatic collection is off and it runs here.
         gc.disable()
+        if self.nvml is not None:
+            self.nvml.begin_step()
         rec = self.executor.run(step, data)
         self._sum_replicated_grads()
         if apply_optimizer:
             self.optimizer.step()
+        out = {"rank": self.rank, "step": step, "losses": rec.losses, "actions": rec.actions,
+               "step_time": rec.step_time, "peak_memory_bytes": None}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the step's energy window ends when its kernels do
+            out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        if self.nvml is not None:
+            out["nvml"] = self.nvml.end_step()
         gc.collect(2 if (step + 1) % FULL_GC_EVERY == 0 else 1)
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        return {"rank": self.rank, "step": step, "losses": rec.losses, "actions": rec.actions,
-                "step_time": rec.step_time, "peak_memory_bytes": peak}
+        return out
 
     def _sum_replicated_grads(self) -> None:
         chunk_of = {s: c for c, s in self.stage_of.items()}
@@ -236,6 +247,9 @@ class StageWorker:
         return int(state["data_position"])
 
     def shutdown(self) -> None:
+        if self.nvml is not None:
+            self.nvml.stop()
+            self.nvml = None
         if self.transport is not None:
             self.transport.close()
         if dist.is_initialized():
