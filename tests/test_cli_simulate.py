@@ -76,3 +76,31 @@ def test_without_schedule_an_impossible_one_is_skipped_with_a_note(tmp_path, cap
     report = json.loads(report_path.read_text())
     assert {r["schedule"] for r in report["rows"]} == {"1f1b", "zb1p", "dualpipev"}
     assert report["skipped"] and "DualPipe needs an even number of ranks" in report["skipped"][0]
+
+
+def test_with_a_profile_and_no_schedule_the_ones_of_other_stage_counts_are_skipped(tmp_path):
+    from dualpipe_mhc.scheduler import Costs
+
+    profile = tmp_path / "profile.json"
+    Costs.uniform(4, 0.01, 0.01, 0.005, act_bytes=1e6).write_profile(profile)  # 2 ranks x 2 chunks: DualPipeV
+    report_path = tmp_path / "r.json"
+    assert main(["simulate", "--config", "tiny", "--profile", str(profile), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert [r["schedule"] for r in report["rows"]] == ["dualpipev"]
+    assert len(report["skipped"]) == 3 and "has 4 stages but 1f1b" in report["skipped"][0]
+
+
+def test_a_swept_schedule_with_more_stages_than_layers_is_skipped(tmp_path):
+    report_path = tmp_path / "r.json"
+    args = ["--set", "pipeline.schedule=1f1b", "--set", "model.layers=4", "--set", "pipeline.ranks=4"]
+    assert main(["simulate", *args, "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert {r["schedule"] for r in report["rows"]} == {"1f1b", "zb1p", "dualpipe"}
+    assert any("dualpipev" in note and "model.layers>=8" in note for note in report["skipped"])
+
+
+def test_streams_in_any_order_still_compare_against_n1(tmp_path):
+    report_path = tmp_path / "r.json"
+    assert main(["simulate", "--schedule", "1f1b", "--streams", "4,1,4", "--json", str(report_path)]) == 0
+    rows = json.loads(report_path.read_text())["rows"]
+    assert [r["streams"] for r in rows] == [1, 4] and rows[1]["overhead_vs_n1"] > 0

@@ -51,7 +51,8 @@ def _streams(cfg, args: argparse.Namespace) -> list[int]:
             raise ValueError(f"--streams {raw!r} is invalid; use comma-separated ints such as 1,4") from None
         if any(v < 1 for v in values):
             raise ValueError(f"--streams {raw!r} is invalid: every n must be >= 1")
-        return values
+        # Ascending and once each: the n = 1 row must come first to be the overhead's baseline.
+        return sorted(set(values))
     n = cfg.model.streams if cfg.model.residual != "plain" else 1
     return sorted({1, n})
 
@@ -66,9 +67,22 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
     notes: list[str] = []
     results = {}
     ranks, microbatches = cfg.pipeline.ranks, cfg.pipeline.microbatches
+    measured = Costs.from_profile(profile, cfg.link.bandwidth, cfg.link.latency) if profile is not None else None
     for name in schedules:
         try:
             sched = build_schedule(name, ranks, microbatches)
+            # The config checks layers against its own schedule's stages only, and a profile
+            # was measured on one stage count: a swept schedule may need more or other stages.
+            if measured is not None and measured.num_stages != sched.num_stages:
+                raise ScheduleError(
+                    f"profile {profile} has {measured.num_stages} stages but {name} on {ranks} ranks has "
+                    f"{sched.num_stages}; profile that schedule or pick one with --schedule"
+                )
+            if measured is None and cfg.model.layers < sched.num_stages:
+                raise ScheduleError(
+                    f"{name} on {ranks} ranks has {sched.num_stages} stages, more than model.layers="
+                    f"{cfg.model.layers}; use model.layers>={sched.num_stages} or fewer ranks"
+                )
         except ScheduleError as exc:
             if strict:
                 raise
@@ -76,9 +90,9 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
             continue
         validate(sched)
         base_step = None
-        for n in (streams if profile is None else [None]):
-            if profile is not None:
-                costs = Costs.from_profile(profile, cfg.link.bandwidth, cfg.link.latency)
+        for n in (streams if measured is None else [None]):
+            if measured is not None:
+                costs = measured
             else:
                 costs = costs_from_config(cfg, sched.num_stages, streams=n, traffic=traffic)
             result = simulate(sched, costs)
