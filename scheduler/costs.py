@@ -157,6 +157,8 @@ class Costs:
                 raise ValueError(f"profile {origin} does not exist; write one with the runtime or Costs.write_profile") from None
             except json.JSONDecodeError as exc:
                 raise ValueError(f"profile {origin} is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"profile {origin} must hold a JSON object, got {type(data).__name__}")
         if data.get("format") != PROFILE_FORMAT:
             raise ValueError(f"profile {origin}: format={data.get('format')!r}, expected {PROFILE_FORMAT!r}")
         stages = data.get("stages")
@@ -164,25 +166,39 @@ class Costs:
             raise ValueError(f"profile {origin}: 'stages' must be a non-empty list, one object per model stage")
         cols: dict[str, list[float]] = {k: [] for k in ("f", "b", "w", "act_bytes", "act_mem_bytes", "recompute")}
         for s, stage in enumerate(stages):
+            if not isinstance(stage, dict):
+                raise ValueError(f"profile {origin}: stages[{s}]={stage!r} is invalid; use an object with f, b, w, act_bytes")
             for key in cols:
                 value = stage.get(key, 0.0 if key in ("act_mem_bytes", "recompute") else None)
-                if not isinstance(value, (int, float)) or value < 0:
-                    raise ValueError(f"profile {origin}: stages[{s}].{key}={value!r} is invalid; use a number >= 0")
-                cols[key].append(float(value))
+                cols[key].append(_number(value, f"profile {origin}: stages[{s}].{key}"))
         link = data.get("link") or {}
-        bandwidth = link["bandwidth_gbps"] * 1e9 if "bandwidth_gbps" in link else link_bandwidth
-        latency = link["latency_us"] * 1e-6 if "latency_us" in link else link_latency
+        if not isinstance(link, dict):
+            raise ValueError(f"profile {origin}: link={link!r} is invalid; use an object with bandwidth_gbps and latency_us")
+        bandwidth = _number(link["bandwidth_gbps"], f"profile {origin}: link.bandwidth_gbps") * 1e9 if "bandwidth_gbps" in link else link_bandwidth
+        latency = _number(link["latency_us"], f"profile {origin}: link.latency_us") * 1e-6 if "latency_us" in link else link_latency
         pair_links = {}
         for k, item in enumerate(data.get("links") or []):
+            where = f"profile {origin}: links[{k}]"
             try:
-                pair_links[(int(item["src"]), int(item["dst"]))] = (item["bandwidth_gbps"] * 1e9, item.get("latency_us", 0.0) * 1e-6)
+                src, dst, gbps = int(item["src"]), int(item["dst"]), item["bandwidth_gbps"]
             except (KeyError, TypeError, ValueError):
-                raise ValueError(f"profile {origin}: links[{k}] needs src, dst and bandwidth_gbps (latency_us optional)") from None
+                raise ValueError(f"{where} needs src, dst and bandwidth_gbps (latency_us optional)") from None
+            pair_links[(src, dst)] = (
+                _number(gbps, f"{where}.bandwidth_gbps") * 1e9,
+                _number(item.get("latency_us", 0.0), f"{where}.latency_us") * 1e-6,
+            )
         return Costs(
             cols["f"], cols["b"], cols["w"], cols["act_bytes"], cols["act_mem_bytes"], cols["recompute"],
             link_bandwidth=bandwidth if bandwidth is not None else math.inf,
             link_latency=latency if latency is not None else 0.0,
-            fb_overlap=float(data.get("fb_overlap", 1.0)),
+            fb_overlap=_number(data.get("fb_overlap", 1.0), f"profile {origin}: fb_overlap"),
             meta=dict(data.get("meta") or {}),
             pair_links=pair_links,
         )
+
+
+def _number(value: Any, where: str) -> float:
+    """A profile's finite, non-negative number; anything else is a one-line error naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}={value!r} is invalid; use a finite number >= 0")
+    return float(value)

@@ -168,6 +168,9 @@ def test_profile_file_round_trips(tmp_path):
     assert simulate(sched, again).step_time == pytest.approx(simulate(sched, costs).step_time)
 
 
+_STAGE = '{"format": "dualpipe-mhc-profile/1", "stages": [{"f": 1, "b": 1, "w": 0, "act_bytes": 0}]'
+
+
 def test_bad_profile_names_the_field(tmp_path):
     path = tmp_path / "p.json"
     path.write_text('{"format": "dualpipe-mhc-profile/1", "stages": [{"f": 1, "b": -1, "w": 0, "act_bytes": 0}]}')
@@ -175,6 +178,27 @@ def test_bad_profile_names_the_field(tmp_path):
         Costs.from_profile(path)
     path.write_text('{"stages": []}')
     with pytest.raises(ValueError, match="format=None, expected 'dualpipe-mhc-profile/1'"):
+        Costs.from_profile(path)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("[1, 2]", "must hold a JSON object, got list"),
+        ('{"format": "dualpipe-mhc-profile/1", "stages": [1]}', r"stages\[0\]=1 is invalid"),
+        ('{"format": "dualpipe-mhc-profile/1", "stages": [{"f": true, "b": 0, "w": 0, "act_bytes": 0}]}',
+         r"stages\[0\]\.f=True is invalid"),
+        (_STAGE + ', "fb_overlap": "x"}', "fb_overlap='x' is invalid"),
+        (_STAGE + ', "link": {"bandwidth_gbps": "x"}}', "link.bandwidth_gbps='x' is invalid"),
+        (_STAGE + ', "link": [1]}', "link=\\[1\\] is invalid"),
+        (_STAGE + ', "links": [{"src": 0, "dst": 1, "bandwidth_gbps": null}]}', r"links\[0\]\.bandwidth_gbps=None"),
+        (_STAGE + ', "links": [{"src": "a", "dst": 1, "bandwidth_gbps": 1}]}', r"links\[0\] needs src, dst"),
+    ],
+)
+def test_malformed_profile_is_a_value_error_naming_the_field(tmp_path, body, message):
+    path = tmp_path / "p.json"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=message):
         Costs.from_profile(path)
 
 
