@@ -299,7 +299,13 @@ def _read_file(source: str | Path) -> dict[str, Any]:
         if name in bundled_presets():
             return _parse(resources.files("dualpipe_mhc.configs").joinpath(f"{name}.toml").read_text(), ".toml", name)
         raise ConfigError(f"config {name!r} is neither a file nor a bundled preset; presets: {bundled_presets()}")
-    return _parse(path.read_text(), path.suffix.lower(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:  # a directory, no permission
+        raise ConfigError(f"config {path} cannot be read: {exc.strerror}; name a .toml, .yaml or .json file") from None
+    return _parse(text, path.suffix.lower(), str(path))
 
 
 def _parse(text: str, suffix: str, origin: str) -> dict[str, Any]:

@@ -130,10 +130,16 @@ def test_file_errors_are_one_line(tmp_path):
         "bad.json": ("{", "does not parse"),
         "list.yaml": ("- 1\n- 2\n", "must hold a table of sections, got list"),
         "unknown.toml": ("[modle]\nwidth = 8\n", "modle is not a config field"),
+        "latin1.toml": (b"[model]\n# caf\xe9\n", "is not UTF-8 text"),
+        "a_directory": ("dir", "cannot be read"),
     }
     for name, (text, fragment) in cases.items():
         path = tmp_path / name
-        if text is not None:
+        if text == "dir":
+            path.mkdir()
+        elif isinstance(text, bytes):
+            path.write_bytes(text)
+        elif text is not None:
             path.write_text(text)
         with pytest.raises(ConfigError) as info:
             load_config(path)
