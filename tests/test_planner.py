@@ -98,3 +98,11 @@ def test_the_runtime_hook_returns_the_planned_block(paper, table):
     assert optimal_block_layers(cfg) == plan_recompute(cfg).block_layers == best.block_layers
     tight = load_config("paper-27b", ["recompute.enabled=true", "recompute.memory_budget_gib=10"])
     assert optimal_block_layers(tight) == best.block_layers  # infeasible: still the least memory, no raise
+
+
+@pytest.mark.parametrize("option", [["--budget-gib", "-1"], ["--budget-gib", "nan"], ["--budget-gib", "inf"],
+                                    ["--state-bytes-per-param", "-1"], ["--state-bytes-per-param", "nan"]])
+def test_plan_refuses_a_negative_or_non_finite_option(capsys, option):
+    assert main(["plan", *option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dualpipe-mhc plan: error: {option[0]} ") and "is invalid" in err and err.count("\n") == 1

@@ -8,6 +8,7 @@ choice; the runtime takes ``block_layers`` from the JSON (or ``plan_recompute(cf
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -60,8 +61,14 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     schedule = getattr(args, "schedule", None)
     budget = getattr(args, "budget_gib", None)
     state_bytes = getattr(args, "state_bytes_per_param", 6.0)
-    if budget is not None and budget <= 0:
+    # "not x > 0" also refuses nan, which every "<= 0" check lets through.
+    if budget is not None and not 0 < budget < math.inf:
         raise ValueError(f"--budget-gib {budget:g} is invalid: use a positive GiB")
+    if not 0 <= state_bytes < math.inf:
+        raise ValueError(
+            f"--state-bytes-per-param {state_bytes:g} is invalid: use bytes >= 0 (6: bf16 weights, fp32 grads, "
+            "sharded optimizer; 18 unsharded)"
+        )
     n, layers = cfg.model.streams if cfg.model.residual != "plain" else 1, cfg.model.layers
     try:
         plan = plan_recompute(cfg, schedule, budget, state_bytes)
