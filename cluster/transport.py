@@ -81,6 +81,31 @@ class Transport:
         self.shaper = shaper
         if shaper is not None:
             shaper.start(self._raw_isend)
+        self._connected: set[int] = set()
+
+    def connect(self, peers: set[int] | list[int]) -> None:
+        """Open the channels to ``peers`` now, with one small message each way.
+
+        NCCL creates a two-rank communicator on the first send or receive between a pair of
+        ranks, and that creation blocks the calling thread until the peer arrives too. The
+        executor posts receives ahead, so without this a rank could block creating a receive's
+        communicator while its peer waits for an activation this rank has yet to send
+        (DualPipeV's turn at the last rank): a hang on the first GPU step. Every rank calls
+        this with the peers it exchanges messages with (a symmetric relation) and opens them
+        in ascending peer order, which is the order of (low rank, high rank) on both ends of
+        every pair, so these blocking meetings cannot wait on each other in a cycle.
+        """
+        probe = torch.zeros(1, device=self.device)
+        for peer in sorted(set(peers) - self._connected - {self.rank}):
+            what = f"channel opening with rank {peer}"
+            if self.rank < peer:  # up carries low -> high, down high -> low: open both
+                order = [(self.up, "send"), (self.down, "recv")]
+            else:
+                order = [(self.up, "recv"), (self.down, "send")]
+            for group, op in order:
+                fn = dist.isend if op == "send" else dist.irecv
+                self._wait_works([fn(probe, peer, group=group)], f"rank {self.rank}: {what}", "configure")
+            self._connected.add(peer)
 
     def _group(self, src: int, dst: int):
         return self.up if src < dst else self.down

@@ -126,6 +126,8 @@ class StageWorker:
             self.rank, sched, self.chunks, self.transport,
             (cfg.pipeline.microbatch_size, m.seq_len, m.streams, m.width), dtype, self.device, recv_ahead,
         )
+        plan = self.executor.plan
+        self.transport.connect(set(plan.src_of.values()) | set(plan.dst_of.values()))
         if self.board is not None and self._reporter is None:
             self._reporter = threading.Thread(target=self._report_progress, name="progress", daemon=True)
             self._reporter.start()
