@@ -70,7 +70,9 @@ class StageWorker:
         self._reporter: threading.Thread | None = None
         # This rank's own GPU, sampled from its own process: per-step energy and NVLink bytes with
         # exact step edges, on any node (the driver can only see its local GPUs).
-        self.nvml: NvmlSampler | None = NvmlSampler(nvml_device_for_torch(0)).start() if use_gpu else None
+        self.nvml: NvmlSampler | None = None
+        if use_gpu:
+            self.nvml = NvmlSampler(nvml_device_for_torch(0), keep_history=False).start()
         self.step = -1
 
     # -- setup ---------------------------------------------------------------------------

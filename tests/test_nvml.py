@@ -218,3 +218,22 @@ def test_lazy_import_picks_up_an_injected_pynvml_module(monkeypatch):
     step = sampler.end_step()
     sampler.stop()
     assert step["energy_j"] == pytest.approx(3.0 * POWER_W) and fake.shutdown
+
+
+def test_sampler_without_history_keeps_only_the_current_step():
+    """A worker's sampler lives as long as the run: memory must not grow with the step count."""
+    clock = FakeClock()
+    sampler = NvmlSampler(0, period_s=10.0, backend=FakeNvml(clock), clock=clock, keep_history=False).start()
+    try:
+        for _ in range(50):
+            sampler.begin_step()
+            for _ in range(3):
+                clock.advance(0.5)
+                sampler.sample_now()
+            step = sampler.end_step()
+            clock.advance(1.0)
+            sampler.sample_now()  # between steps, as the polling thread does
+        assert len(sampler.samples) <= 7 and sampler.steps == []  # the last step and the one sample after it
+        assert step["energy_j"] == pytest.approx(1.5 * POWER_W)
+    finally:
+        sampler.stop()
