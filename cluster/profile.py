@@ -22,6 +22,8 @@ PAPER_OVERHEAD_PCT = 6.7  # mHC n = 4 over the plain residual, training time (ar
 STRETCH_OVERHEAD_PCT = 5.0  # the issue's stretch goal
 UNAVAILABLE = "unavailable"
 
+WORKER_NVML_NOTE = "sampled by each worker on its own GPU, exact step edges"
+
 Runner = Callable[[Any], dict[str, Any]]  # a config -> its run report (see run_report)
 
 
@@ -286,7 +288,10 @@ def run_report(cfg: Any, sched: Any, results: list[Any], nvml: list[dict[str, An
     if results and all(isinstance(r.get("nvml"), dict) for res in results for r in res.ranks):
         # The workers sampled their own GPU (NvmlSampler.end_step() per step): per rank, exact step edges.
         nvml = [{"steps": [res.ranks[r]["nvml"] for res in results]} for r in range(len(results[0].ranks))]
-    return {"device": device, "on_gpu": device != "cpu", "steps": steps, "nvml": nvml,
+        note = WORKER_NVML_NOTE
+    else:
+        note = None
+    return {"device": device, "on_gpu": device != "cpu", "steps": steps, "nvml": nvml, "nvml_note": note,
             "simulated": simulated_from_measured(cfg, sched, results)}
 
 
@@ -359,7 +364,7 @@ class PipelineRunner:
             s.steps.clear()
         report = run_report(cfg, outcome.sched, outcome.results, nvml, self.device)
         report["recompute_block_layers"] = recompute_layers(cfg)
-        report["nvml_note"] = self.nvml_note
+        report["nvml_note"] = report["nvml_note"] or self.nvml_note  # the workers' own samples win
         return report
 
     def _start_nvml(self, ranks: int) -> None:

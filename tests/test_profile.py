@@ -115,6 +115,7 @@ def test_worker_side_nvml_summaries_are_preferred():
     run = prof.run_report(cfg, sched, [res, res], [], "NVIDIA H200")
     assert run["on_gpu"] and run["nvml"] == [{"steps": [{"energy_j": 10.0}] * 2}, {"steps": [{"energy_j": 20.0}] * 2}]
     assert prof.measurement(run)["energy_j_per_step"] == 30.0
+    assert run["nvml_note"] == prof.WORKER_NVML_NOTE  # not the driver's single-host note
 
 
 def test_local_gpus_follow_cuda_visible_devices(monkeypatch):
