@@ -227,15 +227,6 @@ def incoming_transfer_seconds(cfg: Any, sched: Any) -> list[float]:
     ]
 
 
-def _inputs_of(sched: Any, kind: str, stage: int, mb: int) -> tuple[str, int, int] | None:
-    """The message a compute half consumes: F(s) takes F(s-1)'s output, B(s) takes B(s+1)'s gradient."""
-    if kind == "F" and stage > 0:
-        return ("F", stage - 1, mb)
-    if kind == "B" and stage < sched.num_stages - 1:
-        return ("B", stage + 1, mb)
-    return None
-
-
 def exposed_comm_seconds(sched: Any, ranks: list[dict[str, Any]]) -> list[float]:
     """Per rank, the time spent waiting for inputs *after* their producer had finished them.
 
@@ -250,14 +241,17 @@ def exposed_comm_seconds(sched: Any, ranks: list[dict[str, Any]]) -> list[float]
             for h in a["halves"]:
                 t += h["seconds"]
                 produced[(h["kind"], h["stage"], h["microbatch"])] = t
+    from .plan import build_plan
+
     out = []
     for r, rec in enumerate(ranks):
+        plan = build_plan(sched, r)  # which message each half consumes, and from which rank
         exposed = 0.0
         for a in rec["actions"]:
             ready = a["wait_start"]
             for h in a["halves"]:
-                key = _inputs_of(sched, h["kind"], h["stage"], h["microbatch"])
-                if key is not None and sched.location(key[2], key[1])[0] != r and key in produced:
+                key = plan.inputs.get((h["kind"], h["stage"], h["microbatch"]))
+                if key is not None and plan.src_of[key] != r and key in produced:
                     ready = max(ready, produced[key])
             exposed += max(0.0, a["start"] - ready)
         out.append(exposed)
