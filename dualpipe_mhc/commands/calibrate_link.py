@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: every preset the raw link can reach, and the config's)")
     p.add_argument("--sizes-mib", default=None,
                    help="message sizes in MiB, comma-separated (default 0.25,1,4,16,64; GPUs add 256,1024)")
-    p.add_argument("--repeats", type=int, default=5, help="round trips per point, median taken (default 5)")
+    p.add_argument("--repeats", type=int, default=5, help="timed round trips per point, the fastest kept (default 5)")
 
 
 def _parse_sizes(text: str | None, gpu: bool) -> list[int]:
@@ -133,7 +133,7 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
         use_gpu, backend = resolve_placement(two)
         sizes = _parse_sizes(args.sizes_mib, use_gpu)
         console.print(f"[bold]calibrate-link[/]: 2 workers, {backend}, sizes {[s / 2**20 for s in sizes]} MiB, "
-                      f"{args.repeats} round trips per point")
+                      f"{args.repeats} round trips per point, fastest kept")
         group = WorkerGroup.launch(2, use_gpu, backend, cfg.run.timeout_s)
         device = "gpu" if use_gpu else "cpu"
         if use_gpu:
