@@ -49,13 +49,15 @@ def measure(
     latency: float,
     sizes: list[int],
     repeats: int,
+    groups: tuple[Any, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Points ``{"bytes", "one_way_s"}`` for one link setting (``bandwidth=None``: unshaped).
 
-    Both ranks call this together; only rank 0's numbers are meaningful.
+    Both ranks call this together; only rank 0's numbers are meaningful. ``groups``: the
+    transport's process groups to reuse (see :class:`Transport`).
     """
     shaper = LinkShaper(bandwidth, latency, device=device) if bandwidth else None
-    tp = Transport(rank, world, device, timeout_s, shaper)
+    tp = Transport(rank, world, device, timeout_s, shaper, groups)
     try:
         reply = torch.zeros(TINY // 4, dtype=torch.float32, device=device)
 

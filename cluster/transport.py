@@ -58,6 +58,11 @@ class SendHandle:
     done: Any = None  # threading.Event when a shaper sends it
 
 
+def transport_groups(world: int) -> tuple[Any, Any]:
+    """The (up, down) process groups over all ranks; collective: every rank calls it, in the same order."""
+    return dist.new_group(list(range(world))), dist.new_group(list(range(world)))
+
+
 class Transport:
     """Async P2P between this rank and its neighbours, with optional link shaping."""
 
@@ -68,14 +73,16 @@ class Transport:
         device: torch.device,
         timeout_s: float,
         shaper: LinkShaper | None = None,
+        groups: tuple[Any, Any] | None = None,
     ) -> None:
+        """``groups``: the (up, down) process groups of an earlier transport to reuse; a new
+        transport per link setting would otherwise leave NCCL communicators behind."""
         self.rank = rank
         self.world = world
         self.device = device
         self.timeout_s = timeout_s
-        # Every rank creates both groups, in the same order (a collective call).
-        self.up = dist.new_group(list(range(world)))
-        self.down = dist.new_group(list(range(world)))
+        self.groups = groups if groups is not None else transport_groups(world)
+        self.up, self.down = self.groups
         self.cuda = device.type == "cuda"
         self.comm_stream = torch.cuda.Stream(device=device) if self.cuda else None
         self.shaper = shaper

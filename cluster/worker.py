@@ -29,7 +29,7 @@ from .executor import StepExecutor
 from .nvml import NvmlSampler, nvml_device_for_torch
 from .plan import stage_holders
 from .shaping import LinkShaper
-from .transport import Transport
+from .transport import Transport, transport_groups
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FULL_GC_EVERY = 50  # steps; as torchtitan does, the collector runs between steps, never inside one
@@ -67,6 +67,10 @@ class StageWorker:
         self.executor: StepExecutor | None = None
         self.transport: Transport | None = None
         self._link: tuple[float, float] | None = None  # (bytes/s, s) the transport shapes to
+        # Process groups live as long as the worker: a reconfigure (profile's variants, the GPU
+        # benchmark's cases) that made new ones each time would leave NCCL communicators behind.
+        self._p2p: tuple[Any, Any] | None = None
+        self._sync_groups: dict[tuple[int, ...], Any] = {}
         self._reporter: threading.Thread | None = None
         # This rank's own GPU, sampled from its own process: per-step energy and NVLink bytes with
         # exact step edges, on any node (the driver can only see its local GPUs).
@@ -111,14 +115,17 @@ class StageWorker:
             if self.transport is not None:
                 self.transport.close()
             shaper = LinkShaper(*link, device=self.device) if link else None
-            self.transport = Transport(self.rank, self.world, self.device, cfg.run.timeout_s, shaper)
+            self.transport = Transport(self.rank, self.world, self.device, cfg.run.timeout_s, shaper, self._p2p_groups())
             self._link = link
         self.transport.timeout_s = cfg.run.timeout_s
         # DualPipe holds every model stage on two ranks; their gradients are summed before the step.
         self.sync_groups: list[tuple[int, Any]] = []
         for stage, holders in stage_holders(sched).items():
             if len(holders) > 1:
-                group = dist.new_group(holders)  # collective: every rank creates every group
+                key = tuple(holders)
+                if key not in self._sync_groups:  # collective: every rank creates every group
+                    self._sync_groups[key] = dist.new_group(holders)
+                group = self._sync_groups[key]
                 if self.rank in holders:
                     self.sync_groups.append((stage, group))
         m = cfg.model
@@ -225,7 +232,13 @@ class StageWorker:
         """Ping-pong one-way times with rank 0 (see :mod:`.linkbench`); both ranks call it."""
         from .linkbench import measure
 
-        return measure(self.rank, self.world, self.device, self.timeout_s, bandwidth, latency, sizes, repeats)
+        return measure(self.rank, self.world, self.device, self.timeout_s, bandwidth, latency, sizes, repeats,
+                       groups=self._p2p_groups())
+
+    def _p2p_groups(self) -> tuple[Any, Any]:
+        if self._p2p is None:
+            self._p2p = transport_groups(self.world)
+        return self._p2p
 
     # -- checkpoints ---------------------------------------------------------------------
     def save_checkpoint(self, directory: str, step: int) -> str:

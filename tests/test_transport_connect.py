@@ -57,3 +57,31 @@ def test_channel_opening_cannot_deadlock(monkeypatch, name, ranks):
         for m in set(ready):
             queues[m[1]].pop(0)
             queues[m[2]].pop(0)
+
+
+def test_reconfiguring_a_worker_creates_no_new_process_groups(monkeypatch):
+    """Process groups (NCCL communicators on GPUs) are made once per worker, not per configure:
+    profile's variants and the GPU benchmark's cases reconfigure the same workers many times."""
+    from conftest import small_config
+    from dualpipe_mhc.cluster import worker as wk
+    from dualpipe_mhc.cluster.train import pipeline_schedule
+    from dualpipe_mhc.config import dump_config
+
+    made: list[list[int]] = []
+    fake = SimpleNamespace(
+        new_group=lambda ranks: made.append(list(ranks)) or f"group{len(made)}",
+        isend=lambda *a, **k: _Done(),
+        irecv=lambda *a, **k: _Done(),
+    )
+    monkeypatch.setattr(tp, "dist", fake)
+    monkeypatch.setattr(wk, "dist", fake)
+    cfg = small_config("dualpipe", 2, 4)
+    shaped = cfg.model_copy(update={"link": cfg.link.model_copy(update={"shape": True})})
+    w = wk.StageWorker(0, 2, use_gpu=False, threads=1)
+    w.configure(dump_config(cfg), pipeline_schedule(cfg).to_dict())
+    first = list(made)
+    assert first == [[0, 1]] * 3  # up, down, and the gradient sum of both stages (each held by ranks 0 and 1)
+    for c in (cfg, shaped, cfg):  # a new link setting makes a new transport, on the same groups
+        w.configure(dump_config(c), pipeline_schedule(c).to_dict())
+    assert made == first
+    w.transport.close()
