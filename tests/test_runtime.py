@@ -136,3 +136,19 @@ def test_resume_without_checkpoint_fails_before_launch(tmp_path):
     cfg = small_config("dualpipev", 2, 4, checkpoint_dir=str(tmp_path / "none"))
     with pytest.raises(ValueError, match="no complete checkpoint"):
         train(cfg, resume=True)
+
+
+def test_every_worker_runs_with_nvlink_multicast_off(pipeline2):
+    """NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 must be
+    set in each worker's own process (KINDS.md), not only in the driver's environment."""
+    import os
+
+    import ray
+
+    from dualpipe_mhc.cluster.launch import ACTOR_ENV
+
+    envs = ray.get([a.__ray_call__.remote(lambda _self: dict(os.environ)) for a in pipeline2.group.actors])
+    assert len(envs) == 2
+    for env in envs:
+        assert {k: env.get(k) for k in ACTOR_ENV} == {
+            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
