@@ -11,6 +11,7 @@ checked before any actor starts, so a bad config costs nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from dualpipe_mhc.config import RunConfig, dump_config
@@ -56,9 +57,12 @@ def train(
     """
     sched = pipeline_schedule(cfg)
     cfg_data = dump_config(cfg)
+    # Absolute: the workers resolve paths in their own working directory, which is not the
+    # driver's when it joins a cluster started elsewhere (cluster.address).
+    root = Path(cfg.run.checkpoint_dir).absolute()
     resume_dir, start = None, 0
     if resume:
-        resume_dir, start = checkpoint.find_latest(cfg.run.checkpoint_dir, cfg_data)
+        resume_dir, start = checkpoint.find_latest(root, cfg_data)
     own = pipe is None
     if own:
         pipe = Pipeline.start(cfg, sched)
@@ -76,9 +80,9 @@ def train(
             res = pipe.step(step)
             outcome.results.append(res)
             if every and (step + 1) % every == 0:
-                d = checkpoint.step_dir(cfg.run.checkpoint_dir, step)
+                d = checkpoint.step_dir(root, step)
                 pipe.save_checkpoint(str(d), step)
-                checkpoint.commit(cfg.run.checkpoint_dir, step, cfg_data)
+                checkpoint.commit(root, step, cfg_data)
                 outcome.checkpoints.append(str(d))
             if on_step is not None:
                 on_step(res)

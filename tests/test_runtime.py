@@ -115,13 +115,17 @@ def test_step_records_every_action_with_timings(pipeline2):
     assert len([e for e in observed.events if e.stream == "compute"]) == sum(len(sched.compute_actions(r)) for r in range(2))
 
 
-def test_resumed_run_matches_uninterrupted(pipeline2, tmp_path):
+def test_resumed_run_matches_uninterrupted(pipeline2, tmp_path, monkeypatch):
     from dualpipe_mhc.cluster.train import train
 
     full = train(small_config("dualpipev", 2, 4, steps=4), pipe=pipeline2)
-    ckpt = str(tmp_path / "ckpt")
+    # A relative directory, and the driver in another working directory than the workers (as
+    # when it joins a cluster started elsewhere): the checkpoint must still land in one place.
+    monkeypatch.chdir(tmp_path)
+    ckpt = "ckpt"
     first = train(small_config("dualpipev", 2, 4, steps=2, checkpoint_every=2, checkpoint_dir=ckpt), pipe=pipeline2)
     assert len(first.checkpoints) == 1
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "step_000001").iterdir()) == ["meta.json", "rank0.pt", "rank1.pt"]
     resumed = train(small_config("dualpipev", 2, 4, steps=4, checkpoint_every=2, checkpoint_dir=ckpt),
                     resume=True, pipe=pipeline2)
     assert resumed.start_step == 2
