@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+try:  # private torch API (the split backward of torch's own zero-bubble schedules); checked against torch 2.13
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+except ImportError as exc:
+    raise ImportError(
+        f"the pipeline runtime needs torch.distributed.pipelining._backward (stage_backward_input/weight), "
+        f"which torch {torch.__version__} does not have ({exc}); use a torch release that has it (2.13 is tested)"
+    ) from None
 
 from dualpipe_mhc.scheduler.ir import Action, Schedule
 
