@@ -370,8 +370,17 @@ class PipelineRunner:
         gpus = local_gpus(ranks)
         self.samplers = [NvmlSampler(g, self.nvml_period_s).start() for g in gpus]
         self.nvml_note = f"sampled from the driver for local GPUs {gpus}, steps bracketed by the driver"
-        # The GPU's name from NVML: the driver process never touches CUDA itself.
-        self.device = self.samplers[0].name or "cuda"
+        # The GPU's name from NVML (the driver process never touches CUDA itself), else from a
+        # worker: a driver on a head node without GPUs or NVML would otherwise report "cuda".
+        self.device = self.samplers[0].name or self._worker_device_name()
+
+    def _worker_device_name(self) -> str:
+        import ray
+
+        try:
+            return str(ray.get(self.pipe.group.actors[0].device_name.remote(), timeout=60))
+        except Exception:  # a name is not worth failing a profile for
+            return "cuda"
 
     def close(self) -> None:
         for s in self.samplers:

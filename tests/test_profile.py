@@ -176,3 +176,24 @@ def test_recompute_in_the_pipeline_changes_no_number(pipeline2):
         runner.close()
     assert on["recompute_block_layers"] == 1 and off["recompute_block_layers"] is None
     assert [s["loss"] for s in on["steps"]] == [s["loss"] for s in off["steps"]]
+
+
+def test_gpu_name_comes_from_a_worker_when_the_driver_has_no_nvml(monkeypatch):
+    ray = pytest.importorskip("ray")
+    from dualpipe_mhc.cluster import nvml
+
+    class NoNvml:
+        name = None
+
+        def __init__(self, *_a, **_k):
+            pass
+
+        def start(self):
+            return self
+
+    actor = SimpleNamespace(device_name=SimpleNamespace(remote=lambda: "ref"))
+    pipe = SimpleNamespace(group=SimpleNamespace(use_gpu=True, actors=[actor, actor]))
+    monkeypatch.setattr(nvml, "NvmlSampler", NoNvml)
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: {"ref": "NVIDIA H100 80GB HBM3"}[ref])
+    runner = prof.PipelineRunner(pipe=pipe)
+    assert runner.device == "NVIDIA H100 80GB HBM3"
