@@ -23,6 +23,8 @@ ACTOR_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
+# Set in the driver, read in the workers.
+FORWARDED_ENV = ("DUALPIPE_MHC_KERNELS", "TRITON_INTERPRET")
 
 
 def connect(address: str | None, num_cpus: int | None = None) -> bool:
@@ -108,7 +110,10 @@ class WorkerGroup:
         threads = 1 if not use_gpu else 4
         if not use_gpu:
             threads = max(1, int((os.cpu_count() or 1) // ranks))
-        env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(threads), **(extra_env or {}))
+        env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(threads))
+        # The driver's kernel choice travels with the workers, also to a remote cluster.
+        env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
+        env.update(extra_env or {})
         board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
         remote_cls = ray.remote(StageWorker)
         actors = [

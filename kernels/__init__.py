@@ -8,6 +8,7 @@ only when the Triton backend is asked for.
 from __future__ import annotations
 
 import os
+import warnings
 from types import SimpleNamespace
 
 BACKENDS = ("auto", "triton", "reference")
@@ -43,7 +44,9 @@ def _fused_available() -> bool:
         import triton  # noqa: F401
 
         from . import fused  # noqa: F401
-    except ImportError:
+    except Exception as exc:  # noqa: BLE001  (a broken triton install must not take 'auto' down)
+        if not isinstance(exc, ImportError):
+            warnings.warn(f"fused mHC kernels unavailable ({type(exc).__name__}: {exc}); using the reference", stacklevel=2)
         return False
     return True
 
