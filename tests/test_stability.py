@@ -132,6 +132,9 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
         (["--kinds", "plain,dense"], "--kinds 'plain,dense' is invalid"),
         (["--steps", "0"], "--steps=0 is invalid"),
         (["--demo-sigmas", "0.1,x"], "--demo-sigmas '0.1,x' is invalid"),
+        (["--demo-sigmas", "0.1,nan"], "--demo-sigmas '0.1,nan' is invalid"),
+        (["--lr", "nan"], "--lr=nan"),
+        (["--clip", "nan"], "--clip=nan"),
         (["--set", "model.heads=5"], "model.heads=5 does not divide model.width=64"),
     ],
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 HELP = "train plain / HC / mHC side by side and report gradient norms and Amax gains over depth"
@@ -37,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _settings(cfg, args):
     from ..stability import KINDS, DemoSettings, TrainSettings
 
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    kinds = tuple(dict.fromkeys(k.strip() for k in args.kinds.split(",") if k.strip()))  # once each, in order
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"--kinds {args.kinds!r} is invalid; use a comma-separated subset of {','.join(KINDS)}")
@@ -48,10 +49,11 @@ def _settings(cfg, args):
         sigmas = tuple(float(s) for s in args.demo_sigmas.split(","))
     except ValueError:
         raise ValueError(f"--demo-sigmas {args.demo_sigmas!r} is invalid; use numbers such as 0.05,0.1,0.2") from None
-    if any(s <= 0 for s in sigmas):
-        raise ValueError(f"--demo-sigmas {args.demo_sigmas!r} is invalid: each sigma must be positive")
+    # "not 0 < x < inf" rather than "x <= 0": nan passes every comparison that is meant to refuse it.
+    if not all(0 < s < math.inf for s in sigmas):
+        raise ValueError(f"--demo-sigmas {args.demo_sigmas!r} is invalid: each sigma must be positive and finite")
     lr = cfg.run.lr if args.lr is None else args.lr
-    if lr <= 0 or args.warmup < 0 or args.clip < 0:
+    if not (0 < lr < math.inf and args.warmup >= 0 and 0 <= args.clip < math.inf):
         raise ValueError(f"--lr={lr}, --warmup={args.warmup}, --clip={args.clip}: use lr > 0, warmup >= 0, clip >= 0")
     m = cfg.model
     train = TrainSettings(
