@@ -50,7 +50,7 @@ class ModelConfig(_Section):
     mlp_hidden: int | None = None  # overrides mlp_ratio when set (e.g. SwiGLU 11008)
     seq_len: int = 64
     sinkhorn_iters: int = 20
-    tie_embeddings: bool = False
+    tie_embeddings: bool = False  # kept so dumped configs load; only False is implemented
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -79,6 +79,10 @@ class ModelConfig(_Section):
             raise ConfigError(f"model.mlp_ratio={self.mlp_ratio} is invalid: use a positive number such as 4")
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ConfigError(f"model.mlp_hidden={self.mlp_hidden} is invalid: use a positive int or leave it unset")
+        if self.tie_embeddings:
+            # The embedding and the head sit on different pipeline stages (ranks, for 1F1B and DualPipe),
+            # and nothing shares or all-reduces their weights; accepting it would silently train untied.
+            raise ConfigError("model.tie_embeddings=true is not implemented (the model always unties them); set it to false")
         return self
 
     @property

@@ -29,6 +29,7 @@ INVALID = [
     (["model.width=abc"], ["model.width='abc' is invalid", "valid integer"]),
     (["model.sinkhorn_iters=0"], ["model.sinkhorn_iters=0", "use >= 1"]),
     (["model.mlp_ratio=-1"], ["model.mlp_ratio=-1.0", "positive"]),
+    (["model.tie_embeddings=true"], ["model.tie_embeddings=true is not implemented", "set it to false"]),
     (["model.layers=2"], ["model.layers=2 is fewer than the 4 pipeline stages of dualpipev on 2 ranks"]),
     (["model.unknown=1"], ["model.unknown is not a config field", "'width'"]),
     (["pipeline.schedule=gpipe"], ["pipeline.schedule='gpipe' is invalid", "'dualpipev'"]),
@@ -154,6 +155,6 @@ def test_override_into_non_table_section_is_an_error(tmp_path):
 
 
 def test_override_values_parse_as_scalars():
-    cfg = load_config(None, ["model.tie_embeddings=true", "model.mlp_hidden=none", "run.dtype=bfloat16"])
-    assert cfg.model.tie_embeddings is True and cfg.model.mlp_hidden is None and cfg.run.dtype == "bfloat16"
+    cfg = load_config(None, ["recompute.enabled=true", "model.mlp_hidden=none", "run.dtype=bfloat16"])
+    assert cfg.recompute.enabled is True and cfg.model.mlp_hidden is None and cfg.run.dtype == "bfloat16"
     assert load_config(None, ["link.preset=None", "link.bandwidth_gbps=1"]).link.preset is None
