@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .mhc import HyperConnection
 from .recompute import check_block_layers, run_blocks
+from .scheduler.analytic import split_layers as layer_counts
 
 
 class RMSNorm(nn.Module):
@@ -175,15 +176,12 @@ class StageChunk(nn.Module):
 
 
 def split_layers(layers: int, stages: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, end)`` layer ranges for ``stages`` chunks, sizes differing by at most one."""
-    if not 1 <= stages <= layers:
-        raise ValueError(f"cannot split {layers} layers into {stages} stages; use 1..{layers} stages")
-    base, extra = divmod(layers, stages)
+    """Contiguous ``[start, end)`` layer ranges for ``stages`` chunks: the cost model's split
+    (:func:`dualpipe_mhc.scheduler.analytic.split_layers`), so simulated and run stages agree."""
     ranges, start = [], 0
-    for s in range(stages):
-        end = start + base + (1 if s < extra else 0)
-        ranges.append((start, end))
-        start = end
+    for count in layer_counts(layers, stages):
+        ranges.append((start, start + count))
+        start += count
     return ranges
 
 

@@ -84,7 +84,7 @@ def test_same_seed_same_weights_and_global_rng_untouched():
 
 def test_split_errors_are_one_line():
     model = build_model(_cfg("mhc", layers=2), seed=0)
-    with pytest.raises(ValueError, match="cannot split 2 layers into 3 stages; use 1..2 stages"):
+    with pytest.raises(ValueError, match="cannot split 2 layers into 3 stages; use model.layers>=3 or fewer ranks"):
         model.stage_chunks(3)
     with pytest.raises(ValueError, match="needs targets"):
         model.stage_chunks(1)[0](_batch()[0])
