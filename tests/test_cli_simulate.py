@@ -104,3 +104,10 @@ def test_streams_in_any_order_still_compare_against_n1(tmp_path):
     assert main(["simulate", "--schedule", "1f1b", "--streams", "4,1,4", "--json", str(report_path)]) == 0
     rows = json.loads(report_path.read_text())["rows"]
     assert [r["streams"] for r in rows] == [1, 4] and rows[1]["overhead_vs_n1"] > 0
+
+
+def test_calibrate_link_refuses_a_non_finite_size_before_starting_anything(capsys):
+    for sizes in ("1,nan", "inf", "-1"):
+        assert main(["calibrate-link", "--sizes-mib", sizes]) == 2
+        err = capsys.readouterr().err
+        assert f"--sizes-mib '{sizes}' is invalid: sizes must be positive and finite" in err and err.count("\n") == 1

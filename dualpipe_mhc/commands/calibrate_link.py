@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,8 @@ def _parse_sizes(text: str | None, gpu: bool) -> list[int]:
             mib = [float(x) for x in text.split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"--sizes-mib {text!r} is invalid; use numbers such as 1,16,64") from None
-        if not mib or any(m <= 0 for m in mib):
-            raise ValueError(f"--sizes-mib {text!r} is invalid: sizes must be positive")
+        if not mib or not all(0 < m < math.inf for m in mib):  # "m <= 0" would let nan through
+            raise ValueError(f"--sizes-mib {text!r} is invalid: sizes must be positive and finite")
     return sorted({max(4, int(m * 2**20) // 4 * 4) for m in mib})
 
 
@@ -115,6 +116,8 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
 
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} is invalid: use a positive count")
+    if args.sizes_mib is not None:
+        _parse_sizes(args.sizes_mib, gpu=False)  # a bad list fails here, before Ray starts
     links = _links(cfg, args.presets)
     console = Console(width=None if Console().is_terminal else 110)
 
