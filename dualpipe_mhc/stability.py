@@ -103,8 +103,9 @@ def composite_gains(h: Tensor) -> dict[str, list[float]]:
     fwd, bwd = [], []
     for layer in h:
         prod = layer @ prod
-        fwd.append(amax_gain(prod)[0])
-        bwd.append(amax_gain(prod)[1])
+        f, b = amax_gain(prod)
+        fwd.append(f)
+        bwd.append(b)
     fwd_t, bwd_t = torch.stack(fwd), torch.stack(bwd)  # [D, T]
     return {
         "composite_forward_gain": fwd_t.amax(-1).tolist(),
