@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ResidualKind = Literal["plain", "hc", "mhc"]
 ScheduleName = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
@@ -27,6 +27,15 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     # allow_inf_nan=False: "nan" passes every "<= 0" check, so it must be refused by type.
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for an int field: "layers: true" would build a one-layer model.
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation is not bool and bool not in get_args(annotation):
+            raise ValueError("true/false is not a number here; give the value itself")
+        return value
 
 
 def _positive(section: BaseModel, prefix: str, *names: str) -> None:
@@ -393,7 +402,7 @@ def _one_line(exc: ValidationError) -> str:
             else list(RunConfig.model_fields)
         )
         return f"{loc} is not a config field; valid here: {fields}"
-    return f"{loc}={err.get('input')!r} is invalid: {err['msg']}"
+    return f"{loc}={err.get('input')!r} is invalid: {err['msg'].removeprefix('Value error, ')}"
 
 
 def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -48,6 +48,8 @@ INVALID = [
     (["run.lr=0"], ["run.lr=0.0 is invalid", "positive"]),
     (["run.lr=nan"], ["run.lr='nan' is invalid", "finite"]),
     (["run.checkpoint_every=-1"], ["run.checkpoint_every=-1 is invalid"]),
+    (["model.layers=true"], ["model.layers=True is invalid: true/false is not a number here"]),
+    (["recompute.block_layers=false"], ["recompute.block_layers=False is invalid"]),
     (["modle.width=8"], ["override key 'modle.width' is invalid", "'model'"]),
     (["model.width"], ["override 'model.width' is not of the form section.field=value"]),
     (["width=8"], ["override key 'width' is invalid"]),
