@@ -102,6 +102,10 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     if not outcome.results:
         console.print(f"nothing to run: the checkpoint is already at step {outcome.start_step} of {cfg.run.steps}")
         return _report(cfg, sched, outcome, state, None, None, None, {}, args.warmup)
+    if args.warmup >= len(outcome.results):
+        # Too few steps to leave any out: measure them all, and say so in the report.
+        console.print(f"--warmup {args.warmup} >= the {len(outcome.results)} steps run: the medians use every step")
+        args.warmup = 0
     out = Path(args.out or "out/run")
     files, measured, predicted, costs = _compare_and_write(cfg, sched, outcome, out, args)
     _print_comparison(console, measured, predicted, cfg)
@@ -116,7 +120,7 @@ def _compare_and_write(cfg, sched, outcome, out: Path, args):
     from dualpipe_mhc.scheduler.trace import write_chrome_trace, write_timeline_png
 
     results = outcome.results
-    kept = results[args.warmup:] or results
+    kept = results[args.warmup:]
     meta = {"source": "dualpipe-mhc run", "device": outcome.device, "schedule": sched.name,
             "ranks": sched.ranks, "microbatches": sched.microbatches, "steps_measured": len(kept)}
     costs = measured_costs(cfg, sched, results, warmup=args.warmup, meta=meta)
