@@ -97,16 +97,21 @@ def _run_blocks(model: MhcLM, tokens: Tensor) -> Tensor:
     return x
 
 
-def composite_gains(h: Tensor) -> dict[str, list[float]]:
-    """Gains over depth of ``h [D, T, n, n]`` (float64), P_d = h[d-1] @ ... @ h[0] per token."""
-    prod = torch.eye(h.shape[-1], dtype=h.dtype).expand_as(h[0])
+def prefix_product_gains(mats: Tensor) -> tuple[Tensor, Tensor]:
+    """``mats [D, B, n, n]`` -> Amax (forward, backward) gains ``[D, B]`` of P_d = mats[d-1] @ ... @ mats[0]."""
+    prod = torch.eye(mats.shape[-1], dtype=mats.dtype).expand_as(mats[0])
     fwd, bwd = [], []
-    for layer in h:
+    for layer in mats:
         prod = layer @ prod
         f, b = amax_gain(prod)
         fwd.append(f)
         bwd.append(b)
-    fwd_t, bwd_t = torch.stack(fwd), torch.stack(bwd)  # [D, T]
+    return torch.stack(fwd), torch.stack(bwd)
+
+
+def composite_gains(h: Tensor) -> dict[str, list[float]]:
+    """Gains over depth of ``h [D, T, n, n]`` (float64), P_d = h[d-1] @ ... @ h[0] per token."""
+    fwd_t, bwd_t = prefix_product_gains(h)  # [D, T]
     return {
         "composite_forward_gain": fwd_t.amax(-1).tolist(),
         "composite_backward_gain": bwd_t.amax(-1).tolist(),
@@ -238,14 +243,7 @@ def random_demo(s: DemoSettings) -> dict:
 
 def _product_gains(mats: Tensor) -> dict[str, list[float]]:
     """``mats [depth, trials, n, n]`` -> gains of P_d = mats[d-1] @ ... @ mats[0], worst and median over trials."""
-    prod = torch.eye(mats.shape[-1], dtype=mats.dtype).expand_as(mats[0])
-    fwd, bwd = [], []
-    for layer in mats:
-        prod = layer @ prod
-        f, b = amax_gain(prod)
-        fwd.append(f)
-        bwd.append(b)
-    fwd_t, bwd_t = torch.stack(fwd), torch.stack(bwd)  # [depth, trials]
+    fwd_t, bwd_t = prefix_product_gains(mats)  # [depth, trials]
     return {
         "forward": fwd_t.amax(-1).tolist(),
         "backward": bwd_t.amax(-1).tolist(),
