@@ -129,19 +129,20 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
         i, t = ptr[r], clock[r]
         while i < len(prog):
             dur, needs, outputs, action = prog[i]
-            start, binding, blocked = t, -1, False
+            # produced: when the inputs' producers finished, i.e. when this action could start
+            # if every transfer were instant; the wait beyond that is exposed communication.
+            start, produced, blocked = t, t, False
             for k in needs:
                 a = ready[k]
                 if a < 0:
                     waiting[k] = r
                     blocked = True
                     break
-                if a > start:
-                    start, binding = a, k
+                start = max(start, a)
+                produced = max(produced, ready[nkeys + k] if k < nkeys else a)
             if blocked:
                 break
-            if 0 <= binding < nkeys:
-                exposed[r] += start - max(t, ready[nkeys + binding])
+            exposed[r] += start - produced
             end = start + dur
             busy[r] += dur
             if record_events:

@@ -224,3 +224,17 @@ def test_a_slow_pair_link_only_slows_its_pair(tmp_path):
     path = tmp_path / "p.json"
     slow.write_profile(path)
     assert Costs.from_profile(path).pair_links == {(1, 2): (1e9, 0.0)}
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb1p", "dualpipe", "dualpipev"])
+def test_exposed_communication_is_the_wait_an_instant_link_would_remove(name):
+    # Exposed = start - (when every input's producer had finished), summed over actions: zero on an
+    # instant link, never above the bubble, and counted over all of an F&B pair's inputs.
+    sched = build_schedule(name, 4, 16)
+    base = Costs.uniform(sched.num_stages, 1.0, 1.0, 0.5, act_bytes=1e9)
+    instant = simulate(sched, base.with_link(math.inf, 0.0))
+    assert instant.exposed_comm == [0.0] * sched.ranks
+    slow = simulate(sched, base.with_link(2e9, 0.1))  # 0.6 s a message: same order as compute
+    assert max(slow.exposed_comm) > 0
+    assert all(0 <= e <= b + 1e-9 for e, b in zip(slow.exposed_comm, slow.bubble))
+    assert slow.step_time > instant.step_time
