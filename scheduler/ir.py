@@ -129,6 +129,26 @@ class Schedule:
         """{(stage, microbatch)} whose B defers its weight gradients to a W action."""
         return {(a.stage, a.microbatch) for a in self if a.kind == "W"}
 
+    def peak_inflight(self, bytes_per_stage: list[float] | None = None) -> tuple[list[float], list[int]]:
+        """Per rank, the peak activation bytes and the peak count of forwards awaiting their B,
+        in program order: an F holds its stage's activations until its B ends (a pair's F
+        allocates before its B frees). Without ``bytes_per_stage`` the bytes are all 0."""
+        peak_bytes, peak_count = [], []
+        for acts in self.actions:
+            held = top = 0.0
+            count = top_count = 0
+            for action in acts:
+                for half in action.halves():
+                    size = bytes_per_stage[half.stage] if bytes_per_stage is not None else 0.0
+                    if half.kind == "F":
+                        held, count = held + size, count + 1
+                        top, top_count = max(top, held), max(top_count, count)
+                    elif half.kind == "B":
+                        held, count = held - size, count - 1
+            peak_bytes.append(top)
+            peak_count.append(top_count)
+        return peak_bytes, peak_count
+
     def compute_actions(self, rank: int) -> list[Action]:
         return [a for a in self.actions[rank] if a.kind in COMPUTE_KINDS]
 

@@ -178,7 +178,7 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
         raise ScheduleError(f"simulation deadlocked: {where}; run validate(schedule) for the cause")
 
     step = max(clock) if ranks else 0.0
-    peak_bytes, peak_count = _memory(sched, costs)
+    peak_bytes, peak_count = sched.peak_inflight(costs.act_mem_bytes)
     return SimResult(
         schedule=sched.name,
         ranks=ranks,
@@ -242,31 +242,6 @@ def _compile(sched: Schedule, rank: int, costs: Costs, deferred: set, num_mb: in
             dur *= costs.fb_overlap
         out.append((dur, needs, outputs, action))
     return out
-
-
-def _memory(sched: Schedule, costs: Costs) -> tuple[list[float], list[int]]:
-    """Peak activation bytes and chunk count per rank: an F holds its stage's activations
-    until its B ends (program order; a pair's F allocates before its B frees)."""
-    peak_bytes, peak_count = [], []
-    for acts in sched.actions:
-        held = top = 0.0
-        count = top_count = 0
-        mem = costs.act_mem_bytes
-        for action in acts:
-            kind = action.kind
-            if kind == "F" or kind == "FB":
-                held += mem[action.stage]
-                count += 1
-                top, top_count = max(top, held), max(top_count, count)
-            if kind == "B":
-                held -= mem[action.stage]
-                count -= 1
-            elif kind == "FB":
-                held -= mem[action.pair.stage]
-                count -= 1
-        peak_bytes.append(top)
-        peak_count.append(top_count)
-    return peak_bytes, peak_count
 
 
 def _parts(action: Action) -> tuple[tuple[str, int, int], ...]:

@@ -38,7 +38,7 @@ def validate(sched: Schedule) -> ValidationReport:
     if explicit:
         _check_matching(sched)
     _execute(sched, explicit)
-    return ValidationReport(sched.ranks, sum(len(a) for a in sched.actions), _peak_inflight(sched))
+    return ValidationReport(sched.ranks, sum(len(a) for a in sched.actions), sched.peak_inflight()[1])
 
 
 def _check_placement(sched: Schedule) -> None:
@@ -183,15 +183,3 @@ def _name(token: tuple) -> str:
     label = {"done": f"{kind}{mb}.s{stage}", "sent": f"SEND_{kind}{mb}.s{stage}", "recv": f"RECV_{kind}{mb}.s{stage}"}
     return label[what]
 
-
-def _peak_inflight(sched: Schedule) -> list[int]:
-    peaks = []
-    for acts in sched.actions:
-        held = peak = 0
-        for action in acts:
-            halves = action.halves()
-            held += sum(h.kind == "F" for h in halves)
-            peak = max(peak, held)
-            held -= sum(h.kind == "B" for h in halves)
-        peaks.append(peak)
-    return peaks
