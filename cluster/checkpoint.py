@@ -2,11 +2,11 @@
 
     <checkpoint_dir>/step_000004/rank0.pt ... rankN.pt   every rank's chunks + optimizer state
     <checkpoint_dir>/step_000004/meta.json                written last: the checkpoint is complete
-    <checkpoint_dir>/latest                               name of the newest complete checkpoint
 
 A rank file holds its stages' parameters, the optimizer state and the data position
 (the next step index; batches are drawn per step from the seed, see :mod:`.data`).
-A checkpoint without ``meta.json`` (a run killed while saving) is ignored by resume.
+A checkpoint without ``meta.json`` (a run killed while saving) is ignored by resume, which
+takes the newest complete ``step_*`` directory.
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def commit(root: str | Path, step: int, cfg_data: dict[str, Any]) -> Path:
-    """Mark ``step``'s checkpoint complete (after every rank saved) and point ``latest`` at it."""
+    """Mark ``step``'s checkpoint complete (after every rank saved): ``meta.json`` is written last."""
     d = step_dir(root, step)
     meta = {"step": step, "data_position": step + 1, "time": time.time(),
             "config": {k: cfg_data[k] for k in COMPATIBLE}}
-    (d / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    tmp = Path(root) / "latest.tmp"
-    tmp.write_text(d.name + "\n")
-    os.replace(tmp, Path(root) / "latest")
+    tmp = d / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, d / "meta.json")  # atomic: a half-written meta.json never marks a checkpoint complete
     return d
 
 
