@@ -4,10 +4,10 @@
                                        [--sweep [--write-tuning best.json] [--no-cases]]
                                        [--tuning best.json] [--out benchmarks/results]
 
-For each shape it times (CUDA events through triton.testing.do_bench, median, after
-warm-up, random bf16 inputs) every launch of the fused path, with mhc_pre.TUNING (updated
+For each shape it times (CUDA-graph replays through triton.testing.do_bench_cudagraph,
+median, after warm-up, random bf16 inputs) every launch of the fused path, with mhc_pre.TUNING (updated
 from ``--tuning``) and, for the pre kernels, with the previous defaults (mhc_pre.V2_TUNING, "(v2)" rows):
-    pre fwd           _pre_fwd_partial_kernel + _pre_fwd_finish_kernel + _pre_aggregate_kernel
+    pre fwd           _pre_fwd_partial_kernel + _pre_fwd_finish_aggregate_kernel when TUNING says split
                       (v2: _pre_fwd_kernel + _pre_aggregate_kernel)
     pre bwd reduce    _pre_bwd_reduce_kernel   (dH_pre, Sinkhorn backward, per-token scalars)
     pre bwd apply     _pre_bwd_apply_kernel    (dx with the post/res gradient added in place)
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,8 +49,13 @@ from dualpipe_mhc.kernels.mhc_pre import (  # noqa: E402
 ITERS = 20
 
 
-def bench(fn, ms: int = 200) -> float:
-    """Median milliseconds."""
+def bench(fn, ms: int = 200, graph: bool = True) -> float:
+    """Median milliseconds of one call. ``graph``: replayed from a CUDA graph, the GPU's time
+    without the Python launch overhead (a few launches of ~10-20 us each would otherwise dominate
+    the sub-0.3 ms ops and hide what the kernels cost inside a model, where launches overlap);
+    otherwise launched eagerly (the eager reference, whose launch overhead is part of its cost)."""
+    if graph:
+        return do_bench_cudagraph(fn, rep=ms, return_mode="median")
     return do_bench(fn, warmup=50, rep=ms, return_mode="median")
 
 
@@ -59,7 +64,7 @@ def copy_bandwidth(device: str, gib: float = 1.0) -> float:
     n = int(gib * (1 << 30)) // 2
     a = torch.randn(n, device=device, dtype=torch.bfloat16)
     b = torch.empty_like(a)
-    ms = bench(lambda: b.copy_(a), 400)
+    ms = bench(lambda: b.copy_(a), 400, graph=False)
     return 2 * a.numel() * 2 / (ms * 1e-3)
 
 
@@ -113,14 +118,14 @@ def time_case(t: int, n: int, c: int, device: str) -> dict[str, float]:
     # eager reference, same inputs (fwd only, and fwd+bwd of the op)
     xr = x.detach().requires_grad_()
     pr, ar, br = (p.detach().requires_grad_() for p in (phi, alpha, bias))
-    res["ref pre fwd"] = bench(lambda: ref.mhc_pre(x, phi, alpha, bias, ITERS))
-    res["ref post_res fwd"] = bench(lambda: ref.post_res(x, y, h_post, h_res))
+    res["ref pre fwd"] = bench(lambda: ref.mhc_pre(x, phi, alpha, bias, ITERS), graph=False)
+    res["ref post_res fwd"] = bench(lambda: ref.post_res(x, y, h_post, h_res), graph=False)
 
     def ref_pre_fwd_bwd():
         uu, hp, hr = ref.mhc_pre(xr, pr, ar, br, ITERS)
         torch.autograd.backward((uu, hp, hr), (du, dh_post, dh_res))
 
-    res["ref pre fwd+bwd"] = bench(ref_pre_fwd_bwd)
+    res["ref pre fwd+bwd"] = bench(ref_pre_fwd_bwd, graph=False)
     return res
 
 
@@ -154,32 +159,34 @@ def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
 
 
 def split_parts(t: int, n: int, c: int, device: str) -> dict[str, float]:
-    """The K-split forward's launches timed one by one (ms), to say where its time goes."""
+    """The K-split forward's two launches timed one by one (ms), to say where its time goes."""
     x, phi, alpha, bias, *_ = make_case(t, n, c, device)
     m, k = 2 * n + n * n, n * c
     mp = triton.next_power_of_2(max(m, 16))
+    nn_ = max(2, triton.next_power_of_2(n))
     bt, bk = mhc_pre.TUNING["fwd_block_t"], mhc_pre.TUNING["fwd_block_k"]
-    out = {"split_phi_bf16": bench(lambda: mhc_pre.split_phi_bf16(phi, mp))}
-    phi2 = mhc_pre.split_phi_bf16(phi, mp)
+    f32 = dict(device=device, dtype=torch.float32)
+    outs = [torch.empty((t, c), device=device, dtype=x.dtype), torch.empty((t, n), **f32),
+            torch.empty((t, n), **f32), torch.empty((t, n, n), **f32), torch.empty((t, m), **f32),
+            torch.empty((t,), **f32)]  # fmt: skip
+    out = {}
     for splits in (4, 8, 16):
         ks = triton.cdiv(triton.cdiv(k, splits), bk) * bk
         sp = triton.cdiv(k, ks)
-        part, ss = torch.empty((sp, t, mp), device=device), torch.empty((sp, t), device=device)
+        part, ss = torch.empty((sp, t, mp), **f32), torch.empty((sp, t), **f32)
         grid = (triton.cdiv(t, bt), sp)
         out[f"partial splits={sp}"] = bench(
             lambda: mhc_pre._pre_fwd_partial_kernel[grid](
-                x, phi2, part, ss, t, k, ks, MP=mp, BT=bt, BK=bk, UPCAST=False, num_warps=4, num_stages=3
+                x, phi, part, ss, t, k, ks, M=m, MP=mp, BT=bt, BK=bk, UPCAST=False, num_warps=4, num_stages=3
             )
         )
-    f32 = dict(device=device, dtype=torch.float32)
-    outs = [torch.empty((t, n), **f32), torch.empty((t, n), **f32), torch.empty((t, n, n), **f32),
-            torch.empty((t, m), **f32), torch.empty((t,), **f32)]  # fmt: skip
-    out[f"finish splits={sp}"] = bench(
-        lambda: mhc_pre._pre_fwd_finish_kernel[(triton.cdiv(t, 16),)](
-            part, ss, alpha, bias, *outs, t, k, sp, 1e-6,
-            n=n, N=max(2, triton.next_power_of_2(n)), M=m, MP=mp, ITERS=ITERS, BT=16, num_warps=4,
-        )  # fmt: skip
-    )
+        agg = (triton.cdiv(t, 16 // nn_), triton.cdiv(c, 256))
+        out[f"finish+aggregate splits={sp}"] = bench(
+            lambda: mhc_pre._pre_fwd_finish_aggregate_kernel[agg](
+                part, ss, x, alpha, bias, *outs, t, c, sp, 1e-6,
+                n=n, N=nn_, M=m, MP=mp, ITERS=ITERS, BT=16 // nn_, BC=256, num_warps=4,
+            )  # fmt: skip
+        )
     with mhc_pre.tuning({"fwd_split": True}):
         out["whole split pre fwd"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS))
     out["whole v2 pre fwd"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, split=False))

@@ -6,6 +6,8 @@
 #   bash benchmarks/run_gpu_kernels.sh ab      # one tight call: sweep of mhc_pre's tuning candidates -> best;
 #       per-kernel table (best vs v2 defaults); block A/B (plain, fused v2, fused best); NVML smoke;
 #       every GPU test of the repo (pydantic etc. from .whl, see /work/shared/gpu-host). At most 8 files in $OUT.
+#   bash benchmarks/run_gpu_kernels.sh tune    # every GPU test (3 processes), then the sweep (CUDA-graph timing)
+#       -> $OUT/best_tuning.json, the split forward's parts, the per-kernel table at the best tuning
 # Outputs go to $OUT (the device tool's folder) or benchmarks/results/gpu_run; copy them into benchmarks/results/.
 set -o pipefail
 OUT=${OUT:-benchmarks/results/gpu_run}
@@ -60,5 +62,19 @@ case "${1:-check}" in
     run "layer_matches and fp32" 1 & run "layer_matches and bf16" 2 & run "not layer_matches" 3 & wait
     for i in 1 2 3; do echo "=== part $i"; cat /tmp/gpu_tests_$i.txt; done | tee "$OUT/gpu_tests_$tag.txt"
     ;;
-  *) echo "usage: $0 check|block|final|ab|ab2"; exit 2 ;;
+  tune)
+    tag=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
+    run() { timeout 240 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -rfEs --tb=short \
+              --continue-on-collection-errors -k "$1" >"/tmp/gpu_tests_$2.txt" 2>&1; echo "rc=$?" >>"/tmp/gpu_tests_$2.txt"; }
+    run "layer_matches and fp32" 1 & run "layer_matches and bf16" 2 & run "not layer_matches" 3 & wait
+    for i in 1 2 3; do echo "=== part $i"; cat /tmp/gpu_tests_$i.txt; done >"$OUT/gpu_tests_$tag.txt"
+    grep -h "passed\|failed\|rc=" "$OUT/gpu_tests_$tag.txt"
+    { timeout 150 python3 benchmarks/bench_kernels.py --sweep --no-cases --write-tuning "$OUT/best_tuning.json" --out "$OUT"
+      [ -s "$OUT/best_tuning.json" ] || echo '{}' >"$OUT/best_tuning.json"
+      timeout 40 python3 benchmarks/bench_kernels.py --split-parts --widths 2048 4096
+      timeout 90 python3 benchmarks/bench_kernels.py --widths 2048 4096 --tuning "$OUT/best_tuning.json" --out "$OUT"
+    } 2>&1 | tee "$OUT/tune.log"
+    ;;
+  *) echo "usage: $0 check|block|final|ab|ab2|tune"; exit 2 ;;
 esac

@@ -19,9 +19,11 @@ Kernels (block sizes: launcher defaults, from the sweeps in benchmarks/results/k
                             on-chip. With AGGREGATE it also writes u = H_pre x in a second pass
                             over its tokens (hoping for L2 hits: measured 10 % slower on H100).
     _pre_fwd_partial_kernel the K-split option (``TUNING['fwd_split']``, bf16 x): grid (token blocks,
-    _pre_fwd_finish_kernel  K splits), x @ phi as bf16 dots against phi's hi + lo halves, then a
-                            finish kernel for 1/rms, the mappings and Sinkhorn. Off by default:
-                            0.276 vs 0.210 ms at C = 2048 (H100), see benchmarks/NOTES_kernels.md.
+                            K splits), x @ phi as bf16 dots against phi's hi + lo halves (split
+                            on-chip), partial sums per K split;
+    _pre_fwd_finish_aggregate_kernel  then u = H_pre x on a (token, channel) grid, each program
+                            summing the partials it needs; channel block 0 also runs 1/rms, the
+                            mappings and Sinkhorn. See benchmarks/NOTES_kernels.md for timings.
     _pre_aggregate_kernel   u = H_pre x on a (token, channel) grid: the default second read of x.
     _pre_bwd_reduce_kernel  one program per BT tokens: dH_pre = <du, x_i> over C, then every
                             per-token scalar of the backward (Sinkhorn backward by recompute).
@@ -41,9 +43,9 @@ import triton
 import triton.language as tl
 
 from .mhc_pre_common import (
-    APPLY_CANDIDATES, FWD_CANDIDATES, TUNING, V2_TUNING, _dot_bf16, _interpreted, _load_proj, _logits, _mappings,
-    _num_sms, _pow2, _precision, tuning,
-)
+    APPLY_CANDIDATES, FWD_CANDIDATES, TUNING, V2_TUNING, WIDE_APPLY_TUNING, _dot_bf16, _interpreted, _load_proj,
+    _logits, _mappings, _num_sms, _pow2, _precision, tuning,
+)  # fmt: skip
 from .mhc_pre_bwd import apply_tuning, pre_backward, pre_backward_apply, pre_backward_dphi, pre_backward_reduce  # noqa: F401
 
 
@@ -86,22 +88,23 @@ def _pre_fwd_kernel(
 
 @triton.jit
 def _pre_fwd_partial_kernel(
-    x_ptr, phi2_ptr, part_ptr, ss_part_ptr,
+    x_ptr, phi_ptr, part_ptr, ss_part_ptr,
     T, K, KS,
-    MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+    M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Split forward, pass 1, grid (token blocks, K splits): partial sum of squares and x @ phi over K/splits.
 
-    bf16 x meets phi as a bf16 hi + lo pair (``phi2`` [2, K, MP], zero-padded columns): two bf16
-    dots per tile, error ~2^-17 of phi (tf32 rounds phi to 2^-11), x fed to the tensor cores as
-    loaded. Splitting K lets a program take 64-128 tokens (phi re-read from L2 once per token
-    block, not per 32 tokens) while the grid still fills the chip.
+    bf16 x meets phi as a bf16 hi + lo pair split on-chip from the fp32 tile: two bf16 dots per
+    tile, error ~2^-17 of phi (tf32 rounds phi to 2^-11), x fed to the tensor cores as loaded.
+    Splitting K lets a program take 64-128 tokens (phi re-read from L2 once per token block,
+    not per 32 tokens) while the grid still fills the chip.
     """
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_mask = rows < T
     rows64 = rows.to(tl.int64)
     split = tl.program_id(1)
     cols = tl.arange(0, MP)
+    col_mask = cols < M
     acc = tl.zeros((BT, MP), dtype=tl.float32)
     ss = tl.zeros((BT,), dtype=tl.float32)
     k_start = split * KS
@@ -112,9 +115,9 @@ def _pre_fwd_partial_kernel(
         xk = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=row_mask[:, None] & kmask[None, :], other=0.0)
         xf = xk.to(tl.float32)
         ss += tl.sum(xf * xf, axis=1)
-        ph_off = ks[:, None] * MP + cols[None, :]
-        hi = tl.load(phi2_ptr + ph_off, mask=kmask[:, None], other=0.0)
-        lo = tl.load(phi2_ptr + K * MP + ph_off, mask=kmask[:, None], other=0.0)
+        ph = tl.load(phi_ptr + ks[:, None] * M + cols[None, :], mask=kmask[:, None] & col_mask[None, :], other=0.0)
+        hi = ph.to(tl.bfloat16)
+        lo = (ph - hi.to(tl.float32)).to(tl.bfloat16)
         acc = _dot_bf16(xk, hi, acc, UPCAST)
         acc = _dot_bf16(xk, lo, acc, UPCAST)
     part_off = split.to(tl.int64) * T * MP + rows64[:, None] * MP + cols[None, :]
@@ -123,27 +126,55 @@ def _pre_fwd_partial_kernel(
 
 
 @triton.jit
-def _pre_fwd_finish_kernel(
-    part_ptr, ss_part_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr, proj_ptr, rstd_ptr,
-    T, K, SPLITS, eps,
-    n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr,
+def _pre_fwd_finish_aggregate_kernel(
+    part_ptr, ss_part_ptr, x_ptr, alpha_ptr, bias_ptr,
+    u_ptr, h_pre_ptr, h_post_ptr, h_res_ptr, proj_ptr, rstd_ptr,
+    T, C, SPLITS, eps,
+    n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    """Split forward, pass 2: sum the K-split partials, 1/rms, then the mappings and Sinkhorn."""
+    """Split forward, pass 2, grid (token blocks, channel blocks): u = H_pre x for one tile.
+
+    Every program sums the K-split partials of the pre columns (n + 1 floats per token and
+    split, from L2) to get 1/rms and H_pre; the channel block 0 program also finishes the rest:
+    all projections, H_post, Sinkhorn, and the stores of what the backward keeps.
+    """
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_mask = rows < T
     rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, MP)
-    acc = tl.zeros((BT, MP), dtype=tl.float32)
+    K = n * C
+    i = tl.arange(0, N)
+    m2 = row_mask[:, None] & (i < n)[None, :]
+    pre = tl.zeros((BT, N), dtype=tl.float32)
     ss = tl.zeros((BT,), dtype=tl.float32)
     for s in range(SPLITS):
         srows = rows64 + s * T  # T may arrive as the constant 1 (Triton specialises it): no T.to()
-        acc += tl.load(part_ptr + srows[:, None] * MP + cols[None, :], mask=row_mask[:, None], other=0.0)
+        pre += tl.load(part_ptr + srows[:, None] * MP + i[None, :], mask=m2, other=0.0)
         ss += tl.load(ss_part_ptr + srows, mask=row_mask, other=0.0)
     rstd = 1.0 / tl.sqrt(ss / K + eps)
-    _mappings(
-        acc * rstd[:, None], rstd, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
-        rows, row_mask, n, N, M, MP, ITERS,
-    )  # fmt: skip
+    if tl.program_id(1) == 0:
+        cols = tl.arange(0, MP)
+        acc = tl.zeros((BT, MP), dtype=tl.float32)
+        for s in range(SPLITS):
+            srows = rows64 + s * T
+            acc += tl.load(part_ptr + srows[:, None] * MP + cols[None, :], mask=row_mask[:, None], other=0.0)
+        _mappings(
+            acc * rstd[:, None], rstd, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
+            rows, row_mask, n, N, M, MP, ITERS,
+        )  # fmt: skip
+    # the same arithmetic as _mappings' H_pre, so u agrees with the stored h_pre
+    a_pre = tl.load(alpha_ptr).to(tl.float32)
+    b_pre = tl.load(bias_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+    h_pre = tl.where(m2, tl.sigmoid(a_pre * (pre * rstd[:, None]) + b_pre[None, :]), 0.0)
+    cs = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = cs < C
+    x3 = tl.load(
+        x_ptr + rows64[:, None, None] * K + i[None, :, None] * C + cs[None, None, :],
+        mask=m2[:, :, None] & cmask[None, None, :],
+        other=0.0,
+    )
+    u = tl.sum(h_pre[:, :, None] * x3.to(tl.float32), axis=1)
+    tl.store(u_ptr + rows64[:, None] * C + cs[None, :], u.to(u_ptr.dtype.element_ty), mask=row_mask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -189,13 +220,6 @@ def _pre_aggregate_kernel(
     tl.store(u_ptr + rows64[:, None] * C + cs[None, :], u.to(u_ptr.dtype.element_ty), mask=row_mask[:, None] & cmask[None, :])
 
 
-def split_phi_bf16(phi: torch.Tensor, mp: int) -> torch.Tensor:
-    """phi [K, M] -> [2, K, MP] bf16: hi = bf16(phi), lo = bf16(phi - hi), columns zero-padded to MP."""
-    hi = phi.to(torch.bfloat16)
-    lo = (phi.float() - hi.float()).to(torch.bfloat16)
-    return torch.nn.functional.pad(torch.stack((hi, lo)), (0, mp - phi.shape[1])).contiguous()
-
-
 def pre_forward(
     x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
     block_t: int | None = None, block_k: int | None = None, num_warps: int | None = None,
@@ -205,7 +229,7 @@ def pre_forward(
     """Launch the forward on ``x [T, n, C]`` (contiguous). Returns ``u, h_pre, h_post, h_res, proj, rstd``.
 
     ``split`` (default ``TUNING['fwd_split']``, bf16 x only): the K-split pair
-    :func:`_pre_fwd_partial_kernel` + :func:`_pre_fwd_finish_kernel`; otherwise
+    :func:`_pre_fwd_partial_kernel` + :func:`_pre_fwd_finish_aggregate_kernel`; otherwise
     :func:`_pre_fwd_kernel` (one program per ``block_t`` tokens over all of K, tf32 dots).
     ``fuse_aggregate`` (single kernel only): compute u inside the mapping kernel (second pass over
     each token block, hoping for L2 hits) instead of in :func:`_pre_aggregate_kernel` on a 2-D grid.
@@ -234,26 +258,27 @@ def pre_forward(
         part = torch.empty((k_splits, t, mp), **f32)
         ss_part = torch.empty((k_splits, t), **f32)
         _pre_fwd_partial_kernel[(t_blocks, k_splits)](
-            x, split_phi_bf16(phi, mp), part, ss_part, t, k, ks, MP=mp, BT=bt, BK=bk, UPCAST=_interpreted(),
+            x, phi, part, ss_part, t, k, ks, M=m, MP=mp, BT=bt, BK=bk, UPCAST=_interpreted(),
             num_warps=num_warps or (TUNING["fwd_warps"] if mp <= 32 else 8),
             num_stages=num_stages or TUNING["fwd_stages"],
         )  # fmt: skip
-        fbt = 16 if mp <= 32 else 8
-        _pre_fwd_finish_kernel[(triton.cdiv(t, fbt),)](
-            part, ss_part, alpha, bias, h_pre, h_post, h_res, proj, rstd, t, k, k_splits, eps,
-            n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=fbt, num_warps=4,
+        abt = agg_block_t or max(1, 16 // nn_)
+        abc = min(agg_block_c, _pow2(c, 16))
+        _pre_fwd_finish_aggregate_kernel[(triton.cdiv(t, abt), triton.cdiv(c, abc))](
+            part, ss_part, x, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, t, c, k_splits, eps,
+            n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=abt, BC=abc, num_warps=4,
         )  # fmt: skip
-    else:
-        bt = block_t or 32
-        if block_k is None:
-            block_k = 128 if mp <= 32 else 64
-        if num_warps is None:
-            num_warps = 4 if mp <= 32 else 8
-        _pre_fwd_kernel[(triton.cdiv(t, bt),)](
-            x, phi, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, t, c, eps,
-            n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=bt, BK=block_k, BC=min(128, _pow2(c, 16)),
-            PRECISION=_precision(x.dtype), AGGREGATE=fuse_aggregate, num_warps=num_warps,
-        )  # fmt: skip
+        return u, h_pre, h_post, h_res, proj, rstd
+    bt = block_t or 32
+    if block_k is None:  # fp32 x (tf32x3 dots) at 128 spilled (sm_90, benchmarks/kernel_resources.py)
+        block_k = 128 if mp <= 32 and x.dtype != torch.float32 else 64
+    if num_warps is None:
+        num_warps = 4 if mp <= 32 else 8
+    _pre_fwd_kernel[(triton.cdiv(t, bt),)](
+        x, phi, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, t, c, eps,
+        n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=bt, BK=block_k, BC=min(128, _pow2(c, 16)),
+        PRECISION=_precision(x.dtype), AGGREGATE=fuse_aggregate, num_warps=num_warps,
+    )  # fmt: skip
     if not fuse_aggregate:
         bt = agg_block_t or max(1, 16 // nn_)  # [BT, N, BC] tile of ~4K values
         bc = min(agg_block_c, _pow2(c, 16))

@@ -7,7 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .mhc_pre_common import TUNING, V2_TUNING, _dot_bf16, _interpreted, _load_proj, _logits, _num_sms, _pow2, _precision
+from .mhc_pre_common import (
+    TUNING, WIDE_APPLY_TUNING, _dot_bf16, _interpreted, _load_proj, _logits, _num_sms, _pow2, _precision,
+)  # fmt: skip
 from .sinkhorn import sinkhorn_bwd, sinkhorn_init
 
 
@@ -205,9 +207,9 @@ def apply_tuning(dtype: torch.dtype, n: int) -> dict:
 
     TUNING's apply sizes were measured for bf16 streams and n <= 4. fp32 tiles and n = 8's
     [128, q] dphi tile ran out of shared memory at block_t = 64 on H100 (262-524 KB asked,
-    227 KB there): those keep the v2 configuration, GPU-tested as it stands.
+    227 KB there) and spilled registers at v2's block_t = 32: those take WIDE_APPLY_TUNING.
     """
-    return TUNING if dtype == torch.bfloat16 and _pow2(2 * n + n * n, 16) <= 32 else V2_TUNING
+    return TUNING if dtype == torch.bfloat16 and _pow2(2 * n + n * n, 16) <= 32 else WIDE_APPLY_TUNING
 
 
 def pre_backward_apply(
@@ -222,7 +224,7 @@ def pre_backward_apply(
     ``fuse_dphi``: accumulate dphi in the dx kernel (one read of x; the default) instead of in
     :func:`_pre_bwd_dphi_kernel` (a second read of x). ``dphi_bf16``: dphi's dots in bf16 (x as
     loaded, draw as a hi + lo pair) rather than tf32. Defaults: ``TUNING`` for bf16 x with n <= 4,
-    ``V2_TUNING`` otherwise.
+    ``WIDE_APPLY_TUNING`` otherwise.
     """
     t, n, c = x.shape
     m = 2 * n + n * n

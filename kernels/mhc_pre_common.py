@@ -100,8 +100,8 @@ def _num_sms(device: torch.device) -> int:
 # Launch defaults (measured on H100: benchmarks/NOTES_kernels.md). A dict so that the
 # benchmarks can A/B a whole configuration; the launchers' keyword arguments override it.
 TUNING = {
-    # bf16 x: K-split bf16 hi/lo mapping kernel (v4 option; 0.34-0.49 ms against v2's 0.21 at C = 2048,
-    # sweep of 2026-11-25) when True; the single tf32 kernel (v2) when False
+    # bf16 x: the K-split pair (bf16 hi/lo dots, then finish + aggregate) when True; the single tf32
+    # mapping kernel + aggregate kernel (v2) when False
     "fwd_split": False,
     "fwd_block_t": 128, "fwd_block_k": 64, "fwd_warps": 4, "fwd_stages": 3, "fwd_k_splits": None,
     "apply_dphi_bf16": True,  # bf16 x: dphi = x^T (draw_hi + draw_lo) in bf16 dots (v4); else tf32 (v2)
@@ -109,10 +109,14 @@ TUNING = {
 }  # fmt: skip
 V2_TUNING = {"fwd_split": False, "apply_dphi_bf16": False, "apply_block_t": 32, "apply_block_q": None,
              "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True}  # fmt: skip
+# The apply kernel for fp32 / fp16 streams and for n = 8 (TUNING's sizes are for bf16, n <= 4): v2's
+# with 16-token tiles, the largest that compile for sm_90 without spilling registers (fp32 n = 8 still
+# spills some) and fit shared memory (benchmarks/kernel_resources.py).
+WIDE_APPLY_TUNING = {**V2_TUNING, "apply_block_t": 16}
 # What benchmarks/bench_kernels.py --sweep times and tests/test_kernels.py checks on the GPU (n <= 4 keys;
 # n = 8 keeps its own block sizes where the launchers say so).
 FWD_CANDIDATES = [
-    dict(fwd_block_t=bt, fwd_block_k=bk, fwd_warps=w, fwd_stages=st, fwd_k_splits=ks)
+    dict(fwd_split=True, fwd_block_t=bt, fwd_block_k=bk, fwd_warps=w, fwd_stages=st, fwd_k_splits=ks)
     for bt, bk, w, st, ks in [(128, 64, 4, 3, None), (128, 128, 8, 3, None), (64, 128, 4, 3, None),
                               (128, 64, 8, 4, None), (256, 64, 8, 3, None), (64, 64, 4, 4, None), (128, 64, 4, 3, 8)]
 ]  # fmt: skip

@@ -277,7 +277,7 @@ def test_apply_defaults_fit_shared_memory_cpu(fused_cpu):
 
     assert mhc_pre.apply_tuning(torch.bfloat16, 4) is mhc_pre.TUNING
     for dtype, n in ((torch.float32, 4), (torch.float32, 1), (torch.bfloat16, 8), (torch.float16, 2)):
-        assert mhc_pre.apply_tuning(dtype, n) is mhc_pre.V2_TUNING
+        assert mhc_pre.apply_tuning(dtype, n) is mhc_pre.WIDE_APPLY_TUNING
 
 
 def test_split_forward_variant_cpu(fused_cpu):
@@ -291,6 +291,8 @@ def test_split_forward_variant_cpu(fused_cpu):
         two = mhc_pre.pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, split=True, block_t=64, k_splits=k_splits)
         for name, a, b in zip(("u", "h_pre", "h_post", "h_res", "proj", "rstd"), one, two):
             assert rel_err(b, a) < (1e-2 if name == "u" else 1e-4), (name, k_splits)
+    with mhc_pre.tuning({"fwd_split": True}):  # and the whole layer, every gradient, through it
+        assert_close(check_layer(fused_cpu, 37, 4, 96, torch.bfloat16, "cpu"), torch.bfloat16)
 
 
 @pytest.mark.parametrize("iters", [0, 1, 3])

@@ -1,0 +1,148 @@
+"""Compile the fused mHC kernels for Hopper (sm_90) on a machine without a GPU and report what
+each launch costs on the chip: registers, spills (stack bytes, local loads/stores in the SASS),
+shared memory, and which matrix instructions the dots became.
+
+    pip install --no-deps --target /tmp/t36 triton==3.6.0      # the GPU host's Triton, once
+    PYTHONPATH=/tmp/t36 python benchmarks/kernel_resources.py [--widths 2048 4096] [--out FILE]
+
+The launchers run unchanged on CPU tensors; a stand-in driver reports an sm_90 target, and
+every ``kernel[grid](...)`` compiles (Triton's own argument specialisation, ptxas from the
+Triton wheel) instead of launching. Costs no device time; a kernel that spills here spills there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dualpipe_mhc.kernels import mhc_pre, mhc_pre_common  # noqa: E402
+from dualpipe_mhc.kernels import reference as ref  # noqa: E402
+from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+class _Sm90Driver:
+    """Just enough of Triton's driver for JITFunction.run to compile for sm_90 without a GPU."""
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers, stack, shared bytes and instruction counts of one compiled kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        usage = subprocess.run([BIN / "cuobjdump", "--dump-resource-usage", f.name], capture_output=True, text=True)
+        sass = subprocess.run([BIN / "cuobjdump", "--dump-sass", f.name], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    fields = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", usage.stdout))
+    ops = collections.Counter(m.group(1) for m in re.finditer(r"\b([A-Z][A-Z0-9]{2,})(?:\.[\w.]+)?\s", sass))
+    mma = sorted({m for m in re.findall(r"\b([HIQ]?G?MMA\.[\w.]+)", sass)})
+    return {
+        "regs": int(fields.get("REG", 0)),
+        "stack": int(fields.get("STACK", 0)),
+        "local_ld_st": ops["LDL"] + ops["STL"],
+        "mma": mma,
+    }
+
+
+@contextlib.contextmanager
+def compile_only(records: list):
+    """Every kernel launch inside compiles for sm_90 and appends (name, constexprs, options, compiled)."""
+    saved_run, saved_driver = JITFunction.run, driver._active  # None without a GPU
+    saved_sms = mhc_pre_common._num_sms
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = saved_run(self, *args, grid=grid, warmup=True, **kwargs)
+        consts = {k: v for k, v in kwargs.items() if k in self.arg_names}
+        records.append((self.fn.__name__, consts, {k: v for k, v in kwargs.items() if k not in consts}, kernel))
+        return kernel
+
+    driver.set_active(_Sm90Driver())
+    JITFunction.run = run
+    mhc_pre_common._num_sms = lambda device: 132  # an H100's multiprocessors, for the launchers' grid sizes
+    try:
+        yield
+    finally:
+        JITFunction.run, mhc_pre_common._num_sms = saved_run, saved_sms
+        driver._active = saved_driver
+
+
+def launches(t: int, n: int, c: int, dtype: torch.dtype) -> None:
+    """One forward and backward of both ops through the launchers, at the current TUNING."""
+    m = 2 * n + n * n
+    x = torch.randn(t, n, c).to(dtype)
+    phi, alpha, bias = torch.randn(n * c, m), torch.ones(3), torch.zeros(m)
+    u, h_pre, h_post, h_res, proj, rstd = mhc_pre.pre_forward(x, phi, alpha, bias, 20, ref.RMS_EPS)
+    du, dh_post, dh_res = torch.randn(t, c).to(dtype), torch.zeros(t, n), torch.zeros(t, n, n)
+    mhc_pre.pre_backward(x, phi, alpha, bias, h_pre, proj, rstd, du, dh_post, dh_res, 20, dx_accum=x.clone())
+    post_res_forward(x, u, h_post, h_res)
+    post_res_backward(x, x, u, h_post, h_res)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--widths", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--tokens", type=int, default=512, help="tokens of the CPU tensors (grid sizes only)")
+    ap.add_argument("--out", default=None, help="also write the table here (Markdown)")
+    args = ap.parse_args()
+    configs = [("default", {}, torch.bfloat16, 4), ("v2", mhc_pre.V2_TUNING, torch.bfloat16, 4),
+               ("default", {}, torch.float32, 4), ("default", {}, torch.bfloat16, 8)]  # fmt: skip
+    configs += [(f"apply cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.APPLY_CANDIDATES)]
+    configs += [(f"fwd cand {i}", {**kw, "fwd_split": True}, torch.bfloat16, 4)
+                for i, kw in enumerate(mhc_pre.FWD_CANDIDATES)]  # fmt: skip
+    lines = [f"triton {triton.__version__}, target sm_90; regs per thread, stack bytes, local ld/st in SASS",
+             "", "| config | dtype | n | C | kernel | warps | stages | regs | stack | local ld/st | shared B | mma |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    seen = set()
+    for label, overrides, dtype, n in configs:
+        for c in args.widths:
+            records: list = []
+            with mhc_pre.tuning(overrides), compile_only(records):
+                launches(args.tokens, n, c, dtype)
+            for name, consts, opts, kernel in records:
+                key = (name, tuple(sorted(consts.items())), tuple(sorted(opts.items())), str(dtype))
+                if key in seen:
+                    continue
+                seen.add(key)
+                r = resources(kernel.asm["cubin"])
+                lines.append(
+                    f"| {label} | {str(dtype)[6:]} | {n} | {c} | {name} | {kernel.metadata.num_warps} | "
+                    f"{kernel.metadata.num_stages} | {r['regs']} | {r['stack']} | {r['local_ld_st']} | "
+                    f"{kernel.metadata.shared} | {' '.join(r['mma'])} |"
+                )
+                print(lines[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
