@@ -8,6 +8,8 @@
 #       every GPU test of the repo (pydantic etc. from .whl, see /work/shared/gpu-host). At most 8 files in $OUT.
 #   bash benchmarks/run_gpu_kernels.sh tune    # every GPU test (3 processes), then the sweep (CUDA-graph timing)
 #       -> $OUT/best_tuning.json, the split forward's parts, the per-kernel table at the best tuning
+#   bash benchmarks/run_gpu_kernels.sh release # every GPU test, sweep -> best, per-kernel table (C 2048/4096/7168),
+#       block: plain, fused (best), fused v2, eager, torch.compile, with the kernel breakdown. 8 files in $OUT.
 # Outputs go to $OUT (the device tool's folder) or benchmarks/results/gpu_run; copy them into benchmarks/results/.
 set -o pipefail
 OUT=${OUT:-benchmarks/results/gpu_run}
@@ -76,5 +78,20 @@ case "${1:-check}" in
       timeout 90 python3 benchmarks/bench_kernels.py --widths 2048 4096 --tuning "$OUT/best_tuning.json" --out "$OUT"
     } 2>&1 | tee "$OUT/tune.log"
     ;;
-  *) echo "usage: $0 check|block|final|ab|ab2|tune"; exit 2 ;;
+  release)
+    tag=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+    run() { timeout 240 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -rfEs --tb=short \
+              --continue-on-collection-errors -k "$1" >"/tmp/gpu_tests_$2.txt" 2>&1; echo "rc=$?" >>"/tmp/gpu_tests_$2.txt"; }
+    run "layer_matches and fp32" 1 & run "layer_matches and bf16" 2 & run "not layer_matches" 3 & wait
+    for i in 1 2 3; do echo "=== part $i"; cat /tmp/gpu_tests_$i.txt; done >"$OUT/gpu_tests_$tag.txt"
+    { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv
+      grep -h "passed\|failed\|rc=" "$OUT/gpu_tests_$tag.txt"
+      timeout 120 python3 benchmarks/bench_kernels.py --sweep --no-cases --write-tuning "$OUT/best_tuning.json" --out "$OUT"
+      [ -s "$OUT/best_tuning.json" ] || echo '{}' >"$OUT/best_tuning.json"
+      timeout 90 python3 benchmarks/bench_kernels.py --widths 2048 4096 7168 --tuning "$OUT/best_tuning.json" --out "$OUT"
+      timeout 200 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused v2" "mhc eager" "mhc compile" \
+        --rep-ms 800 --profile --tuning "$OUT/best_tuning.json" --out "$OUT"
+    } 2>&1 | tee "$OUT/release.log"
+    ;;
+  *) echo "usage: $0 check|block|final|ab|ab2|tune|release"; exit 2 ;;
 esac

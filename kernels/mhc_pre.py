@@ -249,6 +249,8 @@ def pre_forward(
         # n = 8 (MP = 128): a [128, 128] fp32 accumulator is too many registers; halve the tokens
         bt = block_t or (TUNING["fwd_block_t"] if mp <= 32 else 64)
         bk = block_k or TUNING["fwd_block_k"]
+        if mp > 32:  # n = 8's 128-wide phi tiles: block_k 128 asked 233 KB of shared memory (H100: 227 KB)
+            bk = min(bk, 64)
         t_blocks = triton.cdiv(t, bt)
         k_splits = k_splits or TUNING["fwd_k_splits"]
         if k_splits is None:  # ~2 programs per SM, each at least 4 K-blocks long

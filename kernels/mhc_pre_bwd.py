@@ -90,14 +90,19 @@ def _pre_bwd_apply_kernel(
     UPCAST: tl.constexpr,
 ):  # fmt: skip
     # One tile holds all n streams of a channel block side by side: column q is stream q // BC,
-    # channel q % BC, i.e. row i*C + c of phi and column i*C + c of vec(x); du and H_pre are
-    # gathered per column (the repeats hit L1), so every x and du element leaves HBM once.
+    # channel q % BC, i.e. row i*C + c of phi and column i*C + c of vec(x). du [BT, BC] and
+    # H_pre [BT, N] are loaded once and broadcast into that layout (a per-column gather of them
+    # cost 8x the load instructions of x and pushed the tile into spilling on sm_90).
     split = tl.program_id(0)
     q = tl.arange(0, N * BC)
     qi = q // BC
     qc = tl.program_id(1) * BC + q % BC
     qmask = (qi < n) & (qc < C)
     krow = qi * C + qc
+    cs = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = cs < C
+    si = tl.arange(0, N)
+    smask = si < n
     cols = tl.arange(0, MP)
     col_mask = cols < M
     K = n * C
@@ -115,13 +120,15 @@ def _pre_bwd_apply_kernel(
         x_off = rows64[:, None] * K + krow[None, :]
         x_raw = tl.load(x_ptr + x_off, mask=tile_mask, other=0.0)
         x2 = x_raw.to(tl.float32)
-        du2 = tl.load(du_ptr + rows64[:, None] * C + qc[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        hp2 = tl.load(h_pre_ptr + rows64[:, None] * n + qi[None, :], mask=tile_mask, other=0.0)
+        # H_pre du for all n streams: [BT, N] x [BT, BC] broadcast to [BT, N, BC], laid out as the tile
+        du = tl.load(du_ptr + rows64[:, None] * C + cs[None, :], mask=row_mask[:, None] & cmask[None, :], other=0.0)
+        hp = tl.load(h_pre_ptr + rows64[:, None] * n + si[None, :], mask=row_mask[:, None] & smask[None, :], other=0.0)
+        hp_du = tl.reshape(hp[:, :, None] * du.to(tl.float32)[:, None, :], (BT, N * BC))
         draw = tl.load(
             draw_ptr + rows64[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
         )
         coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
-        dx = hp2 * du2 + coef[:, None] * x2 + tl.dot(draw, phi_t, input_precision=PRECISION)
+        dx = hp_du + coef[:, None] * x2 + tl.dot(draw, phi_t, input_precision=PRECISION)
         if ACCUMULATE:
             dx += tl.load(dx_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)

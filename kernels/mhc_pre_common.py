@@ -102,8 +102,8 @@ def _num_sms(device: torch.device) -> int:
 TUNING = {
     # bf16 x: the K-split pair (bf16 hi/lo dots, then finish + aggregate) when True; the single tf32
     # mapping kernel + aggregate kernel (v2) when False
-    "fwd_split": False,
-    "fwd_block_t": 128, "fwd_block_k": 64, "fwd_warps": 4, "fwd_stages": 3, "fwd_k_splits": None,
+    "fwd_split": True,
+    "fwd_block_t": 64, "fwd_block_k": 64, "fwd_warps": 4, "fwd_stages": 4, "fwd_k_splits": None,
     "apply_dphi_bf16": True,  # bf16 x: dphi = x^T (draw_hi + draw_lo) in bf16 dots (v4); else tf32 (v2)
     "apply_block_t": 64, "apply_block_q": 256, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
 }  # fmt: skip
