@@ -130,7 +130,7 @@ def time_case(t: int, n: int, c: int, device: str) -> dict[str, float]:
 
 
 def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
-    """Time every tuning candidate of mhc_pre (FWD_CANDIDATES, APPLY_CANDIDATES, and the v2 defaults)."""
+    """Time every tuning candidate of mhc_pre (FWD_, APPLY_, REDUCE_CANDIDATES, and the v2 defaults)."""
     x, phi, alpha, bias, y, du, gx = make_case(t, n, c, device)
     u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
     dh_post, dh_res = torch.randn_like(h_post), torch.randn_like(h_res)
@@ -141,6 +141,8 @@ def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
                     mhc_pre.FWD_CANDIDATES + [{"fwd_split": False}]),
         "pre bwd apply": (lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc),
                           mhc_pre.APPLY_CANDIDATES + [mhc_pre.V2_TUNING]),
+        "pre bwd reduce": (lambda: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS),
+                           mhc_pre.REDUCE_CANDIDATES),
     }  # fmt: skip
     out = {}
     for name, (fn, configs) in calls.items():
@@ -205,7 +207,7 @@ def best_tuning(sweeps: list[dict[str, list]]) -> dict:
         ok = {k: v for k, v in totals.items() if v == v}
         pick = min(ok, key=ok.get)
         row = sweeps[0][name][pick]
-        prefix = "fwd_" if name == "pre fwd" else "apply_"  # a v2 row carries both kernels' keys
+        prefix = {"pre fwd": "fwd_", "pre bwd apply": "apply_"}.get(name, "reduce_")  # a v2 row carries every key
         picked = {k: v for k, v in row.items() if k.startswith(prefix)}
         best.update(picked)
         print(f"  best {name}: candidate {pick} {picked} total {ok[pick]:.4f} ms", flush=True)

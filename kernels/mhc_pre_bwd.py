@@ -190,9 +190,13 @@ def _pre_bwd_dphi_kernel(
 def pre_backward_reduce(
     x: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
     du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
-    block_t: int = 4, block_c: int = 256, num_warps: int = 4,
+    block_t: int | None = None, block_c: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Backward pass 1: ``(dlogit [T, M], dalpha_part [T, 3], draw [T, M], coef [T])``, all fp32."""
+    """Backward pass 1: ``(dlogit [T, M], dalpha_part [T, 3], draw [T, M], coef [T])``, all fp32.
+    Block sizes default to ``TUNING``'s ``reduce_*`` entries."""
+    block_t = block_t or TUNING["reduce_block_t"]
+    block_c = block_c or TUNING["reduce_block_c"]
+    num_warps = num_warps or TUNING["reduce_warps"]
     t, n, c = x.shape
     m = 2 * n + n * n
     nn_ = _pow2(n, 2)

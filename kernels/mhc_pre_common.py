@@ -106,6 +106,7 @@ TUNING = {
     "fwd_block_t": 64, "fwd_block_k": 64, "fwd_warps": 4, "fwd_stages": 4, "fwd_k_splits": None,
     "apply_dphi_bf16": True,  # bf16 x: dphi = x^T (draw_hi + draw_lo) in bf16 dots (v4); else tf32 (v2)
     "apply_block_t": 64, "apply_block_q": 256, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
+    "reduce_block_t": 4, "reduce_block_c": 256, "reduce_warps": 4,
 }  # fmt: skip
 V2_TUNING = {"fwd_split": False, "apply_dphi_bf16": False, "apply_block_t": 32, "apply_block_q": None,
              "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True}  # fmt: skip
@@ -119,6 +120,10 @@ FWD_CANDIDATES = [
     dict(fwd_split=True, fwd_block_t=bt, fwd_block_k=bk, fwd_warps=w, fwd_stages=st, fwd_k_splits=ks)
     for bt, bk, w, st, ks in [(128, 64, 4, 3, None), (128, 128, 8, 3, None), (64, 128, 4, 3, None),
                               (128, 64, 8, 4, None), (256, 64, 8, 3, None), (64, 64, 4, 4, None), (128, 64, 4, 3, 8)]
+]  # fmt: skip
+REDUCE_CANDIDATES = [
+    dict(reduce_block_t=bt, reduce_block_c=bc, reduce_warps=w)
+    for bt, bc, w in [(4, 256, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8), (2, 512, 4), (4, 512, 4), (4, 128, 2)]
 ]  # fmt: skip
 APPLY_CANDIDATES = [
     dict(apply_block_t=bt, apply_block_q=bq, apply_warps=w, apply_fuse_dphi=f, apply_dphi_bf16=True, apply_stages=st)
