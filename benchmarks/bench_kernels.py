@@ -14,11 +14,12 @@ from ``--tuning``) and, for the pre kernels, with the previous defaults (mhc_pre
                       + _pre_bwd_dphi_kernel   (dphi = vec(x)^T draw; or fused into the former, --sweep compares)
     post_res fwd / bwd
 and the eager reference of the same op for context. Bytes are counted two ways:
-``min`` = each stream tensor read or written once (the HBM floor of the op), ``design`` =
-what the kernel touches (pre fwd reads x twice: its second pass may hit L2; the pre
-backward reads x and du in both passes). Bandwidth = min bytes / time, so a kernel at
-100 % would run at the floor. ``--sweep`` first times mhc_pre.FWD_CANDIDATES and
-APPLY_CANDIDATES at ``--sweep-widths`` and picks, per kernel, the least total time.
+``min`` = each stream tensor read or written once (the HBM floor of the op), ``moved`` =
+what the kernels move (the pre forward reads x twice, the pre backward reads x and du in
+both passes). The table gives both as a fraction of the copy bandwidth: on min bytes, 100 %
+would be the op at its floor; on moved bytes, how close the kernels run to copy speed.
+``--sweep`` first times mhc_pre's FWD_, APPLY_ and REDUCE_CANDIDATES at ``--sweep-widths``
+and picks, per kernel, the least total time. ``--render FILE`` re-prints a saved run's table.
 
 Writes ``kernels_ops_<device>.json`` and ``.md`` under ``--out``.
 """
@@ -82,14 +83,14 @@ def make_case(t: int, n: int, c: int, device: str, dtype=torch.bfloat16):
 
 
 def stream_bytes(t: int, n: int, c: int, esize: int = 2) -> dict[str, tuple[int, int]]:
-    """(min, design) bytes per kernel; the fp32 per-token tensors (a few dozen floats) are included in both."""
+    """(min, moved) bytes per kernel; the fp32 per-token tensors (a few dozen floats) are included in both."""
     m = 2 * n + n * n
     small = lambda floats: t * floats * 4  # noqa: E731
     xs, cs = t * n * c * esize, t * c * esize
     return {
         "pre fwd": (xs + cs + small(2 * m + 1), 2 * xs + cs + small(2 * m + 1)),
         "pre bwd reduce": (xs + cs + small(4 * m), xs + cs + small(4 * m)),
-        "pre bwd apply": (3 * xs + cs + small(m + 2), 4 * xs + cs + small(m + 2)),
+        "pre bwd apply": (3 * xs + cs + small(m + 2), 3 * xs + cs + small(m + 2)),  # x, du, dx_post -> dx
         "pre bwd": (3 * xs + cs, 4 * xs + 2 * cs),
         "post_res fwd": (2 * xs + cs, 2 * xs + cs),
         "post_res bwd": (3 * xs + 2 * cs, 3 * xs + 2 * cs),
@@ -225,8 +226,12 @@ def main() -> None:
     ap.add_argument("--write-tuning", default=None, help="with --sweep: write the best candidates here (JSON)")
     ap.add_argument("--no-cases", action="store_true", help="with --sweep: stop after the sweep")
     ap.add_argument("--split-parts", action="store_true", help="only time the K-split forward's launches")
+    ap.add_argument("--render", default=None, help="only print the table of an earlier kernels_ops_*.json")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    if args.render:
+        print("\n".join(table(json.loads(Path(args.render).read_text()))))
+        return
     device = "cuda"
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth(device)
@@ -256,38 +261,49 @@ def main() -> None:
     mhc_pre.TUNING.update(overrides)
     results["tuning"] = dict(mhc_pre.TUNING)
     print("tuning:", mhc_pre.TUNING, flush=True)
-    lines = [
-        f"device: {name}, copy bandwidth {bw / 1e12:.2f} TB/s (1 GiB bf16 copy, read+write); bf16 streams",
-        "",
-        "| T | n | C | kernel | ms | min MB | design MB | GB/s (min bytes) | % of copy | eager ref ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
     for t in args.tokens:
         for n in args.streams:
             for c in args.widths:
                 times = time_case(t, n, c, device)
-                nbytes = stream_bytes(t, n, c)
-                case = {"T": t, "n": n, "C": c, "ms": times, "bytes": nbytes}
-                results["cases"].append(case)
-                for k in ("pre fwd", "pre fwd (v2)", "pre bwd reduce", "pre bwd apply", "pre bwd apply (v2)",
-                          "pre bwd", "pre bwd (v2)", "post_res fwd", "post_res bwd"):
-                    lo, design = nbytes[k.removesuffix(" (v2)")]
-                    gbs = lo / (times[k] * 1e-3) / 1e9
-                    refms = {"pre fwd": times["ref pre fwd"], "post_res fwd": times["ref post_res fwd"]}.get(k)
-                    refcol = f"{refms:.3f}" if refms else ""
-                    if k in ("pre bwd", "pre bwd (v2)"):
-                        refcol = f"{times['ref pre fwd+bwd'] - times['ref pre fwd']:.3f} (fwd+bwd − fwd)"
-                    lines.append(
-                        f"| {t} | {n} | {c} | {k} | {times[k]:.3f} | {lo / 1e6:.0f} | {design / 1e6:.0f} | "
-                        f"{gbs:.0f} | {100 * gbs * 1e9 / bw:.0f} % | {refcol} |"
-                    )
-                print("\n".join(lines[-9:]), flush=True)
+                results["cases"].append({"T": t, "n": n, "C": c, "ms": times, "bytes": stream_bytes(t, n, c)})
+                print("\n".join(table(results)[-len(ROWS):]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = name.replace(" ", "_").replace("/", "_")
     (out / f"kernels_ops_{tag}.json").write_text(json.dumps(results, indent=1))
-    (out / f"kernels_ops_{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / f"kernels_ops_{tag}.md").write_text("\n".join(table(results)) + "\n")
+    print("\n".join(table(results)))
+
+
+ROWS = ("pre fwd", "pre fwd (v2)", "pre bwd reduce", "pre bwd apply", "pre bwd apply (v2)", "pre bwd", "pre bwd (v2)",
+        "post_res fwd", "post_res bwd")  # fmt: skip
+
+
+def table(results: dict) -> list[str]:
+    """The Markdown table of a run (``kernels_ops_*.json``): bandwidth on the op's minimal bytes and on
+    the bytes its kernels move, each as a fraction of the measured copy bandwidth."""
+    bw = results["copy_bandwidth_Bps"]
+    lines = [
+        f"device: {results['device']}, copy bandwidth {bw / 1e12:.2f} TB/s (1 GiB bf16 copy, read+write); "
+        "bf16 streams; CUDA-graph replay medians",
+        "",
+        "| T | n | C | kernel | ms | min MB | moved MB | % of copy (min bytes) | % of copy (bytes moved) | eager ref ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for case in results["cases"]:
+        times, nbytes = case["ms"], stream_bytes(case["T"], case["n"], case["C"])
+        for k in ROWS:
+            lo, moved = nbytes[k.removesuffix(" (v2)")]
+            sec = times[k] * 1e-3
+            refms = {"pre fwd": times["ref pre fwd"], "post_res fwd": times["ref post_res fwd"]}.get(k)
+            refcol = f"{refms:.3f}" if refms else ""
+            if k in ("pre bwd", "pre bwd (v2)"):
+                refcol = f"{times['ref pre fwd+bwd'] - times['ref pre fwd']:.3f} (fwd+bwd − fwd)"
+            lines.append(
+                f"| {case['T']} | {case['n']} | {case['C']} | {k} | {times[k]:.3f} | {lo / 1e6:.0f} | {moved / 1e6:.0f} | "
+                f"{100 * lo / sec / bw:.0f} % | {100 * moved / sec / bw:.0f} % | {refcol} |"
+            )
+    return lines
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ shared memory, and which matrix instructions the dots became.
 
     pip install --no-deps --target /tmp/t36 triton==3.6.0      # the GPU host's Triton, once
     PYTHONPATH=/tmp/t36 python benchmarks/kernel_resources.py [--widths 2048 4096] [--out FILE]
+                                                               [--defaults-only] [--check]
 
 The launchers run unchanged on CPU tensors; a stand-in driver reports an sm_90 target, and
 every ``kernel[grid](...)`` compiles (Triton's own argument specialisation, ptxas from the
@@ -35,6 +36,7 @@ from dualpipe_mhc.kernels import reference as ref  # noqa: E402
 from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+SHARED_LIMIT = 232448  # bytes of shared memory a program may take on an H100 / H200
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -113,12 +115,16 @@ def main() -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--tokens", type=int, default=512, help="tokens of the CPU tensors (grid sizes only)")
     ap.add_argument("--out", default=None, help="also write the table here (Markdown)")
+    ap.add_argument("--defaults-only", action="store_true", help="only the launch defaults (bf16 n 4 and 8, fp32)")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or overflows shared memory")
     args = ap.parse_args()
-    configs = [("default", {}, torch.bfloat16, 4), ("v2", mhc_pre.V2_TUNING, torch.bfloat16, 4),
-               ("default", {}, torch.float32, 4), ("default", {}, torch.bfloat16, 8)]  # fmt: skip
-    configs += [(f"apply cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.APPLY_CANDIDATES)]
-    configs += [(f"fwd cand {i}", {**kw, "fwd_split": True}, torch.bfloat16, 4)
-                for i, kw in enumerate(mhc_pre.FWD_CANDIDATES)]  # fmt: skip
+    configs = [("default", {}, torch.bfloat16, 4), ("default", {}, torch.float32, 4), ("default", {}, torch.bfloat16, 8)]
+    if not args.defaults_only:
+        configs += [("v2", mhc_pre.V2_TUNING, torch.bfloat16, 4)]
+        configs += [(f"apply cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.APPLY_CANDIDATES)]
+        configs += [(f"fwd cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.FWD_CANDIDATES)]
+        configs += [(f"reduce cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.REDUCE_CANDIDATES)]
+    bad = []
     lines = [f"triton {triton.__version__}, target sm_90; regs per thread, stack bytes, local ld/st in SASS",
              "", "| config | dtype | n | C | kernel | warps | stages | regs | stack | local ld/st | shared B | mma |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -140,8 +146,15 @@ def main() -> None:
                     f"{kernel.metadata.shared} | {' '.join(r['mma'])} |"
                 )
                 print(lines[-1], flush=True)
+                # fp32 streams at n = 8 spill on sm_90 at every tile that fits shared memory (WIDE_APPLY_TUNING)
+                spill_ok = dtype == torch.float32 and n == 8
+                if (r["stack"] and not spill_ok) or kernel.metadata.shared > SHARED_LIMIT:
+                    bad.append(f"{name} ({label}, {str(dtype)[6:]}, n={n}, C={c}): stack {r['stack']} B, "
+                               f"shared {kernel.metadata.shared} B")  # fmt: skip
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
+    if args.check and bad:
+        sys.exit("kernels that spill registers or exceed shared memory on sm_90:\n  " + "\n  ".join(bad))
 
 
 if __name__ == "__main__":

@@ -89,9 +89,20 @@ case "${1:-check}" in
       timeout 120 python3 benchmarks/bench_kernels.py --sweep --no-cases --write-tuning "$OUT/best_tuning.json" --out "$OUT"
       [ -s "$OUT/best_tuning.json" ] || echo '{}' >"$OUT/best_tuning.json"
       timeout 90 python3 benchmarks/bench_kernels.py --widths 2048 4096 7168 --tuning "$OUT/best_tuning.json" --out "$OUT"
-      timeout 200 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused v2" "mhc eager" "mhc compile" \
+      timeout 280 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused v2" "mhc eager" "mhc compile" \
         --rep-ms 800 --profile --tuning "$OUT/best_tuning.json" --out "$OUT"
     } 2>&1 | tee "$OUT/release.log"
     ;;
-  *) echo "usage: $0 check|block|final|ab|ab2|tune|release"; exit 2 ;;
+  apply)  # sweep (apply candidates at <= 128 registers added) -> best; per-kernel table; block A/B; candidate tests
+    tag=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+    { timeout 150 python3 benchmarks/bench_kernels.py --sweep --no-cases --write-tuning "$OUT/best_tuning.json" --out "$OUT"
+      [ -s "$OUT/best_tuning.json" ] || echo '{}' >"$OUT/best_tuning.json"
+      timeout 70 python3 benchmarks/bench_kernels.py --widths 2048 4096 7168 --tuning "$OUT/best_tuning.json" --out "$OUT"
+      timeout 120 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused v2" --rep-ms 800 \
+        --tuning "$OUT/best_tuning.json" --out "$OUT"
+    } 2>&1 | tee "$OUT/apply.log"
+    timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -rfEs --tb=short \
+      -k "tuning_candidates or ops_alone" 2>&1 | tail -15 | tee "$OUT/gpu_tests_$tag.txt"
+    ;;
+  *) echo "usage: $0 check|block|final|ab|ab2|tune|release|apply"; exit 2 ;;
 esac

@@ -129,7 +129,9 @@ APPLY_CANDIDATES = [
     dict(apply_block_t=bt, apply_block_q=bq, apply_warps=w, apply_fuse_dphi=f, apply_dphi_bf16=True, apply_stages=st)
     for bt, bq, w, f, st in [(32, 256, 8, True, None), (16, 256, 4, True, None), (32, 128, 4, True, None),
                              (64, 256, 8, True, None), (32, 256, 8, True, 3), (16, 256, 4, False, None),
-                             (32, 256, 8, False, None)]
+                             (32, 256, 8, False, None),
+                             # <= 128 registers a thread on sm_90 (benchmarks/kernel_resources.py): 16 warps an SM
+                             (32, 256, 16, True, None), (64, 256, 16, True, None), (32, 128, 8, True, None)]
 ]  # fmt: skip
 
 

@@ -388,7 +388,7 @@ def test_ops_alone_gpu(fused_gpu, n, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("which", range(24))
+@pytest.mark.parametrize("which", range(28))
 def test_tuning_candidates_gpu(fused_gpu, which):
     """Every configuration the sweep may pick computes the same function (bf16, n = 4 and 8)."""
     from dualpipe_mhc.kernels import mhc_pre
