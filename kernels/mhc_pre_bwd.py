@@ -87,7 +87,7 @@ def _pre_bwd_apply_kernel(
     T, C, TT,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, DPHI: tl.constexpr, DPHI_BF16: tl.constexpr,
-    UPCAST: tl.constexpr,
+    DPHI_LO: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     # One tile holds all n streams of a channel block side by side: column q is stream q // BC,
     # channel q % BC, i.e. row i*C + c of phi and column i*C + c of vec(x). du [BT, BC] and
@@ -134,13 +134,14 @@ def _pre_bwd_apply_kernel(
         tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
         if DPHI:
             if DPHI_BF16:
-                # bf16 x as loaded, draw as a bf16 hi + lo pair: wgmma takes bf16 operands in either
-                # major order, where tf32 needs both transposed through shared memory
+                # bf16 x as loaded, draw as a bf16 hi (+ lo) pair: wgmma takes bf16 operands in either
+                # major order, where tf32 needs both transposed through shared memory. Without the lo
+                # half, draw is rounded to bf16 as a bf16 Linear's weight gradient rounds dY.
                 draw_hi = draw.to(tl.bfloat16)
-                draw_lo = (draw - draw_hi.to(tl.float32)).to(tl.bfloat16)
                 x_t = tl.trans(x_raw)
                 dphi = _dot_bf16(x_t, draw_hi, dphi, UPCAST)
-                dphi = _dot_bf16(x_t, draw_lo, dphi, UPCAST)
+                if DPHI_LO:
+                    dphi = _dot_bf16(x_t, (draw - draw_hi.to(tl.float32)).to(tl.bfloat16), dphi, UPCAST)
             else:
                 dphi = tl.dot(tl.trans(x2), draw, dphi, input_precision=PRECISION)
     if DPHI:
@@ -155,7 +156,7 @@ def _pre_bwd_apply_kernel(
 def _pre_bwd_dphi_kernel(
     x_ptr, draw_ptr, dphi_part_ptr, T, K, TT,
     M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-    DPHI_BF16: tl.constexpr, UPCAST: tl.constexpr,
+    DPHI_BF16: tl.constexpr, DPHI_LO: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """dphi = vec(x)^T draw, [K, M]: a GEMM over tokens, one partial per token split."""
     split = tl.program_id(0)
@@ -177,7 +178,8 @@ def _pre_bwd_dphi_kernel(
         if DPHI_BF16:  # as in _pre_bwd_apply_kernel
             draw_hi = draw.to(tl.bfloat16)
             acc = _dot_bf16(tl.trans(xt), draw_hi, acc, UPCAST)
-            acc = _dot_bf16(tl.trans(xt), (draw - draw_hi.to(tl.float32)).to(tl.bfloat16), acc, UPCAST)
+            if DPHI_LO:
+                acc = _dot_bf16(tl.trans(xt), (draw - draw_hi.to(tl.float32)).to(tl.bfloat16), acc, UPCAST)
         else:
             acc = tl.dot(tl.trans(xt.to(tl.float32)), draw, acc, input_precision=PRECISION)
     tl.store(
@@ -242,6 +244,7 @@ def pre_backward_apply(
     tuned = apply_tuning(x.dtype, n)
     fuse_dphi = tuned["apply_fuse_dphi"] if fuse_dphi is None else fuse_dphi
     dphi_bf16 = tuned["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16
+    dphi_lo = tuned.get("apply_dphi_lo", True)
     block_t = block_t or tuned["apply_block_t"]
     block_q = block_q or tuned["apply_block_q"]
     num_warps = num_warps or tuned["apply_warps"]
@@ -262,16 +265,17 @@ def pre_backward_apply(
         x, du, phi, h_pre, draw, coef, dx, dphi_part, t, c, tokens_per_split,
         n=n, N=ns, M=m, MP=_pow2(m, 16), BT=block_t, BC=block_c, ACCUMULATE=dx_accum is not None,
         PRECISION=_precision(x.dtype), DPHI=fuse_dphi, DPHI_BF16=dphi_bf16 and x.dtype == torch.bfloat16,
+        DPHI_LO=dphi_lo,
         UPCAST=_interpreted(), num_warps=num_warps, **({"num_stages": num_stages} if num_stages else {}),
     )  # fmt: skip
     if not fuse_dphi:
-        return dx, pre_backward_dphi(x, draw, dphi_bf16=dphi_bf16)
+        return dx, pre_backward_dphi(x, draw, dphi_bf16=dphi_bf16, dphi_lo=dphi_lo)
     return dx, (dphi_part[0] if splits == 1 else dphi_part.sum(0))
 
 
 def pre_backward_dphi(
     x: torch.Tensor, draw: torch.Tensor, block_t: int = 64, block_k: int = 128, num_warps: int = 4,
-    dphi_bf16: bool | None = None,
+    dphi_bf16: bool | None = None, dphi_lo: bool = True,
 ) -> torch.Tensor:
     """dphi = vec(x)^T draw ``[K, M]`` fp32."""
     t, n, c = x.shape
@@ -286,6 +290,7 @@ def pre_backward_dphi(
         x, draw, dphi_part, t, k, tokens_per_split,
         M=m, MP=_pow2(m, 16), BT=block_t, BK=block_k, PRECISION=_precision(x.dtype),
         DPHI_BF16=(TUNING["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16) and x.dtype == torch.bfloat16,
+        DPHI_LO=dphi_lo,
         UPCAST=_interpreted(), num_warps=num_warps,
     )  # fmt: skip
     return dphi_part[0] if splits == 1 else dphi_part.sum(0)

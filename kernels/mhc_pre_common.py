@@ -105,6 +105,7 @@ TUNING = {
     "fwd_split": True,
     "fwd_block_t": 64, "fwd_block_k": 64, "fwd_warps": 4, "fwd_stages": 4, "fwd_k_splits": None,
     "apply_dphi_bf16": True,  # bf16 x: dphi = x^T (draw_hi + draw_lo) in bf16 dots (v4); else tf32 (v2)
+    "apply_dphi_lo": True,  # with apply_dphi_bf16: the draw_lo dot too (draw to ~2^-17); else draw rounded to bf16
     "apply_block_t": 64, "apply_block_q": 256, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
     "reduce_block_t": 4, "reduce_block_c": 256, "reduce_warps": 4,
 }  # fmt: skip
@@ -132,6 +133,11 @@ APPLY_CANDIDATES = [
                              (32, 256, 8, False, None),
                              # <= 128 registers a thread on sm_90 (benchmarks/kernel_resources.py): 16 warps an SM
                              (32, 256, 16, True, None), (64, 256, 16, True, None), (32, 128, 8, True, None)]
+] + [
+    # bigger token tiles (the dphi dot's K), and dphi from bf16-rounded draw (one dot instead of two)
+    dict(apply_block_t=bt, apply_block_q=bq, apply_warps=w, apply_fuse_dphi=True, apply_dphi_bf16=True,
+         apply_stages=None, apply_dphi_lo=lo)
+    for bt, bq, w, lo in [(128, 128, 8, True), (64, 256, 8, False), (128, 128, 8, False)]
 ]  # fmt: skip
 
 

@@ -272,6 +272,12 @@ def test_fused_dphi_variant_cpu(fused_cpu):
             assert rel_err(dphi, want) < tol, (bf16, fuse)
             dxs.append(dx)
     assert all(torch.equal(dx, dxs[0]) for dx in dxs)
+    # draw rounded to bf16 (one dot, the apply_dphi_lo=False option): bf16 rounding, ~2^-9 an element
+    with mhc_pre.tuning({"apply_dphi_lo": False}):
+        for fuse in (True, False):
+            dx, dphi = mhc_pre.pre_backward_apply(x, phi, h_pre, du, draw, coef, fuse_dphi=fuse, dphi_bf16=True)
+            assert 1e-5 < rel_err(dphi, want) < 5e-3, fuse
+            assert torch.equal(dx, dxs[0])
 
 
 def test_apply_defaults_fit_shared_memory_cpu(fused_cpu):
