@@ -104,5 +104,15 @@ case "${1:-check}" in
     timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -rfEs --tb=short \
       -k "tuning_candidates or ops_alone" 2>&1 | tail -15 | tee "$OUT/gpu_tests_$tag.txt"
     ;;
-  *) echo "usage: $0 check|block|final|ab|ab2|tune|release|apply"; exit 2 ;;
+  ncu)  # Nsight Compute on the apply kernel and, for contrast, the post/res backward (C = 4096)
+    sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+      --section LaunchStats --section ComputeWorkloadAnalysis --section SchedulerStats"
+    for spec in "apply:_pre_bwd_apply" "post_bwd:_post_res_bwd" "pre_fwd:_pre_fwd_partial"; do
+      op=${spec%%:*}; kernel=${spec##*:}
+      timeout 150 ncu --clock-control none --kernel-name "regex:$kernel" --launch-skip 2 --launch-count 1 $sections \
+        python3 benchmarks/ncu_target.py --op "$op" --width 4096 >"$OUT/ncu_$op.txt" 2>&1
+      echo "== $op rc=$?"; grep -E "Throughput|Duration|Registers|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|Bank|L1/TEX Hit|L2 Hit|One or More|No Eligible" "$OUT/ncu_$op.txt" | head -30
+    done
+    ;;
+  *) echo "usage: $0 check|block|final|ab|ab2|tune|release|apply|ncu"; exit 2 ;;
 esac
