@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualpipe_mhc.kernels import reference as ref  # noqa: E402
 from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  # noqa: E402
-from dualpipe_mhc.kernels import mhc_pre  # noqa: E402
+from dualpipe_mhc.kernels import mhc_pre, mhc_pre_common  # noqa: E402
 from dualpipe_mhc.kernels.mhc_pre import (  # noqa: E402
     pre_backward_apply,
     pre_backward_reduce,
@@ -112,6 +112,7 @@ def time_case(t: int, n: int, c: int, device: str) -> dict[str, float]:
         "post_res bwd": bench(lambda: post_res_backward(gx, x, y, h_post, h_res)),
     }
     res["pre bwd"] = res["pre bwd reduce"] + res["pre bwd apply"]
+    print(f"  resident programs per kernel config (apply grid sizing): {list(mhc_pre_common._resident.values())}")
     with mhc_pre.tuning(mhc_pre.V2_TUNING):  # the previous defaults, same inputs, same run
         res["pre fwd (v2)"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS))
         res["pre bwd apply (v2)"] = bench(lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc))

@@ -97,6 +97,45 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+_SM_REGISTERS, _SM_SHARED, _SM_WARPS = 65536, 233472, 64  # Hopper (sm_90): per multiprocessor
+_resident: dict = {}
+
+
+def resident_programs(kernel, args: tuple, constexprs: dict, device: torch.device) -> int:
+    """How many programs of ``kernel`` (at these arguments' dtypes and ``constexprs``, ``num_warps``
+    included) the GPU runs at once: SMs x programs per SM, as registers, shared memory and warps
+    allow. Compiles without launching the first time (cached); the SM count alone on the CPU."""
+    sms = _num_sms(device)
+    if device.type != "cuda":
+        return sms
+    key = (kernel.fn.__name__, tuple(sorted(constexprs.items())), tuple(getattr(a, "dtype", None) for a in args))
+    if key not in _resident:
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), **constexprs)
+            compiled._init_handles()  # loads the binary: n_regs
+            warps = compiled.metadata.num_warps
+            regs_per_warp = triton.cdiv(compiled.n_regs * 32, 256) * 256
+            per_sm = min(
+                _SM_REGISTERS // (regs_per_warp * warps), _SM_SHARED // (compiled.metadata.shared + 1024),
+                _SM_WARPS // warps,
+            )  # fmt: skip
+            _resident[key] = sms * max(1, per_sm)
+        except Exception:  # a Triton without these internals: one program per SM
+            _resident[key] = sms
+    return _resident[key]
+
+
+def wave_splits(blocks: int, max_splits: int, slots: int) -> int:
+    """Token splits s (1..max_splits) for a grid of s x ``blocks`` programs that wastes the least of
+    its last wave on ``slots`` resident programs (ties: the fewest splits, the fewest partials)."""
+
+    def waste(s: int) -> float:
+        programs = s * blocks
+        return round(triton.cdiv(programs, slots) * slots / programs - 1, 2)
+
+    return min(range(1, max(1, max_splits) + 1), key=lambda s: (waste(s), s))
+
+
 # Launch defaults (measured on H100: benchmarks/NOTES_kernels.md). A dict so that the
 # benchmarks can A/B a whole configuration; the launchers' keyword arguments override it.
 TUNING = {

@@ -289,6 +289,16 @@ def test_apply_defaults_fit_shared_memory_cpu(fused_cpu):
         assert mhc_pre.apply_tuning(dtype, n) is mhc_pre.WIDE_APPLY_TUNING
 
 
+def test_wave_splits():
+    """The apply grid fills whole waves: 32 channel blocks on 132 one-program SMs take 4 splits
+    (128 programs), 112 take 7 (784 = 6 waves less 8), and twice the slots twice the splits."""
+    from dualpipe_mhc.kernels.mhc_pre_common import wave_splits
+
+    assert [wave_splits(cb, 16, 132) for cb in (32, 64, 112)] == [4, 2, 7]
+    assert wave_splits(32, 16, 264) == 8
+    assert wave_splits(64, 1, 132) == 1  # capped by the token blocks there are
+
+
 def test_split_forward_variant_cpu(fused_cpu):
     """The K-split bf16 hi/lo forward equals the single-kernel forward (proj to ~2^-17, the rest to rounding)."""
     from dualpipe_mhc.kernels import mhc_pre
