@@ -245,7 +245,7 @@ def pre_backward_apply(
     tuned = apply_tuning(x.dtype, n)
     fuse_dphi = tuned["apply_fuse_dphi"] if fuse_dphi is None else fuse_dphi
     dphi_bf16 = tuned["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16
-    dphi_lo = tuned.get("apply_dphi_lo", True)
+    dphi_lo = tuned["apply_dphi_lo"]
     block_t = block_t or tuned["apply_block_t"]
     block_q = block_q or tuned["apply_block_q"]
     num_warps = num_warps or tuned["apply_warps"]
