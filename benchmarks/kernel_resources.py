@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--defaults-only", action="store_true", help="only the launch defaults (bf16 n 4 and 8, fp32)")
     ap.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or overflows shared memory")
     args = ap.parse_args()
-    configs = [("default", {}, torch.bfloat16, 4), ("default", {}, torch.float32, 4), ("default", {}, torch.bfloat16, 8)]
+    configs = [("default", {}, dtype, n) for dtype, n in ((torch.bfloat16, 4), (torch.float32, 4), (torch.bfloat16, 8))]
     if not args.defaults_only:
         configs += [("v2", mhc_pre.V2_TUNING, torch.bfloat16, 4)]
         configs += [(f"apply cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.APPLY_CANDIDATES)]

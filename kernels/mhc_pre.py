@@ -30,7 +30,7 @@ Kernels (block sizes: launcher defaults, from the sweeps in benchmarks/results/k
     _pre_bwd_apply_kernel   grid (token splits, channel blocks): dx = H_pre du + draw @ phi^T
                             + coef x (+ the post/res gradient, accumulated in place), and by
                             default a partial dphi = x^T draw per token split (bf16 dots for
-                            bf16 x, draw split hi + lo: no tf32 transposes through shared memory).
+                            bf16 x and draw rounded to bf16, or hi + lo with TUNING['apply_dphi_lo']).
     _pre_bwd_dphi_kernel    the alternative: dphi as its own GEMM over tokens (one more read of x).
 The per-token chain of the backward:  dlogit -> dproj = alpha dlogit -> draw = dproj * rstd,
 d rstd = <dproj, proj> / rstd -> coef = -d rstd * rstd^3 / K  (dx += coef * x).
@@ -174,7 +174,8 @@ def _pre_fwd_finish_aggregate_kernel(
         other=0.0,
     )
     u = tl.sum(h_pre[:, :, None] * x3.to(tl.float32), axis=1)
-    tl.store(u_ptr + rows64[:, None] * C + cs[None, :], u.to(u_ptr.dtype.element_ty), mask=row_mask[:, None] & cmask[None, :])
+    u_mask = row_mask[:, None] & cmask[None, :]
+    tl.store(u_ptr + rows64[:, None] * C + cs[None, :], u.to(u_ptr.dtype.element_ty), mask=u_mask)
 
 
 @triton.jit

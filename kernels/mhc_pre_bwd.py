@@ -237,8 +237,8 @@ def pre_backward_apply(
     ``block_q``: columns of the [block_t, n x channels] tile; the channel block is block_q / n.
     ``fuse_dphi``: accumulate dphi in the dx kernel (one read of x; the default) instead of in
     :func:`_pre_bwd_dphi_kernel` (a second read of x). ``dphi_bf16``: dphi's dots in bf16 (x as
-    loaded, draw as a hi + lo pair) rather than tf32. Defaults: ``TUNING`` for bf16 x with n <= 4,
-    ``WIDE_APPLY_TUNING`` otherwise.
+    loaded, draw in bf16, plus its lo half if ``apply_dphi_lo``) rather than tf32. Defaults:
+    ``TUNING`` for bf16 x with n <= 4, ``WIDE_APPLY_TUNING`` otherwise.
     """
     t, n, c = x.shape
     m = 2 * n + n * n
@@ -282,7 +282,7 @@ def pre_backward_apply(
 
 def pre_backward_dphi(
     x: torch.Tensor, draw: torch.Tensor, block_t: int = 64, block_k: int = 128, num_warps: int = 4,
-    dphi_bf16: bool | None = None, dphi_lo: bool = True,
+    dphi_bf16: bool | None = None, dphi_lo: bool | None = None,
 ) -> torch.Tensor:
     """dphi = vec(x)^T draw ``[K, M]`` fp32."""
     t, n, c = x.shape
@@ -297,7 +297,7 @@ def pre_backward_dphi(
         x, draw, dphi_part, t, k, tokens_per_split,
         M=m, MP=_pow2(m, 16), BT=block_t, BK=block_k, PRECISION=_precision(x.dtype),
         DPHI_BF16=(TUNING["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16) and x.dtype == torch.bfloat16,
-        DPHI_LO=dphi_lo,
+        DPHI_LO=TUNING["apply_dphi_lo"] if dphi_lo is None else dphi_lo,
         UPCAST=_interpreted(), num_warps=num_warps,
     )  # fmt: skip
     return dphi_part[0] if splits == 1 else dphi_part.sum(0)
