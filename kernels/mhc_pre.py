@@ -166,11 +166,17 @@ def _pre_fwd_finish_aggregate_kernel(
     a_pre = tl.load(alpha_ptr).to(tl.float32)
     b_pre = tl.load(bias_ptr + i, mask=i < n, other=0.0).to(tl.float32)
     h_pre = tl.where(m2, tl.sigmoid(a_pre * (pre * rstd[:, None]) + b_pre[None, :]), 0.0)
-    cs = tl.program_id(1) * BC + tl.arange(0, BC)
+    _aggregate_tile(x_ptr, u_ptr, h_pre, rows64, row_mask, tl.program_id(1) * BC + tl.arange(0, BC), C, n, N)
+
+
+@triton.jit
+def _aggregate_tile(x_ptr, u_ptr, h_pre, rows64, row_mask, cs, C, n: tl.constexpr, N: tl.constexpr):
+    """u = H_pre x for one (token block, channel block) tile: h_pre [BT, N] fp32, channels ``cs``."""
+    i = tl.arange(0, N)
     cmask = cs < C
     x3 = tl.load(
-        x_ptr + rows64[:, None, None] * K + i[None, :, None] * C + cs[None, None, :],
-        mask=m2[:, :, None] & cmask[None, None, :],
+        x_ptr + rows64[:, None, None] * (n * C) + i[None, :, None] * C + cs[None, None, :],
+        mask=row_mask[:, None, None] & (i < n)[None, :, None] & cmask[None, None, :],
         other=0.0,
     )
     u = tl.sum(h_pre[:, :, None] * x3.to(tl.float32), axis=1)
@@ -181,22 +187,9 @@ def _pre_fwd_finish_aggregate_kernel(
 @triton.jit
 def _aggregate_rows(x_ptr, u_ptr, h_pre, rows64, row_mask, C, n: tl.constexpr, N: tl.constexpr, BC: tl.constexpr):
     """u = H_pre x over all of C for one token block; last chunk first (likeliest still in L2)."""
-    K = n * C
-    i3 = tl.arange(0, N)[None, :, None]
-    xmask3 = row_mask[:, None, None] & (i3 < n)
     nchunks = tl.cdiv(C, BC)
     for back in range(nchunks):
-        cs = (nchunks - 1 - back) * BC + tl.arange(0, BC)
-        cmask = cs < C
-        x3 = tl.load(
-            x_ptr + rows64[:, None, None] * K + i3 * C + cs[None, None, :], mask=xmask3 & cmask[None, None, :], other=0.0
-        )
-        u = tl.sum(h_pre[:, :, None] * x3.to(tl.float32), axis=1)
-        tl.store(
-            u_ptr + rows64[:, None] * C + cs[None, :],
-            u.to(u_ptr.dtype.element_ty),
-            mask=row_mask[:, None] & cmask[None, :],
-        )
+        _aggregate_tile(x_ptr, u_ptr, h_pre, rows64, row_mask, (nchunks - 1 - back) * BC + tl.arange(0, BC), C, n, N)
 
 
 @triton.jit
@@ -207,18 +200,9 @@ def _pre_aggregate_kernel(
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_mask = rows < T
     rows64 = rows.to(tl.int64)
-    cs = tl.program_id(1) * BC + tl.arange(0, BC)
-    cmask = cs < C
     i = tl.arange(0, N)
-    m2 = row_mask[:, None] & (i < n)[None, :]
-    h_pre = tl.load(h_pre_ptr + rows64[:, None] * n + i[None, :], mask=m2, other=0.0)
-    x3 = tl.load(
-        x_ptr + rows64[:, None, None] * (n * C) + i[None, :, None] * C + cs[None, None, :],
-        mask=m2[:, :, None] & cmask[None, None, :],
-        other=0.0,
-    )
-    u = tl.sum(h_pre[:, :, None] * x3.to(tl.float32), axis=1)
-    tl.store(u_ptr + rows64[:, None] * C + cs[None, :], u.to(u_ptr.dtype.element_ty), mask=row_mask[:, None] & cmask[None, :])
+    h_pre = tl.load(h_pre_ptr + rows64[:, None] * n + i[None, :], mask=row_mask[:, None] & (i < n)[None, :], other=0.0)
+    _aggregate_tile(x_ptr, u_ptr, h_pre, rows64, row_mask, tl.program_id(1) * BC + tl.arange(0, BC), C, n, N)
 
 
 def pre_forward(
