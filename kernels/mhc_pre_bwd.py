@@ -265,9 +265,12 @@ def pre_backward_apply(
     )  # fmt: skip
     # Token splits: whole waves of resident programs (a partial last wave cost up to 20 % at C = 4096,
     # Nsight Compute on H100), at most 16 (each split writes a [K, M] dphi partial).
-    partial_like = torch.empty(1, device=x.device, dtype=torch.float32)  # compiles as dphi_part will
-    args = (x, du, phi, h_pre, draw, coef, dx, partial_like, t, c, block_t)
-    slots = resident_programs(_pre_bwd_apply_kernel, args, constexprs, x.device)
+    def compile_args():  # a 1-element stand-in for dphi_part: compiles as the real launch will
+        partial_like = torch.empty(1, device=x.device, dtype=torch.float32)
+        return x, du, phi, h_pre, draw, coef, dx, partial_like, t, c, block_t
+
+    dtypes = (x.dtype, du.dtype, phi.dtype, dx.dtype)
+    slots = resident_programs(_pre_bwd_apply_kernel, compile_args, dtypes, constexprs, x.device)
     splits = wave_splits(c_blocks, min(t_blocks, 16), slots)
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(t, tokens_per_split)

@@ -101,17 +101,18 @@ _SM_REGISTERS, _SM_SHARED, _SM_WARPS = 65536, 233472, 64  # Hopper (sm_90): per 
 _resident: dict = {}
 
 
-def resident_programs(kernel, args: tuple, constexprs: dict, device: torch.device) -> int:
-    """How many programs of ``kernel`` (at these arguments' dtypes and ``constexprs``, ``num_warps``
-    included) the GPU runs at once: SMs x programs per SM, as registers, shared memory and warps
-    allow. Compiles without launching the first time (cached); the SM count alone on the CPU."""
+def resident_programs(kernel, make_args, dtypes: tuple, constexprs: dict, device: torch.device) -> int:
+    """How many programs of ``kernel`` (at these ``constexprs``, ``num_warps`` included, and argument
+    ``dtypes``) the GPU runs at once: SMs x programs per SM, as registers, shared memory and warps
+    allow. The first time, compiles without launching on ``make_args()`` (cached by the above);
+    the SM count alone on the CPU."""
     sms = _num_sms(device)
     if device.type != "cuda":
         return sms
-    key = (kernel.fn.__name__, tuple(sorted(constexprs.items())), tuple(getattr(a, "dtype", None) for a in args))
+    key = (kernel.fn.__name__, tuple(sorted(constexprs.items())), dtypes)
     if key not in _resident:
         try:
-            compiled = kernel.warmup(*args, grid=(1,), **constexprs)
+            compiled = kernel.warmup(*make_args(), grid=(1,), **constexprs)
             compiled._init_handles()  # loads the binary: n_regs
             warps = compiled.metadata.num_warps
             regs_per_warp = triton.cdiv(compiled.n_regs * 32, 256) * 256
