@@ -125,17 +125,17 @@ class Pipeline:
 
     def gradients(self) -> dict[int, dict[str, Any]]:
         """{stage: {name: grad}}; a stage held twice (DualPipe) is reported once (both copies are equal)."""
-        out: dict[int, dict[str, Any]] = {}
-        for per_rank in self._call_all("gradients", (), "gradients"):
-            for s, g in per_rank.items():
-                out.setdefault(s, g)
-        return out
+        return self._per_stage("gradients")
 
     def parameters(self) -> dict[int, dict[str, Any]]:
+        """{stage: {name: tensor}}, each stage once, as for :meth:`gradients`."""
+        return self._per_stage("parameters")
+
+    def _per_stage(self, method: str) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
-        for per_rank in self._call_all("parameters", (), "parameters"):
-            for s, g in per_rank.items():
-                out.setdefault(s, g)
+        for per_rank in self._call_all(method, (), method):
+            for stage, tensors in per_rank.items():
+                out.setdefault(stage, tensors)
         return out
 
     def save_checkpoint(self, directory: str, step: int) -> list[str]:
