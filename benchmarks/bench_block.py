@@ -18,10 +18,11 @@ Peak memory: torch.cuda.max_memory_allocated during one fwd+bwd, minus what was 
 
 Byte floor: the extra HBM bytes mHC must move per token and sublayer over the plain residual,
 at copy bandwidth, over the plain block's measured time:
-    minimal fused design  (9n + 5) C  elements  - 6 C (plain residual: x + y fwd, dx accumulation bwd)
+    minimal fused design  (8n + 5) C  elements  - 6 C (plain residual: x + y fwd, dx accumulation bwd)
         fwd  pre: x, u;  post/res: x, y, x_next                   3nC + 2C
-        bwd  post/res: dx_next, x, y, dx, dy;  pre: du, x, dx_post, dx   6nC + 3C
-    these kernels         (11n + 6) C elements - 6 C (pre fwd and pre bwd read x and du twice)
+        bwd  post/res: g = dx_next, x, y, dy;  pre: du, x, g, dx   5nC + 3C
+             (the post/res op's dx = H_res^T g is formed inside the pre op's dx pass, never stored)
+    these kernels         (10n + 6) C elements - 6 C (pre fwd and pre bwd read x and du twice)
 Writes ``kernels_block_<device>.json`` and ``.md`` under ``--out``.
 """
 
@@ -169,8 +170,8 @@ def main() -> None:
         shape = SHAPES[key]
         c = shape["width"]
         sublayers = 2 * args.layers
-        extra_min = sublayers * tokens * ((9 * n + 5) - 6) * c * 2
-        extra_ours = sublayers * tokens * ((11 * n + 6) - 6) * c * 2
+        extra_min = sublayers * tokens * ((8 * n + 5) - 6) * c * 2
+        extra_ours = sublayers * tokens * ((10 * n + 6) - 6) * c * 2
         rows = {}
         for variant in args.variants:
             streams, residual = (1, "plain") if variant == "plain" else (n, "mhc")

@@ -10,9 +10,9 @@ from ``--tuning``) and, for the pre kernels, with the previous defaults (mhc_pre
     pre fwd           _pre_fwd_partial_kernel + _pre_fwd_finish_aggregate_kernel when TUNING says split
                       (v2: _pre_fwd_kernel + _pre_aggregate_kernel)
     pre bwd reduce    _pre_bwd_reduce_kernel   (dH_pre, Sinkhorn backward, per-token scalars)
-    pre bwd apply     _pre_bwd_apply_kernel    (dx with the post/res gradient added in place)
+    pre bwd apply     _pre_bwd_apply_kernel    (dx, with the post/res op's H_res^T g formed and added, as in a layer)
                       + _pre_bwd_dphi_kernel   (dphi = vec(x)^T draw; or fused into the former, --sweep compares)
-    post_res fwd / bwd
+    post_res fwd / bwd  (bwd as in a layer: dy and the mapping gradients; its dx is left to the apply kernel)
 and the eager reference of the same op for context. Bytes are counted two ways:
 ``min`` = each stream tensor read or written once (the HBM floor of the op), ``moved`` =
 what the kernels move (the pre forward reads x twice, the pre backward reads x and du in
@@ -90,10 +90,11 @@ def stream_bytes(t: int, n: int, c: int, esize: int = 2) -> dict[str, tuple[int,
     return {
         "pre fwd": (xs + cs + small(2 * m + 1), 2 * xs + cs + small(2 * m + 1)),
         "pre bwd reduce": (xs + cs + small(4 * m), xs + cs + small(4 * m)),
-        "pre bwd apply": (3 * xs + cs + small(m + 2), 3 * xs + cs + small(m + 2)),  # x, du, dx_post -> dx
+        # x, du, g (with H_res, n^2 floats) -> dx
+        "pre bwd apply": (3 * xs + cs + small(m + 2 + n * n), 3 * xs + cs + small(m + 2 + n * n)),
         "pre bwd": (3 * xs + cs, 4 * xs + 2 * cs),
         "post_res fwd": (2 * xs + cs, 2 * xs + cs),
-        "post_res bwd": (3 * xs + 2 * cs, 3 * xs + 2 * cs),
+        "post_res bwd": (2 * xs + 2 * cs, 2 * xs + 2 * cs),  # g, x, y -> dy
     }
 
 
@@ -103,19 +104,20 @@ def time_case(t: int, n: int, c: int, device: str) -> dict[str, float]:
     dh_post = torch.randn_like(h_post)
     dh_res = torch.randn_like(h_res)
     _, _, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS)
-    acc = gx.clone()
     res = {
         "pre fwd": bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)),
         "pre bwd reduce": bench(lambda: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS)),
-        "pre bwd apply": bench(lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc)),
+        "pre bwd apply": bench(lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, res_grad=(gx, h_res))),
         "post_res fwd": bench(lambda: post_res_forward(x, y, h_post, h_res)),
-        "post_res bwd": bench(lambda: post_res_backward(gx, x, y, h_post, h_res)),
+        "post_res bwd": bench(lambda: post_res_backward(gx, x, y, h_post, h_res, write_dx=False)),
     }
     res["pre bwd"] = res["pre bwd reduce"] + res["pre bwd apply"]
     print(f"  resident programs per kernel config (apply grid sizing): {list(mhc_pre_common._resident.values())}")
     with mhc_pre.tuning(mhc_pre.V2_TUNING):  # the previous defaults, same inputs, same run
         res["pre fwd (v2)"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS))
-        res["pre bwd apply (v2)"] = bench(lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc))
+        res["pre bwd apply (v2)"] = bench(
+            lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, res_grad=(gx, h_res))
+        )
     res["pre bwd (v2)"] = res["pre bwd reduce"] + res["pre bwd apply (v2)"]
     # eager reference, same inputs (fwd only, and fwd+bwd of the op)
     xr = x.detach().requires_grad_()
@@ -137,11 +139,10 @@ def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
     u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
     dh_post, dh_res = torch.randn_like(h_post), torch.randn_like(h_res)
     _, _, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS)
-    acc = gx.clone()
     calls = {
         "pre fwd": (lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS),
                     mhc_pre.FWD_CANDIDATES + [{"fwd_split": False}]),
-        "pre bwd apply": (lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc),
+        "pre bwd apply": (lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, res_grad=(gx, h_res)),
                           mhc_pre.APPLY_CANDIDATES + [mhc_pre.V2_TUNING]),
         "pre bwd reduce": (lambda: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS),
                            mhc_pre.REDUCE_CANDIDATES),

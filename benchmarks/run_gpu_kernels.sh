@@ -4,8 +4,8 @@
 #   bash benchmarks/run_gpu_kernels.sh release  # every GPU test of the repo (3 processes); sweep of mhc_pre's
 #       tuning candidates -> best_tuning.json; per-kernel table (C 2048/4096/7168) at the best; block: plain,
 #       fused (best), fused v2, eager, torch.compile (the README's tables)
-#   bash benchmarks/run_gpu_kernels.sh sweep    # sweep -> best; per-kernel table; block plain / fused / fused v2;
-#       GPU tests of every tuning candidate (an A/B call after a kernel change)
+#   bash benchmarks/run_gpu_kernels.sh sweep    # sweep -> best; per-kernel table; block plain / fused;
+#       GPU tests of every tuning candidate and the layer at T = 1537 (an A/B call after a kernel change)
 #   bash benchmarks/run_gpu_kernels.sh profile  # block with the per-kernel breakdown (torch.profiler), timed
 #       first and profiled after (a variant timed right after a profiler pass ran 16 % slow)
 #   bash benchmarks/run_gpu_kernels.sh ncu      # Nsight Compute on the apply, post/res backward and forward
@@ -49,11 +49,11 @@ case "${1:-release}" in
     ;;
   sweep)
     { sweep_and_table
-      timeout 120 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused v2" --rep-ms 800 \
+      timeout 100 python3 benchmarks/bench_block.py --variants plain "mhc fused" --rep-ms 800 \
         --tuning "$best" --out "$OUT"
     } 2>&1 | tee "$OUT/sweep.log"
-    timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -rfEs --tb=short \
-      -k "tuning_candidates or ops_alone" 2>&1 | tail -15 | tee "$OUT/gpu_tests_$tag.txt"
+    timeout 220 python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider -rfEs --tb=short \
+      -k "tuning_candidates or ops_alone or (layer_matches and 1537)" 2>&1 | tail -15 | tee "$OUT/gpu_tests_$tag.txt"
     ;;
   profile)
     timeout 300 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused v2" --rep-ms 800 \

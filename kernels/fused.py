@@ -10,11 +10,12 @@ Two autograd Functions launch the kernels of :mod:`kernels.mhc_pre` and
 sublayer keeps alive anyway) and per-token mapping tensors of a few dozen floats.
 
 Gradient fusion across the pair: x feeds both ops, so autograd would add the two
-gradients of x in a separate pass (read two [T, n, C] tensors, write one). When
-``post_res`` is called with the very ``x`` and ``h_res`` of an ``mhc_pre`` call, its
-backward hands dL/dx to the pre op's backward instead (a :class:`_GradLink` attached
-to ``h_res``), which adds it while writing its own dx. The pre backward always runs
-after the post/res backward, because it needs dL/dh_res.
+gradients of x in a separate pass (read two [T, n, C] tensors, write one), after the
+post/res backward had written its dL/dx = H_res^T g. When ``post_res`` is called with the
+very ``x`` and ``h_res`` of an ``mhc_pre`` call, its backward writes no dL/dx: it hands
+g = dL/dx_next and H_res to the pre op's backward instead (a :class:`_GradLink` attached
+to ``h_res``), whose apply kernel forms H_res^T g while writing its own dx. The pre
+backward always runs after the post/res backward, because it needs dL/dh_res.
 """
 
 from __future__ import annotations
@@ -36,17 +37,27 @@ _LINK_ATTR = "_mhc_grad_link"
 class _GradLink:
     """dL/dx handed from ``post_res``'s backward to ``mhc_pre``'s backward for the same x.
 
-    Holds x weakly: activation recomputation must stay free to drop it.
+    Holds x weakly: activation recomputation must stay free to drop it. The first post/res
+    backward hands over ``(g, h_res)``, its dL/dx unformed; any later one (x fed to more than one
+    post/res op) a dense dx, summed here.
     """
 
-    __slots__ = ("_x", "dx")
+    __slots__ = ("_x", "dx", "res_grad")
 
     def __init__(self, x: Tensor) -> None:
         self._x = weakref.ref(x)
         self.dx: Tensor | None = None
+        self.res_grad: tuple[Tensor, Tensor] | None = None
 
     def links(self, x: Tensor) -> bool:
         return self._x() is x
+
+    def hold(self, g: Tensor, h_res: Tensor) -> bool:
+        """Take ``(g, h_res)`` in place of dL/dx = H_res^T g; False if a pair is held already."""
+        if self.res_grad is not None:
+            return False
+        self.res_grad = (g, h_res)
+        return True
 
     def give(self, dx: Tensor) -> None:
         if self.dx is None:
@@ -54,9 +65,10 @@ class _GradLink:
         else:
             self.dx.add_(dx)
 
-    def take(self) -> Tensor | None:
-        dx, self.dx = self.dx, None
-        return dx
+    def take(self) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+        taken = (self.dx, self.res_grad)
+        self.dx = self.res_grad = None
+        return taken
 
 
 class MhcPreFunction(torch.autograd.Function):
@@ -75,10 +87,11 @@ class MhcPreFunction(torch.autograd.Function):
         f32 = dict(device=x.device, dtype=torch.float32)
         dh_post = torch.zeros((t, n), **f32) if dh_post is None else dh_post.float().contiguous()
         dh_res = torch.zeros((t, n, n), **f32) if dh_res is None else dh_res.float().contiguous()
-        dx_accum = ctx.link.take() if ctx.link is not None else None
+        dx_accum, res_grad = ctx.link.take() if ctx.link is not None else (None, None)
         dx, dphi, dalpha, dbias = pre_backward(
-            x, phi, alpha, bias, h_pre, proj, rstd, du, dh_post, dh_res, ctx.iters, dx_accum=dx_accum
-        )
+            x, phi, alpha, bias, h_pre, proj, rstd, du, dh_post, dh_res, ctx.iters,
+            dx_accum=dx_accum, res_grad=res_grad,
+        )  # fmt: skip
         return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None
 
 
@@ -92,9 +105,12 @@ class PostResFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, y, h_post, h_res = ctx.saved_tensors
-        dx, dy, dh_post, dh_res = post_res_backward(g.contiguous(), x, y, h_post, h_res)
+        g = g.contiguous()
+        handed = ctx.link is not None and ctx.link.hold(g, h_res)
+        dx, dy, dh_post, dh_res = post_res_backward(g, x, y, h_post, h_res, write_dx=not handed)
         if ctx.link is not None:
-            ctx.link.give(dx)
+            if not handed:
+                ctx.link.give(dx)
             dx = None
         return dx, dy, dh_post, dh_res, None
 

@@ -49,7 +49,7 @@ def _post_res_fwd_kernel(
 def _post_res_bwd_kernel(
     g_ptr, x_ptr, y_ptr, h_post_ptr, h_res_ptr, dx_ptr, dy_ptr, dh_post_part_ptr, dh_res_part_ptr,
     T, C, CS,
-    n: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    n: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, WRITE_DX: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_mask = rows < T
@@ -76,9 +76,10 @@ def _post_res_bwd_kernel(
         for j in range(n):
             xj_off = rows64[:, None] * (n * C) + j * C + cs[None, :]
             xj = tl.load(x_ptr + xj_off, mask=tile_mask, other=0.0).to(tl.float32)
-            h_col = tl.load(h_res_ptr + rows64[:, None] * (n * n) + i[None, :] * n + j, mask=m2, other=0.0)
-            dxj = tl.sum(h_col[:, :, None] * g, axis=1)  # sum_i H_res[i, j] g_i
-            tl.store(dx_ptr + xj_off, dxj.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+            if WRITE_DX:
+                h_col = tl.load(h_res_ptr + rows64[:, None] * (n * n) + i[None, :] * n + j, mask=m2, other=0.0)
+                dxj = tl.sum(h_col[:, :, None] * g, axis=1)  # sum_i H_res[i, j] g_i
+                tl.store(dx_ptr + xj_off, dxj.to(dx_ptr.dtype.element_ty), mask=tile_mask)
             part = tl.sum(g * xj[:, None, :], axis=2)  # [BT, N]: <g_i, x_j> over this chunk
             dh_res += tl.where(jj == j, part[:, :, None], 0.0)
     base = split.to(tl.int64) * T
@@ -121,9 +122,12 @@ def post_res_forward(
 
 def post_res_backward(
     g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
-    block_t: int | None = None, block_c: int = 256, num_warps: int = 8,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``g = dL/dx_next [T, n, C]`` -> ``dx [T, n, C], dy [T, C], dh_post [T, n] fp32, dh_res [T, n, n] fp32``."""
+    block_t: int | None = None, block_c: int = 256, num_warps: int = 8, write_dx: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``g = dL/dx_next [T, n, C]`` -> ``dx [T, n, C], dy [T, C], dh_post [T, n] fp32, dh_res [T, n, n] fp32``.
+
+    ``write_dx=False``: dx (= H_res^T g) is left to the caller (None), e.g. to the mHC pre op's
+    backward, which forms it while writing its own gradient of the same x."""
     t, n, c = x.shape
     block_t, block_c = _tile(n, c, block_t, block_c, 8192)
     t_blocks = triton.cdiv(t, block_t)
@@ -133,14 +137,15 @@ def post_res_backward(
     per_split = triton.cdiv(c_blocks, splits) * block_c
     splits = triton.cdiv(c, per_split)
     f32 = dict(device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if write_dx else x  # x: a stand-in pointer, never written
     dy = torch.empty_like(y)
     dh_post = torch.empty((splits, t, n), **f32)
     dh_res = torch.empty((splits, t, n, n), **f32)
     _post_res_bwd_kernel[(t_blocks, splits)](
         g, x, y, h_post, h_res, dx, dy, dh_post, dh_res, t, c, per_split,
-        n=n, N=_pow2(n, 2), BT=block_t, BC=block_c, num_warps=num_warps,
+        n=n, N=_pow2(n, 2), BT=block_t, BC=block_c, WRITE_DX=write_dx, num_warps=num_warps,
     )  # fmt: skip
+    dx = dx if write_dx else None
     if splits > 1:
         return dx, dy, dh_post.sum(0), dh_res.sum(0)
     return dx, dy, dh_post[0], dh_res[0]

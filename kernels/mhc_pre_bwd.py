@@ -84,16 +84,18 @@ def _pre_bwd_reduce_kernel(
 
 @triton.jit
 def _pre_bwd_apply_kernel(
-    x_ptr, du_ptr, phi_ptr, h_pre_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_part_ptr,
+    x_ptr, du_ptr, phi_ptr, h_pre_ptr, draw_ptr, coef_ptr, g_ptr, h_res_ptr, dx_ptr, dphi_part_ptr,
     T, C, TT,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, DPHI: tl.constexpr, DPHI_BF16: tl.constexpr,
-    DPHI_LO: tl.constexpr, UPCAST: tl.constexpr,
+    ACCUMULATE: tl.constexpr, RES_GRAD: tl.constexpr, PRECISION: tl.constexpr, DPHI: tl.constexpr,
+    DPHI_BF16: tl.constexpr, DPHI_LO: tl.constexpr, UPCAST: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     # One tile holds all n streams of a channel block side by side: column q is stream q // BC,
     # channel q % BC, i.e. row i*C + c of phi and column i*C + c of vec(x). du [BT, BC] and
     # H_pre [BT, N] are loaded once and broadcast into that layout (a per-column gather of them
     # cost 8x the load instructions of x and pushed the tile into spilling on sm_90).
+    # RES_GRAD: also dx_i += sum_j H_res[j, i] g_j from g = dL/dx_next and H_res of the post/res op
+    # (its backward then writes no dx: n C fewer elements written and read per token).
     split = tl.program_id(0)
     q = tl.arange(0, N * BC)
     qi = q // BC
@@ -113,7 +115,7 @@ def _pre_bwd_apply_kernel(
     dphi = tl.zeros((N * BC, MP), dtype=tl.float32)
     t_start = split * TT
     t_end = tl.minimum(t_start + TT, T)
-    for t0 in range(t_start, t_end, BT):
+    for t0 in tl.range(t_start, t_end, BT, num_stages=LOOP_STAGES):
         rows = t0 + tl.arange(0, BT)
         row_mask = rows < t_end
         rows64 = rows.to(tl.int64)
@@ -124,7 +126,18 @@ def _pre_bwd_apply_kernel(
         # H_pre du for all n streams: [BT, N] x [BT, BC] broadcast to [BT, N, BC], laid out as the tile
         du = tl.load(du_ptr + rows64[:, None] * C + cs[None, :], mask=row_mask[:, None] & cmask[None, :], other=0.0)
         hp = tl.load(h_pre_ptr + rows64[:, None] * n + si[None, :], mask=row_mask[:, None] & smask[None, :], other=0.0)
-        hp_du = tl.reshape(hp[:, :, None] * du.to(tl.float32)[:, None, :], (BT, N * BC))
+        mix = hp[:, :, None] * du.to(tl.float32)[:, None, :]  # [BT, N, BC]
+        if RES_GRAD:
+            for j in tl.static_range(n):
+                g_j = tl.load(
+                    g_ptr + rows64[:, None] * K + j * C + cs[None, :], mask=row_mask[:, None] & cmask[None, :], other=0.0
+                )
+                h_row = tl.load(  # H_res[t, j, i] over i
+                    h_res_ptr + rows64[:, None] * (n * n) + j * n + si[None, :],
+                    mask=row_mask[:, None] & smask[None, :], other=0.0,
+                )  # fmt: skip
+                mix += h_row[:, :, None] * g_j.to(tl.float32)[:, None, :]
+        hp_du = tl.reshape(mix, (BT, N * BC))
         draw = tl.load(
             draw_ptr + rows64[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
         )
@@ -231,8 +244,12 @@ def pre_backward_apply(
     coef: torch.Tensor, dx_accum: torch.Tensor | None = None, fuse_dphi: bool | None = None,
     block_t: int | None = None, block_q: int | None = None, num_warps: int | None = None,
     dphi_bf16: bool | None = None, num_stages: int | None = None,
+    res_grad: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Backward pass 2: ``(dx [T, n, C], dphi [K, M] fp32)``; ``dx_accum`` receives dx in place if given.
+
+    ``res_grad``: ``(g [T, n, C], h_res [T, n, n] fp32)`` of the post/res op that read the same x;
+    ``H_res^T g`` (that op's dL/dx) is added to dx on the fly.
 
     ``block_q``: columns of the [block_t, n x channels] tile; the channel block is block_q / n.
     ``fuse_dphi``: accumulate dphi in the dx kernel (one read of x; the default) instead of in
@@ -257,26 +274,28 @@ def pre_backward_apply(
     c_blocks = triton.cdiv(c, block_c)
     t_blocks = triton.cdiv(t, block_t)
     dx = dx_accum if dx_accum is not None else torch.empty_like(x)
+    g, h_res = res_grad if res_grad is not None else (x, h_pre)  # stand-ins when RES_GRAD is off
     constexprs = dict(
         n=n, N=ns, M=m, MP=_pow2(m, 16), BT=block_t, BC=block_c, ACCUMULATE=dx_accum is not None,
+        RES_GRAD=res_grad is not None,
         PRECISION=_precision(x.dtype), DPHI=fuse_dphi, DPHI_BF16=dphi_bf16 and x.dtype == torch.bfloat16,
-        DPHI_LO=dphi_lo, UPCAST=_interpreted(), num_warps=num_warps,
+        DPHI_LO=dphi_lo, UPCAST=_interpreted(), LOOP_STAGES=tuned["apply_loop_stages"], num_warps=num_warps,
         **({"num_stages": num_stages} if num_stages else {}),
     )  # fmt: skip
     # Token splits: whole waves of resident programs (a partial last wave cost up to 20 % at C = 4096,
     # Nsight Compute on H100), at most 16 (each split writes a [K, M] dphi partial).
     def compile_args():  # a 1-element stand-in for dphi_part: compiles as the real launch will
         partial_like = torch.empty(1, device=x.device, dtype=torch.float32)
-        return x, du, phi, h_pre, draw, coef, dx, partial_like, t, c, block_t
+        return x, du, phi, h_pre, draw, coef, g, h_res, dx, partial_like, t, c, block_t
 
-    dtypes = (x.dtype, du.dtype, phi.dtype, dx.dtype)
+    dtypes = (x.dtype, du.dtype, phi.dtype, g.dtype, dx.dtype)
     slots = resident_programs(_pre_bwd_apply_kernel, compile_args, dtypes, constexprs, x.device)
     splits = wave_splits(c_blocks, min(t_blocks, 16), slots)
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(t, tokens_per_split)
     dphi_part = torch.empty((splits if fuse_dphi else 1, n * c, m), device=x.device, dtype=torch.float32)
     _pre_bwd_apply_kernel[(splits, c_blocks)](
-        x, du, phi, h_pre, draw, coef, dx, dphi_part, t, c, tokens_per_split, **constexprs
+        x, du, phi, h_pre, draw, coef, g, h_res, dx, dphi_part, t, c, tokens_per_split, **constexprs
     )
     if not fuse_dphi:
         return dx, pre_backward_dphi(x, draw, dphi_bf16=dphi_bf16, dphi_lo=dphi_lo)
@@ -310,13 +329,14 @@ def pre_backward(
     x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor,
     h_pre: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
     du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
-    dx_accum: torch.Tensor | None = None,
+    dx_accum: torch.Tensor | None = None, res_grad: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients ``dx [T, n, C], dphi [K, M] fp32, dalpha [3] fp32, dbias [M] fp32``.
 
-    ``dx_accum`` (if given, ``[T, n, C]`` in x's dtype, owned by the caller) receives the
-    result in place: the gradient reaching x through the post/res op, summed without an extra pass.
+    The gradient reaching x through the post/res op is summed into dx without an extra pass,
+    given either as ``dx_accum`` (``[T, n, C]`` in x's dtype, owned by the caller: receives the
+    result in place) or as that op's ``res_grad = (g, h_res)`` (see :func:`pre_backward_apply`).
     """
     dlogit, dalpha_part, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, iters)
-    dx, dphi = pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum)
+    dx, dphi = pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum, res_grad=res_grad)
     return dx, dphi, dalpha_part.sum(0), dlogit.sum(0)

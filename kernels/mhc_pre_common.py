@@ -148,16 +148,21 @@ TUNING = {
     # with apply_dphi_bf16: also the draw_lo dot (draw to ~2^-17); False: draw rounded to bf16, as cuBLAS
     # rounds dY for a bf16 Linear's weight gradient (3.5 % faster apply at C = 4096, H100 sweep of 2026-11-25)
     "apply_dphi_lo": False,
-    "apply_block_t": 64, "apply_block_q": 256, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
+    "apply_block_t": 32, "apply_block_q": 256, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
+    # apply's token loop as tl.range(num_stages=...): every load of a tile is issued (cp.async) a tile
+    # ahead; None leaves the loop to the pipeliner's defaults, which stage only the dots' operands
+    "apply_loop_stages": 2,
     "reduce_block_t": 4, "reduce_block_c": 128, "reduce_warps": 2,
 }  # fmt: skip
 V2_TUNING = {"fwd_split": False, "apply_dphi_bf16": False, "apply_dphi_lo": True, "apply_block_t": 32,
              "apply_block_q": None, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
+             "apply_loop_stages": None,
              "reduce_block_t": 4, "reduce_block_c": 256, "reduce_warps": 4}  # fmt: skip
 # The apply kernel for fp32 / fp16 streams and for n = 8 (TUNING's sizes are for bf16, n <= 4): v2's
 # with 16-token tiles, the largest that compile for sm_90 without spilling registers (fp32 n = 8 still
-# spills some) and fit shared memory (benchmarks/kernel_resources.py).
-WIDE_APPLY_TUNING = {**V2_TUNING, "apply_block_t": 16, "apply_dphi_lo": True}
+# spills some) and fit shared memory (benchmarks/kernel_resources.py); its loads staged through
+# shared memory (loop stages 2), without which the fp32 tile spilled under Triton 3.9.
+WIDE_APPLY_TUNING = {**V2_TUNING, "apply_block_t": 16, "apply_dphi_lo": True, "apply_loop_stages": 2}
 # What benchmarks/bench_kernels.py --sweep times and tests/test_kernels.py checks on the GPU (n <= 4 keys;
 # n = 8 keeps its own block sizes where the launchers say so).
 FWD_CANDIDATES = [
@@ -170,17 +175,21 @@ REDUCE_CANDIDATES = [
     for bt, bc, w in [(4, 256, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8), (2, 512, 4), (4, 512, 4), (4, 128, 2)]
 ]  # fmt: skip
 APPLY_CANDIDATES = [
-    dict(apply_block_t=bt, apply_block_q=bq, apply_warps=w, apply_fuse_dphi=f, apply_dphi_bf16=True, apply_stages=st)
-    for bt, bq, w, f, st in [(32, 256, 8, True, None), (16, 256, 4, True, None), (32, 128, 4, True, None),
-                             (64, 256, 8, True, None), (32, 256, 8, True, 3), (16, 256, 4, False, None),
-                             (32, 256, 8, False, None),
-                             # <= 128 registers a thread on sm_90 (benchmarks/kernel_resources.py): 16 warps an SM
-                             (32, 256, 16, True, None), (64, 256, 16, True, None), (32, 128, 8, True, None)]
-] + [
-    # bigger token tiles (the dphi dot's K), and dphi from bf16-rounded draw (one dot instead of two)
     dict(apply_block_t=bt, apply_block_q=bq, apply_warps=w, apply_fuse_dphi=True, apply_dphi_bf16=True,
-         apply_stages=None, apply_dphi_lo=lo)
-    for bt, bq, w, lo in [(128, 128, 8, True), (64, 256, 8, False), (128, 128, 8, False)]
+         apply_stages=None, apply_dphi_lo=lo, apply_loop_stages=ls)
+    for bt, bq, w, lo, ls in [
+        # the loop as written: Triton's pipeliner stages only the loads that feed the dots (x, draw)
+        (64, 256, 8, False, None), (32, 256, 8, False, None), (16, 256, 4, False, None), (64, 256, 8, True, None),
+        # tl.range(num_stages=ls): every load of the loop (dx_accum, du, H_pre, coef too) goes through
+        # cp.async into shared memory, ls - 1 tiles ahead (sm_90 registers / shared KB: kernel_resources.py)
+        (64, 256, 8, False, 2),  # 237 / 129
+        (64, 256, 8, False, 3),  # 254 / 211
+        (32, 256, 8, False, 2),  # 172 / 77
+        (32, 256, 8, False, 3),  # 172 / 117
+        (32, 256, 8, False, 4),  # 192 / 158
+        (16, 256, 4, False, 3),  # 229 / 77, two programs an SM
+        (32, 128, 4, False, 3),  # 174 / 63, two programs an SM
+    ]
 ]  # fmt: skip
 
 

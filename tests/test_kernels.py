@@ -281,6 +281,45 @@ def test_fused_dphi_variant_cpu(fused_cpu):
             assert torch.equal(dx, dxs[0])
 
 
+@pytest.mark.parametrize("n, dtype", [(4, torch.bfloat16), (3, torch.float32)])
+def test_apply_forms_post_res_dx_cpu(fused_cpu, n, dtype):
+    """res_grad = (g, H_res): the apply kernel adds H_res^T g itself, as dx_accum would have added it."""
+    from dualpipe_mhc.kernels import mhc_pre
+    from dualpipe_mhc.kernels.mhc_post import post_res_backward
+
+    torch.manual_seed(9)
+    t, c = 37, 96
+    x, phi, alpha, bias = make_inputs(t, n, c, dtype, "cpu")
+    _, h_pre, h_post, h_res, proj, rstd = mhc_pre.pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
+    du, g, y = torch.randn(t, c).to(dtype), torch.randn(t, n, c).to(dtype), torch.randn(t, c).to(dtype)
+    _, _, draw, coef = mhc_pre.pre_backward_reduce(
+        x, alpha, bias, proj, rstd, du, torch.randn(t, n), torch.randn(t, n, n), ITERS
+    )
+    dense = post_res_backward(g, x, y, h_post, h_res)
+    lazy = post_res_backward(g, x, y, h_post, h_res, write_dx=False)
+    assert lazy[0] is None and all(torch.equal(a, b) for a, b in zip(dense[1:], lazy[1:]))
+    want, dphi_want = mhc_pre.pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=dense[0].clone())
+    got, dphi = mhc_pre.pre_backward_apply(x, phi, h_pre, du, draw, coef, res_grad=(g, h_res))
+    # dense rounds H_res^T g to the stream dtype before the sum; res_grad sums it in fp32
+    assert rel_err(got, want) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert torch.equal(dphi, dphi_want)
+
+
+def test_sublayer_backward_writes_one_dx_cpu(fused_cpu, monkeypatch):
+    """pre -> F -> post_res: the post/res backward leaves dx to the pre backward (no [T, n, C] round trip)."""
+    calls = []
+    real = fused_cpu.post_res_backward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("write_dx", True))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_cpu, "post_res_backward", spy)
+    torch.manual_seed(10)
+    assert_close(check_layer(fused_cpu, 9, 4, 64, torch.float32, "cpu"), torch.float32)
+    assert calls == [False]
+
+
 def test_apply_defaults_fit_shared_memory_cpu(fused_cpu):
     """The tuned apply sizes (bf16, n <= 4) are not used where they ran out of shared memory on H100."""
     from dualpipe_mhc.kernels import mhc_pre
