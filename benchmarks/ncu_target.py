@@ -36,13 +36,12 @@ def main() -> None:
     u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
     dh_post, dh_res = torch.randn_like(h_post), torch.randn_like(h_res)
     _, _, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS)
-    acc = gx.clone()
-    op = {
+    op = {  # as a sublayer's backward runs them: the post/res op's dx formed in the apply kernel
         "pre_fwd": lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS),
         "reduce": lambda: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS),
-        "apply": lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum=acc),
+        "apply": lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, res_grad=(gx, h_res)),
         "post_fwd": lambda: post_res_forward(x, y, h_post, h_res),
-        "post_bwd": lambda: post_res_backward(gx, x, y, h_post, h_res),
+        "post_bwd": lambda: post_res_backward(gx, x, y, h_post, h_res, write_dx=False),
     }[args.op]
     for _ in range(3):
         op()

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .mhc_pre_common import TUNING
+
 
 @triton.jit
 def _post_res_fwd_kernel(
@@ -50,6 +52,7 @@ def _post_res_bwd_kernel(
     g_ptr, x_ptr, y_ptr, h_post_ptr, h_res_ptr, dx_ptr, dy_ptr, dh_post_part_ptr, dh_res_part_ptr,
     T, C, CS,
     n: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, WRITE_DX: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_mask = rows < T
@@ -63,7 +66,7 @@ def _post_res_bwd_kernel(
     dh_post = tl.zeros((BT, N), dtype=tl.float32)
     dh_res = tl.zeros((BT, N, N), dtype=tl.float32)
     jj = i[None, None, :]
-    for c0 in range(c_start, c_end, BC):
+    for c0 in tl.range(c_start, c_end, BC, num_stages=LOOP_STAGES):  # loads a chunk ahead (cp.async)
         cs = c0 + tl.arange(0, BC)
         cmask = cs < c_end
         tile_mask = row_mask[:, None] & cmask[None, :]
@@ -73,7 +76,7 @@ def _post_res_bwd_kernel(
         dy = tl.sum(h_post[:, :, None] * g, axis=1)
         tl.store(dy_ptr + rows64[:, None] * C + cs[None, :], dy.to(dy_ptr.dtype.element_ty), mask=tile_mask)
         dh_post += tl.sum(g * y[:, None, :], axis=2)
-        for j in range(n):
+        for j in tl.static_range(n):  # unrolled: the chunk loop is then innermost, which the pipeliner needs
             xj_off = rows64[:, None] * (n * C) + j * C + cs[None, :]
             xj = tl.load(x_ptr + xj_off, mask=tile_mask, other=0.0).to(tl.float32)
             if WRITE_DX:
@@ -122,14 +125,16 @@ def post_res_forward(
 
 def post_res_backward(
     g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
-    block_t: int | None = None, block_c: int = 256, num_warps: int = 8, write_dx: bool = True,
+    write_dx: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``g = dL/dx_next [T, n, C]`` -> ``dx [T, n, C], dy [T, C], dh_post [T, n] fp32, dh_res [T, n, n] fp32``.
 
     ``write_dx=False``: dx (= H_res^T g) is left to the caller (None), e.g. to the mHC pre op's
-    backward, which forms it while writing its own gradient of the same x."""
+    backward, which forms it while writing its own gradient of the same x. Block sizes:
+    ``TUNING``'s ``post_bwd_*`` entries."""
     t, n, c = x.shape
-    block_t, block_c = _tile(n, c, block_t, block_c, 8192)
+    block_t, block_c = _tile(n, c, None, TUNING["post_bwd_block_c"], TUNING["post_bwd_tile_values"])
+    num_warps = TUNING["post_bwd_warps"]
     t_blocks = triton.cdiv(t, block_t)
     c_blocks = triton.cdiv(c, block_c)
     # split C only when there are too few token blocks to fill the chip (small T)
@@ -143,7 +148,8 @@ def post_res_backward(
     dh_res = torch.empty((splits, t, n, n), **f32)
     _post_res_bwd_kernel[(t_blocks, splits)](
         g, x, y, h_post, h_res, dx, dy, dh_post, dh_res, t, c, per_split,
-        n=n, N=_pow2(n, 2), BT=block_t, BC=block_c, WRITE_DX=write_dx, num_warps=num_warps,
+        n=n, N=_pow2(n, 2), BT=block_t, BC=block_c, WRITE_DX=write_dx, LOOP_STAGES=TUNING["post_bwd_loop_stages"],
+        num_warps=num_warps,
     )  # fmt: skip
     dx = dx if write_dx else None
     if splits > 1:

@@ -20,6 +20,7 @@ def _pre_bwd_reduce_kernel(
     dlogit_ptr, dalpha_part_ptr, draw_ptr, coef_ptr,
     T, C,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -32,7 +33,7 @@ def _pre_bwd_reduce_kernel(
 
     # dH_pre[t, i] = <du[t], x[t, i]>
     dh_pre = tl.zeros((BT, N), dtype=tl.float32)
-    for c0 in range(0, C, BC):
+    for c0 in tl.range(0, C, BC, num_stages=LOOP_STAGES):
         cs = c0 + tl.arange(0, BC)
         cmask = cs < C
         du = tl.load(du_ptr + rows64[:, None] * C + cs[None, :], mask=row_mask[:, None] & cmask[None, :], other=0.0)
@@ -224,7 +225,8 @@ def pre_backward_reduce(
     coef = torch.empty((t,), **f32)
     _pre_bwd_reduce_kernel[(triton.cdiv(t, block_t),)](
         x, du, proj, rstd, alpha, bias, dh_post, dh_res, scratch, dlogit, dalpha_part, draw, coef, t, c,
-        n=n, N=nn_, M=m, ITERS=iters, BT=block_t, BC=min(block_c, _pow2(c, 16)), num_warps=num_warps,
+        n=n, N=nn_, M=m, ITERS=iters, BT=block_t, BC=min(block_c, _pow2(c, 16)),
+        LOOP_STAGES=TUNING["reduce_loop_stages"], num_warps=num_warps,
     )  # fmt: skip
     return dlogit, dalpha_part, draw, coef
 

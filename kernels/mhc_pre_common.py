@@ -1,5 +1,6 @@
 """Pieces shared by the mHC pre forward (:mod:`kernels.mhc_pre`) and backward
-(:mod:`kernels.mhc_pre_bwd`): the on-chip mapping code and the launch-tuning table."""
+(:mod:`kernels.mhc_pre_bwd`): the on-chip mapping code, and the launch-tuning table of all the
+fused kernels (the post/res backward's included)."""
 
 from __future__ import annotations
 
@@ -148,16 +149,18 @@ TUNING = {
     # with apply_dphi_bf16: also the draw_lo dot (draw to ~2^-17); False: draw rounded to bf16, as cuBLAS
     # rounds dY for a bf16 Linear's weight gradient (3.5 % faster apply at C = 4096, H100 sweep of 2026-11-25)
     "apply_dphi_lo": False,
-    "apply_block_t": 32, "apply_block_q": 256, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
+    "apply_block_t": 64, "apply_block_q": 256, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
     # apply's token loop as tl.range(num_stages=...): every load of a tile is issued (cp.async) a tile
     # ahead; None leaves the loop to the pipeliner's defaults, which stage only the dots' operands
     "apply_loop_stages": 2,
-    "reduce_block_t": 4, "reduce_block_c": 128, "reduce_warps": 2,
+    "reduce_block_t": 4, "reduce_block_c": 256, "reduce_warps": 4, "reduce_loop_stages": None,
+    # the post/res backward (kernels.mhc_post): [BT, n, BC] tiles of about tile_values fp32 values
+    "post_bwd_block_c": 256, "post_bwd_tile_values": 8192, "post_bwd_warps": 8, "post_bwd_loop_stages": 2,
 }  # fmt: skip
 V2_TUNING = {"fwd_split": False, "apply_dphi_bf16": False, "apply_dphi_lo": True, "apply_block_t": 32,
              "apply_block_q": None, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
              "apply_loop_stages": None,
-             "reduce_block_t": 4, "reduce_block_c": 256, "reduce_warps": 4}  # fmt: skip
+             "reduce_block_t": 4, "reduce_block_c": 256, "reduce_warps": 4, "reduce_loop_stages": None}  # fmt: skip
 # The apply kernel for fp32 / fp16 streams and for n = 8 (TUNING's sizes are for bf16, n <= 4): v2's
 # with 16-token tiles, the largest that compile for sm_90 without spilling registers (fp32 n = 8 still
 # spills some) and fit shared memory (benchmarks/kernel_resources.py); its loads staged through
@@ -171,8 +174,9 @@ FWD_CANDIDATES = [
                               (128, 64, 8, 4, None), (256, 64, 8, 3, None), (64, 64, 4, 4, None), (128, 64, 4, 3, 8)]
 ]  # fmt: skip
 REDUCE_CANDIDATES = [
-    dict(reduce_block_t=bt, reduce_block_c=bc, reduce_warps=w)
-    for bt, bc, w in [(4, 256, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8), (2, 512, 4), (4, 512, 4), (4, 128, 2)]
+    dict(reduce_block_t=bt, reduce_block_c=bc, reduce_warps=w, reduce_loop_stages=ls)
+    for bt, bc, w, ls in [(4, 256, 4, None), (8, 256, 4, None), (16, 256, 8, None), (4, 128, 2, None),
+                          (4, 256, 4, 2), (4, 128, 2, 3), (8, 256, 4, 2), (4, 512, 4, 2)]
 ]  # fmt: skip
 APPLY_CANDIDATES = [
     dict(apply_block_t=bt, apply_block_q=bq, apply_warps=w, apply_fuse_dphi=True, apply_dphi_bf16=True,
@@ -190,6 +194,13 @@ APPLY_CANDIDATES = [
         (16, 256, 4, False, 3),  # 229 / 77, two programs an SM
         (32, 128, 4, False, 3),  # 174 / 63, two programs an SM
     ]
+]  # fmt: skip
+
+
+POST_BWD_CANDIDATES = [
+    dict(post_bwd_block_c=bc, post_bwd_tile_values=v, post_bwd_warps=w, post_bwd_loop_stages=ls)
+    for bc, v, w, ls in [(256, 8192, 8, None), (256, 8192, 8, 2), (256, 8192, 8, 3), (512, 8192, 8, 2),
+                         (128, 4096, 4, 3), (256, 4096, 4, 2), (128, 8192, 8, 3), (256, 16384, 8, 2)]
 ]  # fmt: skip
 
 
