@@ -18,7 +18,7 @@ and the eager reference of the same op for context. Bytes are counted two ways:
 what the kernels move (the pre forward reads x twice, the pre backward reads x and du in
 both passes). The table gives both as a fraction of the copy bandwidth: on min bytes, 100 %
 would be the op at its floor; on moved bytes, how close the kernels run to copy speed.
-``--sweep`` first times mhc_pre's FWD_, APPLY_, REDUCE_ and POST_BWD_CANDIDATES at ``--sweep-widths``
+``--sweep`` first times mhc_pre's FWD_, APPLY_, REDUCE_, POST_FWD_ and POST_BWD_CANDIDATES at ``--sweep-widths``
 and picks, per kernel, the least total time. ``--render FILE`` re-prints a saved run's table.
 
 Writes ``kernels_ops_<device>.json`` and ``.md`` under ``--out``.
@@ -134,7 +134,7 @@ def time_case(t: int, n: int, c: int, device: str) -> dict[str, float]:
 
 
 def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
-    """Time every tuning candidate (FWD_, APPLY_, REDUCE_, POST_BWD_CANDIDATES, and the v2 defaults)."""
+    """Time every tuning candidate (FWD_, APPLY_, REDUCE_, POST_FWD_, POST_BWD_CANDIDATES, and the v2 defaults)."""
     x, phi, alpha, bias, y, du, gx = make_case(t, n, c, device)
     u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
     dh_post, dh_res = torch.randn_like(h_post), torch.randn_like(h_res)
@@ -146,6 +146,7 @@ def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
                           mhc_pre.APPLY_CANDIDATES + [mhc_pre.V2_TUNING]),
         "pre bwd reduce": (lambda: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS),
                            mhc_pre.REDUCE_CANDIDATES),
+        "post_res fwd": (lambda: post_res_forward(x, y, h_post, h_res), mhc_pre.POST_FWD_CANDIDATES),
         "post_res bwd": (lambda: post_res_backward(gx, x, y, h_post, h_res, write_dx=False),
                          mhc_pre.POST_BWD_CANDIDATES),
     }  # fmt: skip
@@ -213,7 +214,8 @@ def best_tuning(sweeps: list[dict[str, list]]) -> dict:
         pick = min(ok, key=ok.get)
         row = sweeps[0][name][pick]
         # a v2 row carries every key
-        prefix = {"pre fwd": "fwd_", "pre bwd apply": "apply_", "post_res bwd": "post_bwd_"}.get(name, "reduce_")
+        prefix = {"pre fwd": "fwd_", "pre bwd apply": "apply_", "post_res fwd": "post_fwd_", "post_res bwd": "post_bwd_"}
+        prefix = prefix.get(name, "reduce_")
         picked = {k: v for k, v in row.items() if k.startswith(prefix)}
         best.update(picked)
         print(f"  best {name}: candidate {pick} {picked} total {ok[pick]:.4f} ms", flush=True)

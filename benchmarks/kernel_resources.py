@@ -126,6 +126,7 @@ def main() -> None:
         configs += [(f"apply cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.APPLY_CANDIDATES)]
         configs += [(f"fwd cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.FWD_CANDIDATES)]
         configs += [(f"reduce cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.REDUCE_CANDIDATES)]
+        configs += [(f"post fwd cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.POST_FWD_CANDIDATES)]
         configs += [(f"post bwd cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.POST_BWD_CANDIDATES)]
     bad = []
     lines = [f"triton {triton.__version__}, target sm_90; regs per thread, stack bytes, local ld/st in SASS",

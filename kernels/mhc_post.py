@@ -6,11 +6,12 @@ Shapes (T tokens, n streams, C channels):
     x: [T, n, C], y: [T, C] stream dtype;  h_post: [T, n], h_res: [T, n, n] fp32
     x_next: [T, n, C] stream dtype
 
-Kernels:
-    _post_res_fwd_kernel  grid (token blocks, channel blocks): one read of x and y, one write.
-    _post_res_bwd_kernel  grid (token blocks, channel splits): from g = dL/dx_next, in one pass
-                          dx = H_res^T g, dy = H_post g, and the per-token reductions over C
-                          dH_post = <g_i, y>, dH_res[i, j] = <g_i, x_j> (partials per split).
+Kernels, each on a grid (token blocks, channel splits) whose programs loop over channel chunks,
+the loads issued a chunk ahead (``tl.range(num_stages=...)``, cp.async into shared memory):
+    _post_res_fwd_kernel  one read of x and y, one write.
+    _post_res_bwd_kernel  from g = dL/dx_next, in one pass dy = H_post g, the per-token reductions
+                          over C dH_post = <g_i, y>, dH_res[i, j] = <g_i, x_j> (partials per split)
+                          and, unless the mHC pre op's backward forms it, dx = H_res^T g.
 """
 
 from __future__ import annotations
@@ -19,32 +20,36 @@ import torch
 import triton
 import triton.language as tl
 
-from .mhc_pre_common import TUNING
+from . import mhc_pre_common
+from .mhc_pre_common import TUNING, _pow2
 
 
 @triton.jit
 def _post_res_fwd_kernel(
     x_ptr, y_ptr, h_post_ptr, h_res_ptr, out_ptr,
-    T, C,
-    n: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    T, C, CS,
+    n: tl.constexpr, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     row_mask = rows < T
     rows64 = rows.to(tl.int64)
-    cs = tl.program_id(1) * BC + tl.arange(0, BC)
-    cmask = cs < C
+    c_start = tl.program_id(1) * CS
+    c_end = tl.minimum(c_start + CS, C)
     i = tl.arange(0, N)
     m2 = row_mask[:, None] & (i < n)[None, :]
-    tile_mask = row_mask[:, None] & cmask[None, :]
-    y = tl.load(y_ptr + rows64[:, None] * C + cs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     h_post = tl.load(h_post_ptr + rows64[:, None] * n + i[None, :], mask=m2, other=0.0)
-    acc = h_post[:, :, None] * y[:, None, :]  # [BT, N, BC]
-    for j in range(n):
-        xj = tl.load(x_ptr + rows64[:, None] * (n * C) + j * C + cs[None, :], mask=tile_mask, other=0.0)
-        h_col = tl.load(h_res_ptr + rows64[:, None] * (n * n) + i[None, :] * n + j, mask=m2, other=0.0)  # H_res[:, j]
-        acc += h_col[:, :, None] * xj.to(tl.float32)[:, None, :]
-    out_off = rows64[:, None, None] * (n * C) + i[None, :, None] * C + cs[None, None, :]
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m2[:, :, None] & cmask[None, None, :])
+    for c0 in tl.range(c_start, c_end, BC, num_stages=LOOP_STAGES):  # loads a chunk ahead (cp.async)
+        cs = c0 + tl.arange(0, BC)
+        cmask = cs < c_end
+        tile_mask = row_mask[:, None] & cmask[None, :]
+        y = tl.load(y_ptr + rows64[:, None] * C + cs[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+        acc = h_post[:, :, None] * y[:, None, :]  # [BT, N, BC]
+        for j in tl.static_range(n):
+            xj = tl.load(x_ptr + rows64[:, None] * (n * C) + j * C + cs[None, :], mask=tile_mask, other=0.0)
+            h_col = tl.load(h_res_ptr + rows64[:, None] * (n * n) + i[None, :] * n + j, mask=m2, other=0.0)  # H_res[:, j]
+            acc += h_col[:, :, None] * xj.to(tl.float32)[:, None, :]
+        out_off = rows64[:, None, None] * (n * C) + i[None, :, None] * C + cs[None, None, :]
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m2[:, :, None] & cmask[None, None, :])
 
 
 @triton.jit
@@ -91,35 +96,29 @@ def _post_res_bwd_kernel(
     tl.store(dh_res_part_ptr + res_off, dh_res, mask=m2[:, :, None] & (i < n)[None, None, :])
 
 
-def _pow2(v: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(v))
+def _tiling(n: int, t: int, c: int, block_c: int, values: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(block_t, block_c, channel splits, channels per split) for [BT, n, BC] tiles of about ``values``
+    fp32 values; C is split across programs only when the token blocks alone do not fill the chip (small T)."""
+    block_c = min(block_c, _pow2(c, 16))
+    block_t = max(1, values // (_pow2(n, 2) * block_c))
+    c_blocks = triton.cdiv(c, block_c)
+    splits = max(1, min(c_blocks, triton.cdiv(2 * mhc_pre_common._num_sms(device), triton.cdiv(t, block_t))))
+    per_split = triton.cdiv(c_blocks, splits) * block_c
+    return block_t, block_c, triton.cdiv(c, per_split), per_split
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def _tile(n: int, c: int, block_t: int | None, block_c: int, values: int) -> tuple[int, int]:
-    # the [BT, N, BC] register tile holds about ``values`` fp32 values (sweep on H100, n = 4, C = 2048)
-    if block_t is None:
-        block_t = max(1, values // (_pow2(n, 2) * block_c))
-    return block_t, min(block_c, _pow2(c, 16))
-
-
-def post_res_forward(
-    x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
-    block_t: int | None = None, block_c: int = 512, num_warps: int = 4,
-) -> torch.Tensor:  # fmt: skip
-    """``x [T, n, C], y [T, C], h_post [T, n] fp32, h_res [T, n, n] fp32`` (contiguous) -> x_next."""
+def post_res_forward(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
+    """``x [T, n, C], y [T, C], h_post [T, n] fp32, h_res [T, n, n] fp32`` (contiguous) -> x_next.
+    Block sizes: ``TUNING``'s ``post_fwd_*`` entries."""
     t, n, c = x.shape
-    block_t, block_c = _tile(n, c, block_t, block_c, 4096)
-    out = torch.empty_like(x)
-    grid = (triton.cdiv(t, block_t), triton.cdiv(c, block_c))
-    _post_res_fwd_kernel[grid](
-        x, y, h_post, h_res, out, t, c, n=n, N=_pow2(n, 2), BT=block_t, BC=block_c, num_warps=num_warps
+    block_t, block_c, splits, per_split = _tiling(
+        n, t, c, TUNING["post_fwd_block_c"], TUNING["post_fwd_tile_values"], x.device
     )
+    out = torch.empty_like(x)
+    _post_res_fwd_kernel[(triton.cdiv(t, block_t), splits)](
+        x, y, h_post, h_res, out, t, c, per_split, n=n, N=_pow2(n, 2), BT=block_t, BC=block_c,
+        LOOP_STAGES=TUNING["post_fwd_loop_stages"], num_warps=TUNING["post_fwd_warps"],
+    )  # fmt: skip
     return out
 
 
@@ -133,23 +132,18 @@ def post_res_backward(
     backward, which forms it while writing its own gradient of the same x. Block sizes:
     ``TUNING``'s ``post_bwd_*`` entries."""
     t, n, c = x.shape
-    block_t, block_c = _tile(n, c, None, TUNING["post_bwd_block_c"], TUNING["post_bwd_tile_values"])
-    num_warps = TUNING["post_bwd_warps"]
-    t_blocks = triton.cdiv(t, block_t)
-    c_blocks = triton.cdiv(c, block_c)
-    # split C only when there are too few token blocks to fill the chip (small T)
-    splits = max(1, min(c_blocks, triton.cdiv(2 * _num_sms(x.device), t_blocks)))
-    per_split = triton.cdiv(c_blocks, splits) * block_c
-    splits = triton.cdiv(c, per_split)
+    block_t, block_c, splits, per_split = _tiling(
+        n, t, c, TUNING["post_bwd_block_c"], TUNING["post_bwd_tile_values"], x.device
+    )
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if write_dx else x  # x: a stand-in pointer, never written
     dy = torch.empty_like(y)
     dh_post = torch.empty((splits, t, n), **f32)
     dh_res = torch.empty((splits, t, n, n), **f32)
-    _post_res_bwd_kernel[(t_blocks, splits)](
+    _post_res_bwd_kernel[(triton.cdiv(t, block_t), splits)](
         g, x, y, h_post, h_res, dx, dy, dh_post, dh_res, t, c, per_split,
         n=n, N=_pow2(n, 2), BT=block_t, BC=block_c, WRITE_DX=write_dx, LOOP_STAGES=TUNING["post_bwd_loop_stages"],
-        num_warps=num_warps,
+        num_warps=TUNING["post_bwd_warps"],
     )  # fmt: skip
     dx = dx if write_dx else None
     if splits > 1:

@@ -154,8 +154,9 @@ TUNING = {
     # ahead; None leaves the loop to the pipeliner's defaults, which stage only the dots' operands
     "apply_loop_stages": 2,
     "reduce_block_t": 4, "reduce_block_c": 256, "reduce_warps": 4, "reduce_loop_stages": None,
-    # the post/res backward (kernels.mhc_post): [BT, n, BC] tiles of about tile_values fp32 values
-    "post_bwd_block_c": 256, "post_bwd_tile_values": 8192, "post_bwd_warps": 8, "post_bwd_loop_stages": 2,
+    # the post/res op (kernels.mhc_post): [BT, n, BC] tiles of about tile_values fp32 values
+    "post_fwd_block_c": 512, "post_fwd_tile_values": 4096, "post_fwd_warps": 4, "post_fwd_loop_stages": 2,
+    "post_bwd_block_c": 256, "post_bwd_tile_values": 4096, "post_bwd_warps": 4, "post_bwd_loop_stages": 2,
 }  # fmt: skip
 V2_TUNING = {"fwd_split": False, "apply_dphi_bf16": False, "apply_dphi_lo": True, "apply_block_t": 32,
              "apply_block_q": None, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
@@ -197,6 +198,11 @@ APPLY_CANDIDATES = [
 ]  # fmt: skip
 
 
+POST_FWD_CANDIDATES = [
+    dict(post_fwd_block_c=bc, post_fwd_tile_values=v, post_fwd_warps=w, post_fwd_loop_stages=ls)
+    for bc, v, w, ls in [(512, 4096, 4, None), (512, 4096, 4, 2), (512, 4096, 4, 3), (256, 4096, 4, 2),
+                         (256, 2048, 4, 3), (512, 8192, 8, 2), (1024, 8192, 8, 2), (256, 4096, 4, 3)]
+]  # fmt: skip
 POST_BWD_CANDIDATES = [
     dict(post_bwd_block_c=bc, post_bwd_tile_values=v, post_bwd_warps=w, post_bwd_loop_stages=ls)
     for bc, v, w, ls in [(256, 8192, 8, None), (256, 8192, 8, 2), (256, 8192, 8, 3), (512, 8192, 8, 2),

@@ -444,13 +444,13 @@ def test_ops_alone_gpu(fused_gpu, n, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("which", range(36))
+@pytest.mark.parametrize("which", range(44))
 def test_tuning_candidates_gpu(fused_gpu, which):
     """Every configuration the sweep may pick computes the same function (bf16, n = 4 and 8)."""
     from dualpipe_mhc.kernels import mhc_pre
 
     cands = (mhc_pre.FWD_CANDIDATES + mhc_pre.APPLY_CANDIDATES + mhc_pre.REDUCE_CANDIDATES
-             + mhc_pre.POST_BWD_CANDIDATES + [mhc_pre.V2_TUNING])  # fmt: skip
+             + mhc_pre.POST_FWD_CANDIDATES + mhc_pre.POST_BWD_CANDIDATES + [mhc_pre.V2_TUNING])  # fmt: skip
     if which >= len(cands):
         pytest.skip(f"only {len(cands)} candidates")
     with mhc_pre.tuning(cands[which]):
