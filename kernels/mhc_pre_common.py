@@ -155,7 +155,7 @@ TUNING = {
     "apply_loop_stages": 2,
     "reduce_block_t": 4, "reduce_block_c": 256, "reduce_warps": 4, "reduce_loop_stages": None,
     # the post/res op (kernels.mhc_post): [BT, n, BC] tiles of about tile_values fp32 values
-    "post_fwd_block_c": 512, "post_fwd_tile_values": 4096, "post_fwd_warps": 4, "post_fwd_loop_stages": 2,
+    "post_fwd_block_c": 1024, "post_fwd_tile_values": 8192, "post_fwd_warps": 8, "post_fwd_loop_stages": 2,
     "post_bwd_block_c": 256, "post_bwd_tile_values": 4096, "post_bwd_warps": 4, "post_bwd_loop_stages": 2,
 }  # fmt: skip
 V2_TUNING = {"fwd_split": False, "apply_dphi_bf16": False, "apply_dphi_lo": True, "apply_block_t": 32,
