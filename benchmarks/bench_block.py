@@ -1,6 +1,7 @@
 """Whole-block benchmark: mHC (n streams) vs the plain residual block, fwd+bwd, time and peak memory.
 
-    python benchmarks/bench_block.py [--shapes a b] [--layers 4] [--batch 4] [--seq 2048] [--out benchmarks/results]
+    python benchmarks/bench_block.py [--shapes a b] [--layers 4] [--batch 4] [--seq 2048] [--passes 1]
+                                     [--out benchmarks/results]
 
 Shapes (DESIGN.md §6, issue 4):
     a   C = 2048, 16 heads, GELU MLP hidden 4C = 8192
@@ -13,7 +14,9 @@ Variants, each timed fwd+bwd (input gradient included, as in a pipeline stage):
     mhc compile   n = 4, torch.compile of the same stack with the reference ops
     mhc fused     n = 4, the Triton kernels (mhc_pre.TUNING, updated from ``--tuning``)
     mhc fused v2  n = 4, the Triton kernels with the previous defaults (mhc_pre.V2_TUNING), for A/B
-Timing: triton.testing.do_bench (CUDA events, median, warm-up first, L2 flushed between runs).
+Timing: triton.testing.do_bench (CUDA events, median, warm-up first, L2 flushed between runs), twice
+in a row per variant; with ``--passes K`` all variants are built first and timed in turn K times
+(the median over passes is quoted, and the table gives the per-pass overhead range).
 Peak memory: torch.cuda.max_memory_allocated during one fwd+bwd, minus what was allocated before it.
 
 Byte floor: the extra HBM bytes mHC must move per token and sublayer over the plain residual,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 import types
@@ -77,27 +81,57 @@ def build_stack(
     return stack
 
 
-def measure(stack, x: torch.Tensor, grad: torch.Tensor, rep_ms: int) -> dict[str, float]:
+def _bench_step(stack, x: torch.Tensor, grad: torch.Tensor, rep_ms: int, warmup: int) -> float:
     params = [p for p in stack.parameters()]
 
     def step():
-        out = stack(x)
-        out.backward(grad)
+        stack(x).backward(grad)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    ms = do_bench(step, warmup=100, rep=rep_ms, grad_to_none=params + [x], return_mode="median")
-    ms2 = do_bench(step, warmup=10, rep=rep_ms, grad_to_none=params + [x], return_mode="median")
-    for p in params + [x]:
+    return do_bench(step, warmup=warmup, rep=rep_ms, grad_to_none=params + [x], return_mode="median")
+
+
+def _peak_gib(stack, x: torch.Tensor, grad: torch.Tensor) -> float:
+    for p in list(stack.parameters()) + [x]:
         p.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    step()
+    stack(x).backward(grad)
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    return {"ms": ms, "ms_repeat": ms2, "peak_GiB": peak / 2**30}
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def measure(stack, x: torch.Tensor, grad: torch.Tensor, rep_ms: int) -> dict[str, float]:
+    for _ in range(3):
+        stack(x).backward(grad)
+    torch.cuda.synchronize()
+    ms = _bench_step(stack, x, grad, rep_ms, warmup=100)
+    ms2 = _bench_step(stack, x, grad, rep_ms, warmup=10)
+    return {"ms": ms, "ms_repeat": ms2, "peak_GiB": _peak_gib(stack, x, grad)}
+
+
+def measure_interleaved(built: dict, rep_ms: int, passes: int, tunings: dict) -> dict[str, dict]:
+    """Every variant timed once a pass, in turn, ``passes`` times: a drift of the machine (clocks,
+    a neighbour) then hits all variants alike. ms = the median over passes; all passes kept."""
+    from dualpipe_mhc.kernels import mhc_pre
+
+    times: dict[str, list[float]] = {v: [] for v in built}
+    for p in range(passes):
+        for variant, (stack, x, grad) in built.items():
+            with mhc_pre.tuning(tunings.get(variant, {})):
+                if p == 0:
+                    for _ in range(3):
+                        stack(x).backward(grad)
+                times[variant].append(_bench_step(stack, x, grad, rep_ms, warmup=100 if p == 0 else 10))
+        print(f"  pass {p}: " + ", ".join(f"{v} {t[-1]:.2f}" for v, t in times.items()), flush=True)
+    rows = {}
+    for variant, (stack, x, grad) in built.items():
+        with mhc_pre.tuning(tunings.get(variant, {})):
+            peak = _peak_gib(stack, x, grad)
+        t = sorted(times[variant])
+        rows[variant] = {"ms": statistics.median(t), "ms_passes": times[variant], "ms_min": t[0], "ms_max": t[-1],
+                         "peak_GiB": peak}  # fmt: skip
+    return rows
 
 
 def kernel_breakdown(stack, x, grad) -> list[tuple[str, float]]:
@@ -130,6 +164,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--rep-ms", type=int, default=1500)
+    ap.add_argument("--passes", type=int, default=1,
+                    help="> 1: build every variant first, time them in turn this many times, quote the median")
     ap.add_argument("--variants", nargs="+", default=["plain", "mhc fused", "mhc eager", "mhc compile"])
     ap.add_argument("--copy-bandwidth", type=float, default=None, help="B/s; measured here when not given")
     ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of plain and fused")
@@ -172,7 +208,7 @@ def main() -> None:
         sublayers = 2 * args.layers
         extra_min = sublayers * tokens * ((8 * n + 5) - 6) * c * 2
         extra_ours = sublayers * tokens * ((10 * n + 6) - 6) * c * 2
-        rows = {}
+        rows, built = {}, {}
         for variant in args.variants:
             streams, residual = (1, "plain") if variant == "plain" else (n, "mhc")
             kernels = "triton" if variant.startswith("mhc fused") else "reference"
@@ -183,12 +219,19 @@ def main() -> None:
             x = torch.randn(args.batch, args.seq, streams, c, device="cuda", generator=g).to(torch.bfloat16)
             x.requires_grad_()
             grad = torch.randn(x.shape, device="cuda", generator=g).to(torch.bfloat16)
+            if args.passes > 1:  # timed below, all variants in turn
+                built[variant] = (stack, x, grad)
+                continue
             t0 = time.time()
             with mhc_pre.tuning(tunings.get(variant, {})):
                 rows[variant] = measure(stack, x, grad, args.rep_ms)
             rows[variant]["wall_s"] = time.time() - t0
             print(f"  {key} {variant}: {rows[variant]}", flush=True)
             del stack, x, grad
+            torch.cuda.empty_cache()
+        if built:
+            rows = measure_interleaved(built, args.rep_ms, args.passes, tunings)
+            del built
             torch.cuda.empty_cache()
         # Profiled after every timing of the shape: a variant timed right after a torch.profiler
         # pass ran up to 16 % slow at shape a (H100, 2026-11-25: 43.4 vs 37.1 ms, either variant).
@@ -210,6 +253,9 @@ def main() -> None:
         }  # fmt: skip
         for variant, r in rows.items():
             over = f"+{100 * (r['ms'] / plain - 1):.1f} %" if plain and variant != "plain" else ""
+            if over and "ms_passes" in r:  # the overhead within each pass, lowest to highest
+                per = sorted(v / p - 1 for v, p in zip(r["ms_passes"], rows["plain"]["ms_passes"]))
+                over += f" (passes {100 * per[0]:+.1f} to {100 * per[-1]:+.1f} %)"
             floor = f"+{100 * floor_min / plain:.1f} % / +{100 * floor_ours / plain:.1f} %" if plain else ""
             target = f"+{130 * floor_min / plain:.1f} % / +{130 * floor_ours / plain:.1f} %" if plain else ""
             lines.append(
