@@ -13,7 +13,7 @@ Shapes (T tokens, n streams, C channels, K = n*C, M = 2n + n²):
 Files: forward here, backward in :mod:`kernels.mhc_pre_bwd`, the on-chip mapping code and the
 tuning table shared by both in :mod:`kernels.mhc_pre_common`.
 
-Kernels (block sizes: launcher defaults, from the sweeps in benchmarks/results/kernels_ops_sweep_*):
+Kernels (block sizes: TUNING, from the sweeps in benchmarks/results/kernels_sweep_*):
     _pre_fwd_kernel         one program per BT tokens: one sweep over vec(x) gives the sum of squares
                             and x @ phi (tensor cores, tf32); then sigmoid, 2 sigmoid and Sinkhorn
                             on-chip. With AGGREGATE it also writes u = H_pre x in a second pass
@@ -28,9 +28,11 @@ Kernels (block sizes: launcher defaults, from the sweeps in benchmarks/results/k
     _pre_bwd_reduce_kernel  one program per BT tokens: dH_pre = <du, x_i> over C, then every
                             per-token scalar of the backward (Sinkhorn backward by recompute).
     _pre_bwd_apply_kernel   grid (token splits, channel blocks): dx = H_pre du + draw @ phi^T
-                            + coef x (+ the post/res gradient, accumulated in place), and by
-                            default a partial dphi = x^T draw per token split (bf16 dots for
-                            bf16 x and draw rounded to bf16, or hi + lo with TUNING['apply_dphi_lo']).
+                            + coef x + the post/res gradient (H_res^T g formed from the post/res op's
+                            g, or a dense one accumulated in place), and by default a partial
+                            dphi = x^T draw per token split (bf16 dots for bf16 x and draw rounded to
+                            bf16, or hi + lo with TUNING['apply_dphi_lo']). Its token loop issues each
+                            tile's loads a tile ahead (TUNING['apply_loop_stages']).
     _pre_bwd_dphi_kernel    the alternative: dphi as its own GEMM over tokens (one more read of x).
 The per-token chain of the backward:  dlogit -> dproj = alpha dlogit -> draw = dproj * rstd,
 d rstd = <dproj, proj> / rstd -> coef = -d rstd * rstd^3 / K  (dx += coef * x).

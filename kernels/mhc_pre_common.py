@@ -185,7 +185,7 @@ APPLY_CANDIDATES = [
     for bt, bq, w, lo, ls in [
         # the loop as written: Triton's pipeliner stages only the loads that feed the dots (x, draw)
         (64, 256, 8, False, None), (32, 256, 8, False, None), (16, 256, 4, False, None), (64, 256, 8, True, None),
-        # tl.range(num_stages=ls): every load of the loop (dx_accum, du, H_pre, coef too) goes through
+        # tl.range(num_stages=ls): every load of the loop (g, du, H_pre, coef too) goes through
         # cp.async into shared memory, ls - 1 tiles ahead (sm_90 registers / shared KB: kernel_resources.py)
         (64, 256, 8, False, 2),  # 237 / 129
         (64, 256, 8, False, 3),  # 254 / 211
