@@ -186,14 +186,15 @@ APPLY_CANDIDATES = [
         # the loop as written: Triton's pipeliner stages only the loads that feed the dots (x, draw)
         (64, 256, 8, False, None), (32, 256, 8, False, None), (16, 256, 4, False, None), (64, 256, 8, True, None),
         # tl.range(num_stages=ls): every load of the loop (g, du, H_pre, coef too) goes through
-        # cp.async into shared memory, ls - 1 tiles ahead (sm_90 registers / shared KB: kernel_resources.py)
-        (64, 256, 8, False, 2),  # 237 / 129
-        (64, 256, 8, False, 3),  # 254 / 211
-        (32, 256, 8, False, 2),  # 172 / 77
-        (32, 256, 8, False, 3),  # 172 / 117
-        (32, 256, 8, False, 4),  # 192 / 158
-        (16, 256, 4, False, 3),  # 229 / 77, two programs an SM
-        (32, 128, 4, False, 3),  # 174 / 63, two programs an SM
+        # cp.async into shared memory, ls - 1 tiles ahead (sm_90 registers / shared KB with the g hand-over,
+        # Triton 3.6: kernel_resources.py)
+        (64, 256, 8, False, 2),  # 255 / 133: the default (H100 sweep, 2026-11-25)
+        (64, 256, 8, False, 3),  # 255 / 218
+        (32, 256, 8, False, 2),  # 172 / 79
+        (32, 256, 8, False, 3),  # 184 / 121
+        (32, 256, 8, False, 4),  # 196 / 164
+        (16, 256, 4, False, 3),  # 251 / 79, two programs an SM
+        (32, 128, 4, False, 3),  # 176 / 67, two programs an SM
     ]
 ]  # fmt: skip
 
