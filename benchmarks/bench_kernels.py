@@ -202,6 +202,10 @@ def split_parts(t: int, n: int, c: int, device: str) -> dict[str, float]:
     return out
 
 
+TUNING_PREFIX = {"pre fwd": "fwd_", "pre bwd apply": "apply_", "pre bwd reduce": "reduce_",
+                 "post_res fwd": "post_fwd_", "post_res bwd": "post_bwd_"}  # fmt: skip
+
+
 def best_tuning(sweeps: list[dict[str, list]]) -> dict:
     """The candidate with the least total time over the swept shapes, per kernel, as TUNING overrides."""
     best = {}
@@ -213,9 +217,7 @@ def best_tuning(sweeps: list[dict[str, list]]) -> dict:
         ok = {k: v for k, v in totals.items() if v == v}
         pick = min(ok, key=ok.get)
         row = sweeps[0][name][pick]
-        # a v2 row carries every key
-        prefix = {"pre fwd": "fwd_", "pre bwd apply": "apply_", "post_res fwd": "post_fwd_", "post_res bwd": "post_bwd_"}
-        prefix = prefix.get(name, "reduce_")
+        prefix = TUNING_PREFIX[name]  # a v2 row carries every key
         picked = {k: v for k, v in row.items() if k.startswith(prefix)}
         best.update(picked)
         print(f"  best {name}: candidate {pick} {picked} total {ok[pick]:.4f} ms", flush=True)

@@ -46,7 +46,8 @@ def _post_res_fwd_kernel(
         acc = h_post[:, :, None] * y[:, None, :]  # [BT, N, BC]
         for j in tl.static_range(n):
             xj = tl.load(x_ptr + rows64[:, None] * (n * C) + j * C + cs[None, :], mask=tile_mask, other=0.0)
-            h_col = tl.load(h_res_ptr + rows64[:, None] * (n * n) + i[None, :] * n + j, mask=m2, other=0.0)  # H_res[:, j]
+            # H_res[:, j]
+            h_col = tl.load(h_res_ptr + rows64[:, None] * (n * n) + i[None, :] * n + j, mask=m2, other=0.0)
             acc += h_col[:, :, None] * xj.to(tl.float32)[:, None, :]
         out_off = rows64[:, None, None] * (n * C) + i[None, :, None] * C + cs[None, None, :]
         tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=m2[:, :, None] & cmask[None, None, :])

@@ -45,8 +45,9 @@ import triton
 import triton.language as tl
 
 from .mhc_pre_common import (
-    APPLY_CANDIDATES, FWD_CANDIDATES, POST_BWD_CANDIDATES, POST_FWD_CANDIDATES, REDUCE_CANDIDATES, TUNING, V2_TUNING, WIDE_APPLY_TUNING, _dot_bf16,
-    _interpreted, _load_proj, _logits, _mappings, _num_sms, _pow2, _precision, tuning,
+    APPLY_CANDIDATES, FWD_CANDIDATES, POST_BWD_CANDIDATES, POST_FWD_CANDIDATES, REDUCE_CANDIDATES, TUNING,
+    V2_TUNING, WIDE_APPLY_TUNING, _dot_bf16, _interpreted, _load_proj, _logits, _mappings, _num_sms, _pow2,
+    _precision, tuning,
 )  # fmt: skip
 from .mhc_pre_bwd import apply_tuning, pre_backward, pre_backward_apply, pre_backward_dphi, pre_backward_reduce  # noqa: F401
 

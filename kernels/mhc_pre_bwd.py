@@ -130,9 +130,8 @@ def _pre_bwd_apply_kernel(
         mix = hp[:, :, None] * du.to(tl.float32)[:, None, :]  # [BT, N, BC]
         if RES_GRAD:
             for j in tl.static_range(n):
-                g_j = tl.load(
-                    g_ptr + rows64[:, None] * K + j * C + cs[None, :], mask=row_mask[:, None] & cmask[None, :], other=0.0
-                )
+                g_off = rows64[:, None] * K + j * C + cs[None, :]
+                g_j = tl.load(g_ptr + g_off, mask=row_mask[:, None] & cmask[None, :], other=0.0)
                 h_row = tl.load(  # H_res[t, j, i] over i
                     h_res_ptr + rows64[:, None] * (n * n) + j * n + si[None, :],
                     mask=row_mask[:, None] & smask[None, :], other=0.0,
