@@ -124,10 +124,10 @@ def _pre_bwd_apply_kernel(
         x_off = rows64[:, None] * K + krow[None, :]
         x_raw = tl.load(x_ptr + x_off, mask=tile_mask, other=0.0)
         x2 = x_raw.to(tl.float32)
-        # H_pre du for all n streams: [BT, N] x [BT, BC] broadcast to [BT, N, BC], laid out as the tile
+        # The per-stream mixes, [BT, N, BC] broadcasts laid out as the tile: H_pre du (+ H_res^T g)
         du = tl.load(du_ptr + rows64[:, None] * C + cs[None, :], mask=row_mask[:, None] & cmask[None, :], other=0.0)
         hp = tl.load(h_pre_ptr + rows64[:, None] * n + si[None, :], mask=row_mask[:, None] & smask[None, :], other=0.0)
-        mix = hp[:, :, None] * du.to(tl.float32)[:, None, :]  # [BT, N, BC]
+        mix = hp[:, :, None] * du.to(tl.float32)[:, None, :]
         if RES_GRAD:
             for j in tl.static_range(n):
                 g_off = rows64[:, None] * K + j * C + cs[None, :]
@@ -137,12 +137,12 @@ def _pre_bwd_apply_kernel(
                     mask=row_mask[:, None] & smask[None, :], other=0.0,
                 )  # fmt: skip
                 mix += h_row[:, :, None] * g_j.to(tl.float32)[:, None, :]
-        hp_du = tl.reshape(mix, (BT, N * BC))
+        mix = tl.reshape(mix, (BT, N * BC))
         draw = tl.load(
             draw_ptr + rows64[:, None] * M + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
         )
         coef = tl.load(coef_ptr + rows, mask=row_mask, other=0.0)
-        dx = hp_du + coef[:, None] * x2 + tl.dot(draw, phi_t, input_precision=PRECISION)
+        dx = mix + coef[:, None] * x2 + tl.dot(draw, phi_t, input_precision=PRECISION)
         if ACCUMULATE:
             dx += tl.load(dx_ptr + x_off, mask=tile_mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
