@@ -137,16 +137,15 @@ def post_res_backward(
         n, t, c, TUNING["post_bwd_block_c"], TUNING["post_bwd_tile_values"], x.device
     )
     f32 = dict(device=x.device, dtype=torch.float32)
-    dx = torch.empty_like(x) if write_dx else x  # x: a stand-in pointer, never written
+    dx = torch.empty_like(x) if write_dx else None
     dy = torch.empty_like(y)
     dh_post = torch.empty((splits, t, n), **f32)
     dh_res = torch.empty((splits, t, n, n), **f32)
     _post_res_bwd_kernel[(triton.cdiv(t, block_t), splits)](
-        g, x, y, h_post, h_res, dx, dy, dh_post, dh_res, t, c, per_split,
+        g, x, y, h_post, h_res, x if dx is None else dx, dy, dh_post, dh_res, t, c, per_split,  # x: never written
         n=n, N=_pow2(n, 2), BT=block_t, BC=block_c, WRITE_DX=write_dx, LOOP_STAGES=TUNING["post_bwd_loop_stages"],
         num_warps=TUNING["post_bwd_warps"],
     )  # fmt: skip
-    dx = dx if write_dx else None
     if splits > 1:
         return dx, dy, dh_post.sum(0), dh_res.sum(0)
     return dx, dy, dh_post[0], dh_res[0]
