@@ -28,6 +28,7 @@ see that scale.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,9 @@ class HyperConnection(nn.Module):
         self.width, self.streams, self.kind = width, streams, kind
         self.sinkhorn_iters = sinkhorn_iters
         self.kernels = kernels
+        # Set by a recomputation segment while it records its forward (dualpipe_mhc.recompute):
+        # called with (ops, h_pre, h_post, h_res), what it needs to rebuild u and x_next later.
+        self.recorder: Callable[..., None] | None = None
         if kind == "plain":
             return
         n = streams
@@ -86,7 +90,11 @@ class HyperConnection(nn.Module):
         if self.kind == "plain":
             return x + self.sublayer(x.squeeze(-2)).unsqueeze(-2)
         ops = get_ops(resolve_backend(self.kernels, x.device.type, self.kind))
-        u, h_post, h_res = ops.pre(x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.kind)
+        u, h_pre, h_post, h_res = ops.pre(
+            x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.kind, return_h_pre=True
+        )
+        if self.recorder is not None:
+            self.recorder(ops, h_pre.detach(), h_post.detach(), h_res.detach())
         y = self.sublayer(u)  # [..., C]
         return ops.post_res(x, y, h_post, h_res)
 

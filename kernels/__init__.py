@@ -18,13 +18,15 @@ ENV_VAR = "DUALPIPE_MHC_KERNELS"
 def _reference_ops() -> SimpleNamespace:
     from . import reference
 
-    return SimpleNamespace(name="reference", pre=reference.mhc_pre, post_res=reference.post_res)
+    return SimpleNamespace(
+        name="reference", pre=reference.mhc_pre, post_res=reference.post_res, aggregate=reference.pre_aggregate
+    )
 
 
 def _triton_ops() -> SimpleNamespace:
     from . import fused  # noqa: F401  (imports triton)
 
-    return SimpleNamespace(name="triton", pre=fused.mhc_pre, post_res=fused.post_res)
+    return SimpleNamespace(name="triton", pre=fused.mhc_pre, post_res=fused.post_res, aggregate=fused.pre_aggregate)
 
 
 def resolve_backend(requested: str | None, device_type: str, kind: str = "mhc") -> str:
@@ -52,7 +54,8 @@ def _fused_available() -> bool:
 
 
 def get_ops(backend: str) -> SimpleNamespace:
-    """The op table for a resolved backend name: ``.pre(x, phi, alpha, bias, iters, kind)`` and ``.post_res(x, y, h_post, h_res)``."""
+    """The op table for a resolved backend name: ``.pre(x, phi, alpha, bias, iters, kind, return_h_pre=False)``,
+    ``.post_res(x, y, h_post, h_res)`` and ``.aggregate(x, h_pre)`` (u = H_pre x, for recomputation)."""
     if backend == "triton":
         return _triton_ops()
     if backend == "reference":

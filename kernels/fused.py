@@ -3,6 +3,7 @@
 Same semantics and shapes as :mod:`kernels.reference` (leading batch dims allowed):
     mhc_pre(x [..., n, C], phi, alpha, bias, sinkhorn_iters, kind) -> (u [..., C], h_post [..., n], h_res [..., n, n])
     post_res(x [..., n, C], y [..., C], h_post, h_res) -> x_next [..., n, C]
+    pre_aggregate(x [..., n, C], h_pre [..., n]) -> u [..., C]       (no autograd: recomputation's u)
 Streams stay in their dtype (bf16, fp16 or fp32); mappings, norm and Sinkhorn are fp32.
 
 Two autograd Functions launch the kernels of :mod:`kernels.mhc_pre` and
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from .mhc_post import post_res_backward, post_res_forward
 from .mhc_pre import _pre_fwd_kernel, pre_backward, pre_forward
+from .mhc_pre import pre_aggregate as _pre_aggregate
 from .reference import RMS_EPS
 
 SUPPORTED_KINDS = ("mhc",)
@@ -77,10 +79,11 @@ class MhcPreFunction(torch.autograd.Function):
         u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, iters, eps)
         ctx.save_for_backward(x, phi, alpha, bias, h_pre, proj, rstd)
         ctx.iters, ctx.link = iters, link
-        return u, h_post, h_res
+        ctx.mark_non_differentiable(h_pre)  # returned for recomputation only: u carries its gradient
+        return u, h_pre, h_post, h_res
 
     @staticmethod
-    def backward(ctx, du, dh_post, dh_res):
+    def backward(ctx, du, _dh_pre, dh_post, dh_res):
         x, phi, alpha, bias, h_pre, proj, rstd = ctx.saved_tensors
         t, n, c = x.shape
         du = torch.zeros((t, c), device=x.device, dtype=x.dtype) if du is None else du.to(x.dtype).contiguous()
@@ -133,9 +136,11 @@ def _check(x: Tensor, kind: str, op: str) -> None:
 
 
 def mhc_pre(
-    x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, sinkhorn_iters: int, kind: str = "mhc", eps: float = RMS_EPS
-) -> tuple[Tensor, Tensor, Tensor]:
-    """x ``[..., n, C]`` -> (u ``[..., C]``, h_post ``[..., n]`` fp32, h_res ``[..., n, n]`` fp32); see reference.mhc_pre."""
+    x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, sinkhorn_iters: int, kind: str = "mhc", eps: float = RMS_EPS,
+    return_h_pre: bool = False,
+) -> tuple[Tensor, ...]:
+    """x ``[..., n, C]`` -> (u ``[..., C]``, h_post ``[..., n]`` fp32, h_res ``[..., n, n]`` fp32); see reference.mhc_pre.
+    ``return_h_pre``: (u, h_pre, h_post, h_res), h_pre ``[..., n]`` fp32 without gradient."""
     _check(x, kind, "mhc_pre")
     *lead, n, c = x.shape
     m = 2 * n + n * n
@@ -145,14 +150,26 @@ def mhc_pre(
             f"got phi {list(phi.shape)}, alpha {list(alpha.shape)}, bias {list(bias.shape)}"
         )
     link = _GradLink(x) if torch.is_grad_enabled() and x.requires_grad else None
-    u, h_post, h_res = MhcPreFunction.apply(
+    u, h_pre, h_post, h_res = MhcPreFunction.apply(
         x.reshape(-1, n, c).contiguous(), phi.contiguous(), alpha.contiguous(), bias.contiguous(),
         int(sinkhorn_iters), float(eps), link,
     )  # fmt: skip
     h_res = h_res.reshape(*lead, n, n)
     if link is not None:
         setattr(h_res, _LINK_ATTR, link)
-    return u.reshape(*lead, c), h_post.reshape(*lead, n), h_res
+    u, h_post = u.reshape(*lead, c), h_post.reshape(*lead, n)
+    if return_h_pre:
+        return u, h_pre.reshape(*lead, n), h_post, h_res
+    return u, h_post, h_res
+
+
+def pre_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
+    """u = H_pre @ x, ``[..., C]`` in x's dtype, outside autograd: what recomputation rebuilds u with,
+    bit for bit the forward's u for the forward's h_pre."""
+    _check(x, "mhc", "pre_aggregate")
+    *lead, n, c = x.shape
+    u = _pre_aggregate(x.reshape(-1, n, c).contiguous(), h_pre.to(torch.float32).reshape(-1, n).contiguous())
+    return u.reshape(*lead, c)
 
 
 def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:

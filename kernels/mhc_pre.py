@@ -270,9 +270,24 @@ def pre_forward(
         PRECISION=_precision(x.dtype), AGGREGATE=fuse_aggregate, num_warps=num_warps,
     )  # fmt: skip
     if not fuse_aggregate:
-        bt = agg_block_t or max(1, 16 // nn_)  # [BT, N, BC] tile of ~4K values
-        bc = min(agg_block_c, _pow2(c, 16))
-        _pre_aggregate_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
-            x, h_pre, u, t, c, n=n, N=nn_, BT=bt, BC=bc, num_warps=4
-        )
+        pre_aggregate(x, h_pre, out=u, block_t=agg_block_t, block_c=agg_block_c)
     return u, h_pre, h_post, h_res, proj, rstd
+
+
+def pre_aggregate(
+    x: torch.Tensor, h_pre: torch.Tensor, out: torch.Tensor | None = None, block_t: int | None = None,
+    block_c: int = 256,
+) -> torch.Tensor:
+    """u = H_pre x for ``x [T, n, C]`` (contiguous) and ``h_pre [T, n]`` fp32 -> ``u [T, C]`` in x's dtype.
+
+    The same tile code (:func:`_aggregate_tile`) as the forward's fused aggregate, so recomputation
+    rebuilds u bit for bit from the forward's h_pre."""
+    t, n, c = x.shape
+    nn_ = _pow2(n, 2)
+    u = torch.empty((t, c), device=x.device, dtype=x.dtype) if out is None else out
+    bt = block_t or max(1, 16 // nn_)  # [BT, N, BC] tile of ~4K values
+    bc = min(block_c, _pow2(c, 16))
+    _pre_aggregate_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+        x, h_pre, u, t, c, n=n, N=nn_, BT=bt, BC=bc, num_warps=4
+    )
+    return u

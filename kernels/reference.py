@@ -130,12 +130,17 @@ def mhc_pre(
     sinkhorn_iters: int,
     kind: str = "mhc",
     eps: float = RMS_EPS,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The whole 'pre' half of an mHC sublayer: x -> (u [..., C], h_post [..., n], h_res [..., n, n])."""
+    return_h_pre: bool = False,
+) -> tuple[Tensor, ...]:
+    """The whole 'pre' half of an mHC sublayer: x -> (u [..., C], h_post [..., n], h_res [..., n, n]).
+    ``return_h_pre``: (u, h_pre, h_post, h_res), h_pre detached (recomputation rebuilds u from it)."""
     n = x.shape[-2]
     proj, _ = rms_project(x, phi, eps)
     h_pre, h_post, h_res = mappings_from_proj(proj, alpha, bias, n, sinkhorn_iters, kind)
-    return pre_aggregate(x, h_pre), h_post, h_res
+    u = pre_aggregate(x, h_pre)
+    if return_h_pre:
+        return u, h_pre.detach(), h_post, h_res
+    return u, h_post, h_res
 
 
 def amax_gain(product: Tensor) -> tuple[Tensor, Tensor]:

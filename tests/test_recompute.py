@@ -190,9 +190,12 @@ def test_zero_bubble_split_backward_bitwise_equal(monkeypatch, replay_once, expe
 
     from dualpipe_mhc import recompute
 
-    replays = []
-    original = recompute._Segment._run_replay
-    monkeypatch.setattr(recompute._Segment, "_run_replay", lambda seg: replays.append(1) or original(seg))
+    segments = []
+    original = recompute._Segment.forward
+    monkeypatch.setattr(recompute._Segment, "forward", lambda seg, x: segments.append(seg) or original(seg, x))
+
+    def replays() -> int:  # walks of the x chain, over every block of the step
+        return sum(seg.replays for seg in segments)
 
     def split_step(block_layers):
         model = build_model(CFG, seed=0, kernels="reference").enable_recompute(block_layers, replay_once)
@@ -202,16 +205,16 @@ def test_zero_bubble_split_backward_bitwise_equal(monkeypatch, replay_once, expe
         loss = chunk(x, _data()[1])
         params = list(chunk.parameters())
         (dx,), groups = stage_backward_input([loss], None, [x], iter(params))
-        after_b = len(replays)
+        after_b = replays()
         stage_backward_weight(iter(params), groups)
         return dx, {n: p.grad for n, p in chunk.named_parameters()}, after_b
 
     ref_dx, ref_grads, _ = split_step(None)
-    replays.clear()
+    segments.clear()
     dx, grads, after_b = split_step(1)  # layers 3, 4 of 5 -> two blocks
     assert torch.equal(dx, ref_dx)
     assert all(torch.equal(grads[k], g) for k, g in ref_grads.items())
-    assert (after_b, len(replays)) == expected
+    assert (after_b, replays()) == expected
 
 
 def _streams_alive_after_forward(kernels: str, device: str = "cpu") -> int:
@@ -299,3 +302,18 @@ def test_fused_recompute_frees_stream_memory_on_gpu():
     stream_bytes = BATCH * cfg.seq_len * cfg.streams * cfg.width * 2
     saved = held_after_forward(None) - held_after_forward(2)
     assert saved >= 0.5 * dropped_streams * stream_bytes
+
+
+@pytest.mark.parametrize("block_layers", [1, 2, 5])
+def test_backward_transient_is_the_x_chain_plus_one_sublayer(block_layers):
+    """The rebuild holds the x_k still ahead of the backward (at most 2 L_r - 1 of them) and one
+    sublayer's u_k, RMSNorm(u_k) and what the norm saved, not a whole block's intermediates."""
+    meter = _measure(block_layers, 1)
+    per_input = CFG.streams * CFG.width * TOKENS * 4
+    sublayers = 2 * CFG.layers
+    one_sublayer = (meter.dropped_bytes() - meter.dropped_bytes("streams")) / sublayers
+    chain = (2 * block_layers - 1) * per_input
+    blocks = -(-CFG.layers // block_layers)
+    assert meter.dropped_bytes("streams") == (sublayers - blocks) * per_input  # every x_k but the block inputs
+    # Two sublayers' u_k and norms held at once would break this (the old whole-block replay did).
+    assert 0 < meter.replay_peak_bytes <= chain + one_sublayer

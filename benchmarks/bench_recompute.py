@@ -1,0 +1,224 @@
+"""mHC recomputation at the paper-27b layer shape: time, kept memory and the transient during B.
+
+    python benchmarks/bench_recompute.py [--layers 4] [--tokens 4096] [--blocks 1 2 4] [--passes 3]
+                                         [--norm eager fused] [--profile] [--out DIR]
+
+A stack of ``--layers`` dualpipe_mhc.model.Block layers (C 6144, 48 heads, SwiGLU 16384: the
+paper-27b config's layer), one micro-batch of ``--tokens`` tokens, bf16 weights and streams, mHC
+mappings in fp32, fused Triton kernels. Variants, each fwd+bwd with the input gradient (as in a
+pipeline stage):
+    plain          residual kind 'plain', n = 1
+    mhc            n = 4, no recomputation
+    mhc L_r=k      n = 4, ``recompute.run_blocks`` with block_layers k
+Timing: triton.testing.do_bench medians, every variant timed in turn ``--passes`` times (the median
+over passes is quoted). Memory, from torch.cuda's allocator around one fwd+bwd:
+    kept      allocated after F minus before F (what the stage holds until its B; the output included)
+    peak B    the allocator's peak during B minus what was allocated before F
+    transient peak B minus kept: what the backward needs beyond what F kept
+The planner's prediction for the same stage (``scheduler.planner.stage_memory``) is printed beside.
+``--norm fused`` swaps the sublayers' pre-norm for torch's fused F.rms_norm (for an A/B of the norm).
+``--profile``: CUDA time per kernel of one step for mhc and mhc L_r=1, and the time inside the replay.
+Writes ``recompute_<device>.json`` and ``.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_block import build_stack  # noqa: E402
+
+PAPER27B = dict(width=6144, heads=48, mlp="swiglu", hidden=16384)
+GIB = 2**30
+
+
+def _forward(stack, x, block_layers):
+    from dualpipe_mhc.recompute import run_blocks
+
+    return run_blocks(list(stack), x, first_layer=0, block_layers=block_layers)
+
+
+def _step(stack, x, grad, block_layers):
+    _forward(stack, x, block_layers).backward(grad)
+
+
+def _clear(stack, x):
+    for p in list(stack.parameters()) + [x]:
+        p.grad = None
+
+
+def memory(stack, x, grad, block_layers) -> dict[str, float]:
+    _clear(stack, x)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    out = _forward(stack, x, block_layers)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - base
+    torch.cuda.reset_peak_memory_stats()
+    out.backward(grad)
+    del out
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    _clear(stack, x)
+    return {"kept_GiB": kept / GIB, "peak_B_GiB": peak / GIB, "transient_GiB": (peak - kept) / GIB}
+
+
+def kernel_times(stack, x, grad, block_layers) -> dict[str, float]:
+    """CUDA ms per kernel (and per record_function range) over one fwd+bwd."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _step(stack, x, grad, block_layers)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _step(stack, x, grad, block_layers)
+        torch.cuda.synchronize()
+    rows: dict[str, float] = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None)
+        if t is None:
+            t = getattr(evt, "cuda_time_total", 0.0)
+        if t > 0:
+            rows[evt.key] = rows.get(evt.key, 0.0) + t / 1e3
+    _clear(stack, x)
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
+
+
+def _annotate_replay() -> None:
+    """Name the replay in profiles: torch.profiler's range 'mhc_recompute_replay'."""
+    from dualpipe_mhc import recompute
+
+    run = recompute._Segment._run_replay
+    if getattr(run, "_annotated", False):
+        return
+
+    def annotated(self):
+        with torch.profiler.record_function("mhc_recompute_replay"):
+            return run(self)
+
+    annotated._annotated = True
+    recompute._Segment._run_replay = annotated
+
+
+def _use_norm(kind: str) -> None:
+    from dualpipe_mhc import model
+
+    if not hasattr(model.RMSNorm, "_eager_forward"):
+        model.RMSNorm._eager_forward = model.RMSNorm.forward
+    if kind == "eager":
+        model.RMSNorm.forward = model.RMSNorm._eager_forward
+    else:
+        model.RMSNorm.forward = lambda self, x: torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def _prediction(layers: int, tokens: int, streams: int, block_layers: int | None) -> dict[str, float] | None:
+    try:
+        from dualpipe_mhc.scheduler.planner import stage_memory
+    except ImportError:
+        return None
+    pred = stage_memory(
+        width=PAPER27B["width"], hidden=PAPER27B["hidden"], mlp=PAPER27B["mlp"], layers=layers, tokens=tokens,
+        streams=streams, block_layers=block_layers,
+    )  # fmt: skip
+    return {"kept_GiB": pred.kept / GIB, "transient_GiB": pred.transient / GIB}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--blocks", type=int, nargs="*", default=[1, 2, 4])
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--rep-ms", type=int, default=600)
+    ap.add_argument("--norm", nargs="+", default=["eager"], choices=["eager", "fused"])
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+
+    name = torch.cuda.get_device_name()
+    _annotate_replay()
+    n, c = args.streams, PAPER27B["width"]
+    stacks = {
+        "plain": build_stack(PAPER27B, args.layers, 1, "plain", "reference"),
+        "mhc": build_stack(PAPER27B, args.layers, n, "mhc", "triton"),
+    }
+    inputs = {}
+    for key, streams in (("plain", 1), ("mhc", n)):
+        g = torch.Generator(device="cuda").manual_seed(1)
+        x = torch.randn(1, args.tokens, streams, c, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+        inputs[key] = (x, torch.randn(x.shape, device="cuda", generator=g).to(torch.bfloat16))
+    variants = {"plain": ("plain", None), "mhc": ("mhc", None)}
+    variants.update({f"mhc L_r={k}": ("mhc", k) for k in args.blocks})
+
+    results = {
+        "device": name, "torch": torch.__version__, "layers": args.layers, "tokens": args.tokens, "streams": n,
+        "shape": PAPER27B, "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "norms": {},
+    }  # fmt: skip
+    lines = [
+        f"device: {name}; {args.layers} layers of C {c}, {PAPER27B['heads']} heads, SwiGLU {PAPER27B['hidden']}; "
+        f"{args.tokens} tokens; bf16; n = {n}; fwd+bwd median of do_bench over {args.passes} interleaved passes",
+        "",
+        "| norm | variant | fwd+bwd ms | vs plain | kept GiB | peak in B GiB | transient GiB "
+        "| planner kept / transient GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for norm in args.norm:
+        _use_norm(norm)
+        for key, block in variants.values():  # warm-up: kernels compiled, allocator settled
+            for _ in range(2):
+                _step(stacks[key], *inputs[key], block)
+        torch.cuda.synchronize()
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for p in range(args.passes):
+            for v, (key, block) in variants.items():
+                stack, (x, grad) = stacks[key], inputs[key]
+                params = list(stack.parameters()) + [x]
+                ms = do_bench(lambda: _step(stack, x, grad, block), warmup=50, rep=args.rep_ms,
+                              grad_to_none=params, return_mode="median")  # fmt: skip
+                times[v].append(ms)
+            print(f"  {norm} pass {p}: " + ", ".join(f"{v} {t[-1]:.2f}" for v, t in times.items()), flush=True)
+        rows = {}
+        for v, (key, block) in variants.items():
+            streams = 1 if key == "plain" else n
+            rows[v] = {
+                "ms": statistics.median(times[v]), "ms_passes": times[v],
+                **memory(stacks[key], *inputs[key], block),
+                "planner": _prediction(args.layers, args.tokens, streams, block),
+            }  # fmt: skip
+        if args.profile:
+            for v in ["mhc"] + [f"mhc L_r={k}" for k in args.blocks[:1]]:
+                key, block = variants[v]
+                top = kernel_times(stacks[key], *inputs[key], block)
+                rows[v]["kernels_ms"] = list(top.items())[:60]
+                print(f"    {norm} {v} top (ms):", [(k[:70], round(t, 3)) for k, t in list(top.items())[:25]])
+        results["norms"][norm] = rows
+        plain = rows["plain"]["ms"]
+        for v, r in rows.items():
+            over = f"+{100 * (r['ms'] / plain - 1):.1f} %" if v != "plain" else ""
+            pred = r["planner"]
+            pred_s = f"{pred['kept_GiB']:.2f} / {pred['transient_GiB']:.2f}" if pred else "n/a"
+            lines.append(
+                f"| {norm} | {v} | {r['ms']:.1f} | {over} | {r['kept_GiB']:.2f} | {r['peak_B_GiB']:.2f} | "
+                f"{r['transient_GiB']:.2f} | {pred_s} |"
+            )
+        print("\n".join(lines[-len(rows):]), flush=True)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tag = name.replace(" ", "_").replace("/", "_")
+        (out / f"recompute_{tag}.json").write_text(json.dumps(results, indent=1))
+        (out / f"recompute_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
