@@ -16,9 +16,9 @@ streams, b bytes per element):
     backward traffic   ``bwd_traffic`` x forward's elementwise bytes
 
 The first stage adds the embedding (bytes only), the last the LM head (2T*C*V per F, B
-and W) and its cross-entropy. Activations kept per in-flight micro-batch: b*T*(8C + 3H)
-per layer (flash attention: no S x S score matrix) plus mHC's (n+2)*C per layer
-(DESIGN.md §4), or, with recomputation in blocks of L_r layers, n*C per block input.
+and W) and its cross-entropy. Activations kept per in-flight micro-batch and what B needs
+beyond them: :func:`stage_kept_bytes`, :func:`backward_transient_bytes` (flash attention: no
+S x S score matrix).
 A stage's output crossing to the next rank is T x n x C x b bytes.
 """
 
@@ -104,6 +104,63 @@ def stage_params(shape: ModelShape, num_stages: int, include_head: bool = True) 
     return params
 
 
+# Activation memory, in elements of the stream dtype per token, as this model's autograd keeps
+# them (counted op by op, then checked against torch.cuda's allocator on an H200 at the paper-27b
+# layer: benchmarks/bench_recompute.py, benchmarks/results/recompute_*.md).
+#   F's internals, per layer: attention 7C (the qkv output 3C, which v views; rotary q and k;
+#     the attention output and its [T, C] copy for the out projection); MLP, SwiGLU 4H (up
+#     output 2H, silu(gate) H, the down projection's input H) or GELU 2H
+#   per sublayer: u and RMSNorm(u), 2C (for plain, u is the stream x itself)
+#   mHC, per sublayer: x_k nC and the output y_k C, kept for the post/res backward
+# Recomputation (dualpipe_mhc.recompute) drops x_k, u and RMSNorm(u), keeps y_k and each block's
+# input, and rebuilds them during B: the x_k chain still ahead of the backward (at most 2 L_r - 1)
+# plus one sublayer's u and RMSNorm(u).
+
+
+def _f_internal_elements(shape: ModelShape) -> int:
+    return 7 * shape.width + (4 if shape.mlp == "swiglu" else 2) * shape.hidden
+
+
+def stage_kept_bytes(shape: ModelShape, first_layer: int, count: int, block_layers: int | None = None) -> float:
+    """Bytes a stage of ``count`` layers (from global layer ``first_layer``) keeps per micro-batch, F to B."""
+    c, n = shape.width, shape.n
+    per_layer = _f_internal_elements(shape)
+    if shape.residual == "plain":
+        per_layer += 2 * 2 * c
+        inputs = 0
+    elif block_layers:
+        per_layer += 2 * c  # y_k
+        inputs = n * c * kept_block_inputs(first_layer, count, block_layers)
+    else:
+        per_layer += 2 * (n + 3) * c
+        inputs = 0
+    return float(shape.bytes_per_elem * shape.tokens * (per_layer * count + inputs))
+
+
+def backward_transient_bytes(shape: ModelShape, count: int, block_layers: int | None = None) -> float:
+    """Bytes a stage's B needs on top of what F kept (gradient buffers, recomputed values),
+    parameter gradients excluded (they are state). The MLP backward's widest moment holds four
+    hidden-wide buffers (SwiGLU; two for GELU); mHC adds the stream gradients in and out."""
+    c, n = shape.width, shape.n
+    el = (4 if shape.mlp == "swiglu" else 2) * shape.hidden
+    if shape.residual != "plain":
+        el += 2 * n * c
+        if block_layers:
+            el += (min(2 * block_layers, 2 * count) - 1) * n * c + 2 * c
+    return float(shape.bytes_per_elem * shape.tokens * el)
+
+
+def recompute_bytes(shape: ModelShape, first_layer: int, count: int, block_layers: int) -> float:
+    """HBM bytes one backward pass of a stage moves rebuilding its blocks: per sublayer the aggregate
+    (read nC, write C) and the pre-norm (read C, write C), and per sublayer but a block's last the
+    post/res forward (read nC + C, write nC)."""
+    c, n = shape.width, shape.n
+    sublayers = 2 * count
+    pieces = kept_block_inputs(first_layer, count, block_layers)
+    el = sublayers * ((n + 1) * c + 2 * c) + (sublayers - pieces) * (2 * n + 1) * c
+    return float(shape.bytes_per_elem * shape.tokens * el)
+
+
 @dataclass(frozen=True)
 class LayerCost:
     """One layer, one micro-batch: seconds and bytes."""
@@ -111,9 +168,6 @@ class LayerCost:
     f: float
     b: float
     w: float
-    mhc_f: float  # the mHC part of f: what recomputation repeats in the backward
-    act_mem: float  # bytes kept from F to B, without mHC's intermediates
-    mhc_act_mem: float  # mHC's (n+2)*C intermediates per layer
 
 
 def layer_cost(shape: ModelShape, hw: Hardware, traffic: MhcTraffic, bwd_traffic: float = 2.0) -> LayerCost:
@@ -130,14 +184,10 @@ def layer_cost(shape: ModelShape, hw: Hardware, traffic: MhcTraffic, bwd_traffic
         mhc_bytes = b * t * 2 * traffic.elements(n) * c
         resid_bytes = mhc_bytes
     fwd_bytes = base_bytes + resid_bytes
-    mhc_f = mhc_gemm / hw.flops + mhc_bytes / hw.hbm
     return LayerCost(
         f=(gemm + attn + mhc_gemm) / hw.flops + fwd_bytes / hw.hbm,
         b=(gemm + 2 * attn + mhc_gemm) / hw.flops + bwd_traffic * fwd_bytes / hw.hbm,
         w=gemm / hw.flops,
-        mhc_f=mhc_f,
-        act_mem=base_bytes,
-        mhc_act_mem=0.0 if shape.residual == "plain" else b * t * 2 * (n + 2) * c,  # per sublayer, two of them
     )
 
 
@@ -164,13 +214,9 @@ def analytic_costs(
     first_layer = 0
     for s, count in enumerate(split_layers(shape.layers, num_stages)):
         sf, sb, sw = layer.f * count, layer.b * count, layer.w * count
-        smem = layer.act_mem * count
-        srec = 0.0
-        if recompute_block and shape.residual != "plain":
-            srec = layer.mhc_f * count
-            smem += b * t * n * c * kept_block_inputs(first_layer, count, recompute_block)
-        else:
-            smem += layer.mhc_act_mem * count
+        block = recompute_block if shape.residual != "plain" else None
+        smem = stage_kept_bytes(shape, first_layer, count, block)
+        srec = recompute_bytes(shape, first_layer, count, block) / hw.hbm if block else 0.0
         first_layer += count
         if s == 0:  # embedding gather and the copy to n streams
             sf += b * t * c * (1 + n) / hw.hbm
@@ -207,13 +253,10 @@ def shape_from_config(cfg, streams: int | None = None) -> ModelShape:
 def costs_from_config(
     cfg, num_stages: int, streams: int | None = None, traffic: str = "fused", recompute_block: int | None = None
 ) -> Costs:
-    """Analytic costs for ``cfg`` cut into ``num_stages``, with the config's link."""
-    hw = Hardware(cfg.hardware.flops, cfg.hardware.bandwidth)
-    if recompute_block is None and cfg.recompute.enabled:
-        recompute_block = cfg.recompute.block_layers if isinstance(cfg.recompute.block_layers, int) else None
-        if recompute_block is None:  # "auto": what the runtime will use
-            from .planner import optimal_block_layers
+    """Analytic costs for ``cfg`` cut into ``num_stages``, with the config's link.
 
-            recompute_block = optimal_block_layers(cfg)
+    ``recompute_block``: the L_r the run uses, resolved once by the caller
+    (:func:`dualpipe_mhc.scheduler.planner.resolve_block_layers`); None: no recomputation."""
+    hw = Hardware(cfg.hardware.flops, cfg.hardware.bandwidth)
     costs = analytic_costs(shape_from_config(cfg, streams), hw, num_stages, traffic, recompute_block)
     return costs.with_link(cfg.link.bandwidth, cfg.link.latency)

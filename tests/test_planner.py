@@ -59,16 +59,35 @@ def test_a_tight_budget_picks_a_block_that_fits(paper, table):
     budget = (best.total_gib + table[0].total_gib) / 2
     plan = plan_recompute(paper, budget_gib=budget)
     assert plan.enabled and plan.choice.total_gib <= budget
-    # Recomputation costs the same at every L_r in this model, so the fit with least memory wins.
+    # The fastest block that fits wins: smaller blocks skip more of the post/res rebuilds (each
+    # block's last one is never needed), so recomputation costs differ by L_r.
     fitting = [r for r in table if r.block_layers and r.total_gib <= budget]
-    assert plan.choice.total_gib == pytest.approx(min(r.total_gib for r in fitting))
-    assert plan.block_layers == best.block_layers
+    assert plan.choice == min(fitting, key=lambda r: (round(r.step_time_s, 9), r.total_gib))
+    assert len({round(r.recompute_s, 9) for r in fitting}) > 1
 
 
 def test_an_infeasible_budget_says_by_how_much(paper, table):
     best = min(table, key=lambda r: r.total_gib)
     with pytest.raises(InfeasiblePlan, match=rf"\(L_r={best.block_layers}\) needs {best.total_gib:.1f} GiB .* 1\.5 GiB over"):
-        plan_recompute(paper, budget_gib=best.total_gib - 1.5)
+        plan_recompute(paper, budget_gib=best.total_gib - 1.5, state_bytes_per_param=6.0)
+
+
+def test_the_default_plan_answers_and_an_infeasible_one_names_the_nearest_change(tmp_path, capsys):
+    """paper-27b does not fit 80 GiB under ZeRO-1 at any L_r; left to choose, the planner shards the
+    gradients too (ZeRO-2) and fits. Pinned to ZeRO-1 it exits 2 naming the nearest change that fits."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["feasible"] and report["sharding"] == "zero2" and report["enabled"]
+    assert report["choice"]["total_gib"] <= report["budget_gib"] == 80
+    capsys.readouterr()
+    assert main(["plan", "--state-bytes-per-param", "6", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "nearest change that fits: --state-bytes-per-param 2 (zero2)" in err and err.count("\n") == 1
+    report = json.loads(out.read_text())
+    assert not report["feasible"] and {"choice", "block_layers", "enabled", "state_gib"} <= report.keys()
+    assert report["alternatives"] and all(a["fits"] and a["total_gib"] <= 80 for a in report["alternatives"])
+    assert report["alternatives"][0]["changes"] == {"--state-bytes-per-param": 2.0}
 
 
 def test_plain_residual_has_nothing_to_recompute(paper):
@@ -95,7 +114,8 @@ def test_the_runtime_hook_returns_the_planned_block(paper, table):
     best = min((r for r in table if r.block_layers), key=lambda r: r.total_gib)
     budget = best.total_gib + 0.5
     cfg = load_config("paper-27b", ["recompute.enabled=true", f"recompute.memory_budget_gib={budget}"])
-    assert optimal_block_layers(cfg) == plan_recompute(cfg).block_layers == best.block_layers
+    plan = plan_recompute(cfg)
+    assert optimal_block_layers(cfg) == plan.block_layers and plan.choice.fits and plan.block_layers is not None
     tight = load_config("paper-27b", ["recompute.enabled=true", "recompute.memory_budget_gib=10"])
     assert optimal_block_layers(tight) == best.block_layers  # infeasible: still the least memory, no raise
 

@@ -15,6 +15,7 @@ import pytest
 from dualpipe_mhc import load_config
 from dualpipe_mhc.scheduler import Costs, ScheduleError, add_comms, build_schedule, simulate
 from dualpipe_mhc.scheduler.analytic import costs_from_config
+from dualpipe_mhc.scheduler.planner import resolve_block_layers
 
 PPS = (2, 4, 8, 16)
 
@@ -126,7 +127,8 @@ def test_n4_on_an_h800_link_reports_exposed_communication():
 def test_recomputation_costs_time_and_saves_memory():
     sched = build_schedule("dualpipev", 8, 32)
     plain = costs_from_config(_paper(), 16)
-    recomputed = costs_from_config(_paper(**{"recompute.enabled": "true", "recompute.block_layers": 2}), 16)
+    cfg = _paper(**{"recompute.enabled": "true", "recompute.block_layers": 2})
+    recomputed = costs_from_config(cfg, 16, recompute_block=resolve_block_layers(cfg))
     a, b = simulate(sched, plain), simulate(sched, recomputed)
     assert b.step_time > a.step_time
     assert max(b.peak_activation_bytes) < max(a.peak_activation_bytes)

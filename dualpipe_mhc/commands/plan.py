@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict
 from typing import Any
 
 HELP = "plan mHC recomputation: block size L_r vs activation memory vs recompute time under the memory budget"
@@ -20,8 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", metavar="NAME", help="schedule to plan for (default: pipeline.schedule)")
     parser.add_argument("--budget-gib", type=float, metavar="GIB", help="per-GPU memory (default: recompute.memory_budget_gib, else hardware.memory_gib)")
     parser.add_argument(
-        "--state-bytes-per-param", type=float, default=6.0, metavar="B",
-        help="parameter + gradient + optimizer bytes per parameter on a rank (default 6: bf16 weights, fp32 grads, optimizer sharded over data parallel; 18 unsharded)",
+        "--state-bytes-per-param", type=float, default=None, metavar="B",
+        help="parameter + gradient + optimizer bytes per parameter on a rank (6: bf16 weights, fp32 grads, optimizer "
+        "sharded over data parallel, ZeRO-1; 2: gradients sharded too, ZeRO-2; 18 unsharded; default: ZeRO-1, "
+        "ZeRO-2 if nothing fits under ZeRO-1)",
     )
 
 
@@ -55,32 +56,29 @@ def _table(rows, cfg, schedule: str, budget: float, choice, closed_form: float, 
 def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
 
-    from dualpipe_mhc.scheduler.planner import InfeasiblePlan, closed_form, closed_form_block, plan_recompute
+    from dualpipe_mhc.scheduler.planner import InfeasiblePlan, plan_recompute
 
     console = Console()
     schedule = getattr(args, "schedule", None)
     budget = getattr(args, "budget_gib", None)
-    state_bytes = getattr(args, "state_bytes_per_param", 6.0)
+    state_bytes = getattr(args, "state_bytes_per_param", None)
     # "not x > 0" also refuses nan, which every "<= 0" check lets through.
     if budget is not None and not 0 < budget < math.inf:
         raise ValueError(f"--budget-gib {budget:g} is invalid: use a positive GiB")
-    if not 0 <= state_bytes < math.inf:
+    if state_bytes is not None and not 0 <= state_bytes < math.inf:
         raise ValueError(
             f"--state-bytes-per-param {state_bytes:g} is invalid: use bytes >= 0 (6: bf16 weights, fp32 grads, "
             "sharded optimizer; 18 unsharded)"
         )
-    n, layers = cfg.model.streams if cfg.model.residual != "plain" else 1, cfg.model.layers
     try:
         plan = plan_recompute(cfg, schedule, budget, state_bytes)
     except InfeasiblePlan as exc:
-        shown_budget = budget or cfg.recompute.memory_budget_gib or cfg.hardware.memory_gib
-        name = schedule or cfg.pipeline.schedule
-        console.print(_table(exc.rows, cfg, name, shown_budget, None, closed_form(n, layers), closed_form_block(n, layers)))
-        exc.report = {
-            "command": "plan", "schedule": name, "streams": n, "layers": layers, "budget_gib": shown_budget,
-            "closed_form": closed_form(n, layers), "closed_form_block": closed_form_block(n, layers),
-            "feasible": False, "rows": [asdict(r) for r in exc.rows], "state_bytes_per_param": state_bytes,
-        }
+        plan = exc.result
+        console.print(
+            _table(plan.rows, cfg, plan.schedule, plan.budget_gib, None, plan.closed_form, plan.closed_form_block)
+        )
+        _print_alternatives(console, plan)
+        exc.report = {**plan.to_dict(), "command": "plan"}
         raise
     console.print(
         _table(plan.rows, cfg, plan.schedule, plan.budget_gib, plan.choice, plan.closed_form, plan.closed_form_block)
@@ -89,9 +87,19 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
         verdict = f"recompute.block_layers={plan.block_layers} (set recompute.enabled=true)"
     else:
         verdict = "no recomputation needed: the step fits without it"
-    console.print(f"choice: {verdict}; {plan.choice.total_gib:.1f} of {plan.budget_gib:g} GiB on the fullest rank")
-    report = plan.to_dict()
-    report["command"] = "plan"
-    report["feasible"] = True
-    report["state_bytes_per_param"] = state_bytes
-    return report
+    sharding = plan.to_dict()["sharding"]
+    console.print(
+        f"choice: {verdict}; {plan.choice.total_gib:.1f} of {plan.budget_gib:g} GiB on the fullest rank "
+        f"with {sharding} state ({plan.state_bytes_per_param:g} bytes per parameter)"
+    )
+    return {**plan.to_dict(), "command": "plan"}
+
+
+def _print_alternatives(console, plan) -> None:
+    from dualpipe_mhc.scheduler.planner import describe_change
+
+    for alt in plan.alternatives[:5]:
+        console.print(
+            f"  fits with {describe_change(alt.changes)}: L_r={alt.choice.block_layers}, "
+            f"{alt.choice.total_gib:.1f} GiB, step {alt.choice.step_time_s:.3f} s"
+        )
