@@ -79,7 +79,7 @@ def test_energy_unavailable_without_nvml(tmp_path):
     report = prof.profile(load_config("tiny"), runner=runner)
     assert report["variants"]["mhc"]["energy_j_per_step"] == "unavailable"
     assert "energy_pct" not in report["delta_vs_plain"]["mhc"]
-    from dualpipe_mhc.commands.profile import plot
+    from dualpipe_mhc.cluster.profile_plot import plot
 
     png = plot(report, tmp_path / "p.png")
     assert png.stat().st_size > 1000

@@ -25,9 +25,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-HELP = "measure one-way bandwidth per link preset and message size between two workers (raw and shaped)"
-DEFAULT_CONFIG = "tiny"
-FORMAT = "dualpipe-mhc-link-calibration/1"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,44 +69,6 @@ def _links(cfg, text: str | None) -> dict[str, tuple[float, float]]:
     return out
 
 
-def calibrate(group, links: dict[str, tuple[float, float]], sizes: list[int], repeats: int,
-              progress=None) -> dict[str, Any]:
-    """Measure ``raw`` and every ``links[name] = (bytes/s, s)`` on a 2-rank :class:`WorkerGroup`."""
-    import ray
-
-    from dualpipe_mhc.cluster.linkbench import fit_line
-
-    def measure(bandwidth: float | None, latency: float) -> list[dict[str, Any]]:
-        refs = [a.measure_link.remote(bandwidth, latency, sizes, repeats) for a in group.actors]
-        return ray.get(refs)[0]
-
-    out: dict[str, Any] = {}
-    raw = measure(None, 0.0)
-    raw_fit = fit_line(raw)
-    out["raw"] = {"link": raw_fit, "points": [_point(p, None) for p in raw], "reachable": True}
-    if progress:
-        progress("raw", out["raw"])
-    for name, (bw, lat) in links.items():
-        # Shaping only slows a link down: a target above the raw rate measures the raw link.
-        reachable = bw < raw_fit["bandwidth_gbps"] * 1e9
-        pts = measure(bw, lat) if reachable else raw
-        entry = {"target": {"bandwidth_gbps": bw / 1e9, "latency_us": lat * 1e6}, "link": fit_line(pts),
-                 "points": [_point(p, (bw, lat)) for p in pts], "reachable": reachable}
-        out[name] = entry
-        if progress:
-            progress(name, entry)
-    return out
-
-
-def _point(p: dict[str, Any], target: tuple[float, float] | None) -> dict[str, Any]:
-    out = {"bytes": p["bytes"], "one_way_s": p["one_way_s"], "achieved_gbps": p["bytes"] / p["one_way_s"] / 1e9}
-    if target is not None:
-        t = target[1] + p["bytes"] / target[0]
-        out["target_s"] = t
-        out["error_pct"] = 100 * (p["one_way_s"] / t - 1)
-    return out
-
-
 def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
@@ -123,6 +82,7 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
 
     import ray
 
+    from dualpipe_mhc.cluster.calibration import FORMAT, calibrate
     from dualpipe_mhc.cluster.launch import WorkerGroup, connect
     from dualpipe_mhc.cluster.runtime import resolve_placement
     from dualpipe_mhc.config import config_from_dict, dump_config
@@ -172,7 +132,7 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     console.print(table)
     report = {"format": FORMAT, "device": device, "backend": backend, "sizes": sizes, "repeats": args.repeats,
               "links": links_out}
-    out = Path(args.out or "out/calibrate")
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "link_calibration.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

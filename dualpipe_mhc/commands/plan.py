@@ -12,8 +12,6 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-HELP = "plan mHC recomputation: block size L_r vs activation memory vs recompute time under the memory budget"
-DEFAULT_CONFIG = "paper-27b"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

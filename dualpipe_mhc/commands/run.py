@@ -26,8 +26,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-HELP = "train on Ray stage workers with a pipeline schedule; measured vs simulated step, trace, profile"
-DEFAULT_CONFIG = "tiny"
 
 
 class RunFailed(ValueError):
@@ -106,7 +104,7 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
         # Too few steps to leave any out: measure them all, and say so in the report.
         console.print(f"--warmup {args.warmup} >= the {len(outcome.results)} steps run: the medians use every step")
         args.warmup = 0
-    out = Path(args.out or "out/run")
+    out = Path(args.out)
     files, measured, predicted, costs = _compare_and_write(cfg, sched, outcome, out, args)
     _print_comparison(console, measured, predicted, cfg)
     console.print(f"wrote {', '.join(files.values())}")

@@ -15,9 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HELP = "simulate 1F1B / ZB1P / DualPipe / DualPipeV at n = 1 and the config's n: step time, bubble, exposed comm, memory"
-DEFAULT_CONFIG = "paper-27b"
-GIB = 2**30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,73 +52,6 @@ def _streams(cfg, args: argparse.Namespace) -> list[int]:
         return sorted(set(values))
     n = cfg.model.streams if cfg.model.residual != "plain" else 1
     return sorted({1, n})
-
-
-def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profile: str | None = None,
-              traffic: str = "fused", progress=None) -> tuple[list[dict[str, Any]], list[str], dict]:
-    """Simulate every (schedule, n); returns rows, notes about skipped schedules, and results by key."""
-    from dualpipe_mhc.scheduler import Costs, ScheduleError, build_schedule, simulate, validate
-    from dualpipe_mhc.scheduler.analytic import costs_from_config
-
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    results = {}
-    ranks, microbatches = cfg.pipeline.ranks, cfg.pipeline.microbatches
-    measured = Costs.from_profile(profile, cfg.link.bandwidth, cfg.link.latency) if profile is not None else None
-    for name in schedules:
-        try:
-            sched = build_schedule(name, ranks, microbatches)
-            # The config checks layers against its own schedule's stages only, and a profile
-            # was measured on one stage count: a swept schedule may need more or other stages.
-            if measured is not None and measured.num_stages != sched.num_stages:
-                raise ScheduleError(
-                    f"profile {profile} has {measured.num_stages} stages but {name} on {ranks} ranks has "
-                    f"{sched.num_stages}; profile that schedule or pick one with --schedule"
-                )
-            if measured is None and cfg.model.layers < sched.num_stages:
-                raise ScheduleError(
-                    f"{name} on {ranks} ranks has {sched.num_stages} stages, more than model.layers="
-                    f"{cfg.model.layers}; use model.layers>={sched.num_stages} or fewer ranks"
-                )
-        except ScheduleError as exc:
-            if strict:
-                raise
-            notes.append(f"{name} skipped: {exc}")
-            continue
-        validate(sched)
-        base_step = None
-        for n in (streams if measured is None else [None]):
-            if measured is not None:
-                costs = measured
-            else:
-                costs = costs_from_config(cfg, sched.num_stages, streams=n, traffic=traffic)
-            result = simulate(sched, costs)
-            results[(name, n)] = result
-            if n == 1:
-                base_step = result.step_time
-            rows.append(_row(name, n, result, base_step))
-            if progress is not None:
-                progress()
-    return rows, notes, results
-
-
-def _row(name: str, n: int | None, result, base_step: float | None) -> dict[str, Any]:
-    return {
-        "schedule": name,
-        "streams": n,
-        "step_time_s": result.step_time,
-        "bubble_fraction": result.bubble_fraction,
-        "exposed_comm_s": max(result.exposed_comm),
-        "hidden_comm_s": max(result.hidden_comm),
-        "peak_activation_gib": max(result.peak_activation_bytes) / GIB,
-        "peak_inflight": max(result.peak_inflight),
-        "overhead_vs_n1": (result.step_time / base_step - 1.0) if base_step and n != 1 else None,
-        "per_rank": {
-            "bubble_s": result.bubble,
-            "exposed_comm_s": result.exposed_comm,
-            "peak_activation_bytes": result.peak_activation_bytes,
-        },
-    }
 
 
 def print_table(rows: list[dict[str, Any]], cfg, notes: list[str], source: str) -> None:
@@ -169,6 +99,8 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     big = cfg.pipeline.ranks * cfg.pipeline.microbatches * total > 20000
     with Progress(transient=True, disable=not big or not sys.stderr.isatty()) as bar:
         task = bar.add_task("simulating", total=total)
+        from dualpipe_mhc.scheduler.sweep import run_sweep
+
         rows, notes, results = run_sweep(
             cfg, schedules, streams, strict, profile, traffic, progress=lambda: bar.advance(task)
         )

@@ -14,8 +14,6 @@ import json
 import math
 from pathlib import Path
 
-HELP = "train plain / HC / mHC side by side and report gradient norms and Amax gains over depth"
-DEFAULT_CONFIG = "tiny"
 
 # Above this composite gain we call HC's trained mixing "blown up"; the paper measured ~3000x for HC.
 BLOWUP_GAIN = 10.0
@@ -92,7 +90,7 @@ def main(cfg, args) -> dict:
     report["verdict"] = _verdict(report)
     _print_tables(console, report)
 
-    out = Path(args.out or ".")
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stability.json").write_text(json.dumps(report) + "\n")  # compact: the curves make it large
     report["files"] = {"json": str(out / "stability.json")}
