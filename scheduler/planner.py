@@ -29,11 +29,13 @@ GIB = 2**30
 
 
 class InfeasiblePlan(ValueError):
-    """No block size fits the budget; ``rows`` still holds the searched table."""
+    """No block size fits the budget; ``rows`` still holds the searched table, ``state_gib`` the
+    worst rank's parameters + gradients + optimizer state."""
 
-    def __init__(self, message: str, rows: list[PlanRow]) -> None:
+    def __init__(self, message: str, rows: list[PlanRow], state_gib: float) -> None:
         super().__init__(message)
         self.rows = rows
+        self.state_gib = state_gib
 
 
 @dataclass
@@ -150,6 +152,7 @@ def plan_recompute(
             "over; raise recompute.memory_budget_gib or hardware.memory_gib, use more ranks, or shrink the micro-batch "
             "(pipeline.microbatch_size, model.seq_len)",
             rows,
+            max(state) / GIB,
         )
     choice = min(fitting, key=lambda row: (round(row.step_time_s, 9), row.total_gib))
     cf = closed_form(shape.n, shape.layers)

@@ -1,4 +1,4 @@
-"""``dualpipe-mhc run`` end to end on CPU workers: JSON keys, profile, trace and PNG."""
+"""``dualpipe-mhc run`` end to end on CPU workers: JSON keys, measured costs, trace and PNG."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_run_command_writes_report_profile_and_trace(ray_cluster, tmp_path):
     assert report["steps"][-1]["loss"] < report["steps"][0]["loss"]
     assert report["measured"]["step_time_s"] > 0 and report["simulated"]["step_time_s"] > 0
     assert len(report["checkpoints"]) == 1
-    costs = Costs.from_profile(report["files"]["profile"])
+    costs = Costs.from_profile(report["files"]["costs"])
     assert costs.num_stages == 4 and all(f > 0 for f in costs.f)
     trace = json.loads((out / "trace.json").read_text())
     names = {e["name"] for e in trace["traceEvents"] if e.get("ph") == "X"}

@@ -3,7 +3,7 @@
 Starts two stage-worker actors (GPUs with NCCL where the cluster has them, else CPU
 actors with gloo), measures the raw transport, then each preset through the link
 shaper the runtime uses with ``link.shape=true``, and writes ``link_calibration.json``
-under ``--out`` (default ``out/calibrate``):
+under ``--out`` (default ``out/calibrate-link``):
 
     {"format": "dualpipe-mhc-link-calibration/1", "device": ..., "backend": ...,
      "links": {"raw": {...}, "h800-nvlink": {
@@ -14,7 +14,7 @@ under ``--out`` (default ``out/calibrate``):
 
 Each ``link`` object has the keys of the profile file's ``link`` (scheduler/costs.py),
 so a simulation can take a preset's measured figures as they are. JSON keys (``--json``):
-the same object plus ``file``.
+the same object plus ``files`` {json}.
 """
 
 from __future__ import annotations
@@ -137,4 +137,4 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     path = out / "link_calibration.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {path}")
-    return {**report, "file": str(path)}
+    return {**report, "files": {"json": str(path)}}

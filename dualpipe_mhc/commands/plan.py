@@ -74,9 +74,11 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
         shown_budget = budget or cfg.recompute.memory_budget_gib or cfg.hardware.memory_gib
         name = schedule or cfg.pipeline.schedule
         console.print(_table(exc.rows, cfg, name, shown_budget, None, closed_form(n, layers), closed_form_block(n, layers)))
+        # The feasible report's keys, with no choice: a script reads one schema either way.
         exc.report = {
             "command": "plan", "schedule": name, "streams": n, "layers": layers, "budget_gib": shown_budget,
             "closed_form": closed_form(n, layers), "closed_form_block": closed_form_block(n, layers),
+            "state_gib": exc.state_gib, "choice": None, "block_layers": None, "enabled": False,
             "feasible": False, "rows": [asdict(r) for r in exc.rows], "state_bytes_per_param": state_bytes,
         }
         raise

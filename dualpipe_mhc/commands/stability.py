@@ -1,7 +1,7 @@
 """``dualpipe-mhc stability``: plain vs HC vs mHC, trained on the bundled corpus, plus the random-matrix demo.
 
-Writes ``stability.json`` and ``stability.png`` under ``--out`` (default: the
-current directory) and prints two tables. The model shape (width, heads,
+Writes ``stability.json`` and ``stability.png`` under ``--out`` (default
+``out/stability``) and prints two tables. The model shape (width, heads,
 streams n, seq_len, Sinkhorn iterations) and seed come from the config; the
 depth, steps and learning rate from the options below, all printed before
 training so a reader knows exactly what ran.
