@@ -71,14 +71,13 @@ def _links(cfg, text: str | None) -> dict[str, tuple[float, float]]:
 
 def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
-    from rich.table import Table
 
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} is invalid: use a positive count")
     if args.sizes_mib is not None:
         _parse_sizes(args.sizes_mib, gpu=False)  # a bad list fails here, before Ray starts
     links = _links(cfg, args.presets)
-    console = Console(width=None if Console().is_terminal else 110)
+    console = Console()
 
     import ray
 
@@ -119,22 +118,36 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
             group.kill()
         if started:
             ray.shutdown()
-    table = Table(title="achieved one-way GB/s by message size (error vs latency + bytes/bandwidth)", title_style="bold")
-    table.add_column("link")
-    for s in sizes:
-        table.add_column(f"{s / 2**20:g} MiB", justify="right")
-    for name, entry in links_out.items():
-        cells = []
-        for p in entry["points"]:
-            err = f" ({p['error_pct']:+.0f}%)" if "error_pct" in p and entry["reachable"] else ""
-            cells.append(f"{p['achieved_gbps']:.3g}{err}")
-        table.add_row(name, *cells)
-    console.print(table)
     report = {"format": FORMAT, "device": device, "backend": backend, "sizes": sizes, "repeats": args.repeats,
               "links": links_out}
+    console.print(table(report))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "link_calibration.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {path}")
     return {**report, "files": {"json": str(path)}}
+
+
+def table(report: dict[str, Any]):
+    """One row per link and message size (a column per size would pass 80 columns)."""
+    from rich.table import Table
+
+    out = Table(title="achieved one-way bandwidth per message size",
+                caption="target: latency + bytes / bandwidth of the preset; error: measured time over the "
+                "target's; -: the preset is faster than the raw link, so it was not shaped", title_style="bold")
+    out.add_column("link", overflow="fold")  # a long name breaks over lines rather than losing its end
+    for col in ("MiB", "GB/s", "one-way ms", "target ms", "error"):
+        out.add_column(col, justify="right")
+    for name, entry in report["links"].items():
+        fit = entry["link"]
+        label = f"{name}\nfit {fit['bandwidth_gbps']:.3g} GB/s + {fit['latency_us']:.0f} us"
+        for i, p in enumerate(entry["points"]):
+            shaped = "error_pct" in p and entry["reachable"]
+            out.add_row(
+                label if i == 0 else "", f"{p['bytes'] / 2**20:g}", f"{p['achieved_gbps']:.3g}",
+                f"{p['one_way_s'] * 1e3:.3f}", f"{p['target_s'] * 1e3:.3f}" if shaped else "-",
+                f"{p['error_pct']:+.0f} %" if shaped else "-",
+                end_section=i == len(entry["points"]) - 1,
+            )
+    return out

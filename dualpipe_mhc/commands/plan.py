@@ -80,7 +80,9 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
             "closed_form": closed_form(n, layers), "closed_form_block": closed_form_block(n, layers),
             "state_gib": exc.state_gib, "choice": None, "block_layers": None, "enabled": False,
             "feasible": False, "rows": [asdict(r) for r in exc.rows], "state_bytes_per_param": state_bytes,
+            "files": {}, "error": str(exc),
         }
+        _write_files(exc.report, args, console)
         raise
     console.print(
         _table(plan.rows, cfg, plan.schedule, plan.budget_gib, plan.choice, plan.closed_form, plan.closed_form_block)
@@ -94,4 +96,17 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     report["command"] = "plan"
     report["feasible"] = True
     report["state_bytes_per_param"] = state_bytes
+    report["files"] = {}
+    _write_files(report, args, console)
     return report
+
+
+def _write_files(report: dict[str, Any], args: argparse.Namespace, console) -> None:
+    """Under ``--out``: the table (plan.md, plan.json) and memory and time against L_r (plan.png)."""
+    if getattr(args, "out", None):
+        from pathlib import Path
+
+        from dualpipe_mhc.scheduler.plan_files import write_plan_files
+
+        files = write_plan_files(report, Path(args.out))
+        console.print(f"wrote {', '.join(files.values())}")

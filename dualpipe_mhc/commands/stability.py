@@ -74,21 +74,35 @@ def main(cfg, args) -> dict:
     from ..stability import run_report
 
     train, demo, kinds = _settings(cfg, args)
-    console = Console(width=None if Console().is_terminal else 110)  # pipes get rich's 80 columns otherwise
+    console = Console()
     console.print(
         f"[bold]stability[/]: {train.layers} layers ({2 * train.layers} sublayers), C={train.width}, "
         f"n={train.streams} for hc/mhc (plain n=1), seq {train.seq_len} x batch {train.batch_size}, "
         f"{train.steps} steps, lr {train.lr:g} (warm-up {train.warmup}), clip {train.clip:g}, seed {train.seed}, "
         f"Sinkhorn t_max={train.sinkhorn_iters}"
     )
+    quarter = max(1, train.steps // 4)
+
+    def line(kind: str, step: int) -> None:
+        # Not a terminal (a log, CI): the bar would not show, so a line at each quarter instead.
+        if step % quarter == 0 or step == train.steps:
+            console.print(f"{kind}: {step} of {train.steps} steps")
+
     with Progress(
         TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
+        console=console, transient=True, disable=not console.is_terminal,
     ) as bar:
         tasks = {k: bar.add_task(k, total=train.steps) for k in kinds}
-        report = run_report(train, demo, kinds, progress=lambda k, step: bar.update(tasks[k], completed=step))
+
+        def advance(kind: str, step: int) -> None:
+            bar.update(tasks[kind], completed=step)
+
+        report = run_report(train, demo, kinds, progress=advance if console.is_terminal else line)
     report["verdict"] = _verdict(report)
-    _print_tables(console, report)
+    for table in tables(report):
+        console.print(table)
+    for line in report["verdict"]:
+        console.print(f"- {line}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,50 +154,54 @@ def _verdict(report: dict) -> list[str]:
     return lines
 
 
-def _print_tables(console, report: dict) -> None:
+def tables(report: dict) -> list:
+    """Training, gains over depth, and the random-matrix demo; each fits 80 columns."""
     from rich.table import Table
 
-    t = Table(
-        title="trained on the bundled corpus; gains at full depth, worst token of the held-out batch",
-        caption="loss: mean of the last 10% of steps; layer: max single-H_res gain; fwd/bwd: composite "
-        "Amax gain; mean tok: composite fwd averaged over tokens; |H-I|: mean Frobenius distance",
+    train = Table(
+        title="trained on the bundled corpus",
+        caption="loss: mean of the last 10% of steps; val: held-out batch; max |g|: largest gradient norm",
     )
-    for col in ("kind", "n", "loss", "val", "max |g|", "layer", "fwd", "bwd", "mean tok", "|H-I|", "s/step"):
-        t.add_column(col, justify="right")
+    for col in ("kind", "n", "loss", "val", "max |g|", "s/step"):
+        train.add_column(col, justify="right")
+    gains = Table(
+        title="gains at full depth, worst token of the held-out batch",
+        caption="layer: max single-H_res gain; fwd/bwd: composite Amax gain; mean tok: composite fwd averaged "
+        "over tokens; |H-I|: mean Frobenius distance",
+    )
+    for col in ("kind", "layer", "fwd", "bwd", "mean tok", "|H-I|"):
+        gains.add_column(col, justify="right")
     for kind, r in report["kinds"].items():
         steps = max(1, len(r["loss"]))
-        t.add_row(
-            kind, str(r["streams"]), f"{r['final_loss']:.4f}", f"{r['val_loss']:.4f}",
-            f"{r['max_grad_norm']:.3g}",
-            f"{max(max(r['layer_forward_gain']), max(r['layer_backward_gain'])):.4f}",
+        train.add_row(kind, str(r["streams"]), f"{r['final_loss']:.4f}", f"{r['val_loss']:.4f}",
+                      f"{r['max_grad_norm']:.3g}", f"{r['seconds'] / steps:.3f}")
+        gains.add_row(
+            kind, f"{max(max(r['layer_forward_gain']), max(r['layer_backward_gain'])):.4f}",
             f"{r['composite_forward_gain'][-1]:.4f}", f"{r['composite_backward_gain'][-1]:.4f}",
             f"{r['composite_forward_gain_mean'][-1]:.4f}",
-            f"{sum(r['identity_distance']) / len(r['identity_distance']):.4f}", f"{r['seconds'] / steps:.3f}",
+            f"{sum(r['identity_distance']) / len(r['identity_distance']):.4f}",
         )
-    console.print(t)
 
     demo = report["random_demo"]
     d = Table(title=f"random matrices, n={demo['streams']}, {demo['trials']} trials, worst (median) over trials")
-    for col in ("sigma", "depth", "HC fwd gain", "HC bwd gain", "mHC fwd gain", "mHC bwd gain"):
+    for col in ("sigma", "depth", "HC fwd", "HC bwd", "mHC fwd", "mHC bwd"):
         d.add_column(col, justify="right")
     for sigma, hc in demo["hc"].items():
         mhc = demo["mhc"][sigma]
         for depth in demo["depths_reported"]:
             i = depth - 1
             d.add_row(
-                sigma, str(depth), f"{hc['forward'][i]:.4g} ({hc['forward_median'][i]:.3g})",
-                f"{hc['backward'][i]:.4g} ({hc['backward_median'][i]:.3g})",
+                sigma, str(depth), f"{hc['forward'][i]:.3g} ({hc['forward_median'][i]:.3g})",
+                f"{hc['backward'][i]:.3g} ({hc['backward_median'][i]:.3g})",
                 f"{mhc['forward'][i]:.10f}", f"{mhc['backward'][i]:.6f}",
             )
     for a, mhc in demo["mhc_wide"].items():
         for depth in (1, demo["depth"]):
             d.add_row(
-                f"U(±{a}) mHC", str(depth), "-", "-", f"{mhc['forward'][depth - 1]:.10f}",
+                f"U(±{a})", str(depth), "-", "-", f"{mhc['forward'][depth - 1]:.10f}",
                 f"{mhc['backward'][depth - 1]:.6f}",
             )
-    console.print(d)
-    for line in report["verdict"]:
-        console.print(f"- {line}")
+    return [train, gains, d]
 
 
 def plot_report(report: dict, path: Path) -> Path:
