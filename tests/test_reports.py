@@ -110,6 +110,12 @@ def test_profile_report_table_and_spread(tmp_path, monkeypatch):
     assert report["warnings"] == []  # identical drift in both variants: the spread is ~0
     text = _render(*tables(report))
     assert "…" not in text and "+5.0 %" in text
+    # Wide values, as a noisy CPU run gives them (it once cut "107.2-143.9" to "107.2-143…").
+    report["variants"]["mhc"]["step_time_quartiles_s"] = [10.1234, 14.3456, 19.8765]
+    report["overhead_spread_pct"]["mhc"].update(q1=-194.4, q3=1299.1)
+    report["variants"]["mhc"]["energy_j_per_step_per_gpu"] = [12345.6, 23456.7]
+    text = _render(*tables(report))
+    assert "…" not in text and "10123.4-19876.5" in text and "-194..+1299" in text and "23456.7" in text
 
 
 def test_profile_warns_when_the_spread_is_wider_than_the_effect():
@@ -203,3 +209,14 @@ def test_run_comparison_table_fits_80_columns():
     }
     text = _render(comparison_table(report))
     assert "…" not in text and "sim - meas" in text and "+1.8 %" in text
+
+
+def test_the_library_modules_moved_out_of_commands_load_no_heavy_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, dualpipe_mhc.scheduler.sweep, dualpipe_mhc.scheduler.plan_files, dualpipe_mhc.reports, "
+            "dualpipe_mhc.cli\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'triton', 'matplotlib', 'rich'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "[]", proc.stderr

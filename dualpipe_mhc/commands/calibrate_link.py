@@ -138,7 +138,7 @@ def table(report: dict[str, Any]):
                 "target's; -: the preset is faster than the raw link, so it was not shaped", title_style="bold")
     out.add_column("link", overflow="fold")  # a long name breaks over lines rather than losing its end
     for col in ("MiB", "GB/s", "one-way ms", "target ms", "error"):
-        out.add_column(col, justify="right")
+        out.add_column(col, justify="right", overflow="fold")
     for name, entry in report["links"].items():
         fit = entry["link"]
         label = f"{name}\nfit {fit['bandwidth_gbps']:.3g} GB/s + {fit['latency_us']:.0f} us"

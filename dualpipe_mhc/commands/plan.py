@@ -33,7 +33,7 @@ def _table(rows, cfg, schedule: str, budget: float, choice, closed_form: float, 
     )
     table = Table(title=title, caption="memory on the fullest rank; recompute = seconds per step on the busiest rank")
     for col in ("L_r", "activations GiB", "total GiB", "recompute s", "step s", "fits"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     # Up to twice the closed form is where the optimum lives; the JSON keeps every row.
     limit = max(8, 2 * closed_block)
     for row in rows:

@@ -100,37 +100,38 @@ def tables(report: dict) -> list:
 
     step = Table(
         title=f"{report['setting']}; device {report['device']}",
-        caption="medians after the warm-up; q1-q3: quartiles over steps; overhead: per step, variant step i "
-        "over plain step i; sim: the simulator fed this run's median op times; n/a: no NVML",
+        caption="medians after the warm-up; q1-q3 ms: quartiles over steps; overhead: median step over plain's; "
+        "q1-q3 %: quartiles of the per-step overhead (step i over plain's step i); sim: the simulator fed this "
+        "run's median op times",
     )
-    for col in ("variant", "n", "step ms", "q1-q3 ms", "sim ms", "overhead", "q1-q3 %", "J/step"):
-        step.add_column(col, justify="left" if col == "variant" else "right")
+    # fold, not the default ellipsis: a value too wide for 80 columns breaks over lines, never loses digits
+    for col in ("variant", "n", "step ms", "q1-q3 ms", "sim ms", "overhead", "q1-q3 %"):
+        step.add_column(col, justify="left" if col == "variant" else "right", overflow="fold")
     for name, v in report["variants"].items():
         q1, _, q3 = v["step_time_quartiles_s"]
         pct = report["overhead_pct"].get(name)
         spread = report["overhead_spread_pct"].get(name)
         sim = v["simulated"]["step_time_s"] if isinstance(v["simulated"], dict) else None
-        energy = v["energy_j_per_step"]
         step.add_row(
             name, str(v["streams"]), _ms(v["step_time_s"]), f"{_ms(q1)}-{_ms(q3)}", _ms(sim),
             "-" if pct is None else f"{pct:+.1f} %",
             "-" if spread is None else f"{spread['q1']:+.0f}..{spread['q3']:+.0f}",
-            f"{energy:.1f}" if isinstance(energy, (int, float)) else "n/a",
         )
     ranks = Table(
         title="per rank, ms per step (medians)",
         caption="input wait: blocked on receives; exposed: the part of it after the producer had finished; "
-        "hidden: modelled transfer time - exposed",
+        "hidden: modelled transfer time - exposed; J: NVML energy per step of the rank's GPU (n/a: no NVML)",
     )
-    for col in ("variant", "rank", "bubble", "input wait", "exposed", "hidden", "peak MiB"):
-        ranks.add_column(col, justify="left" if col == "variant" else "right")
+    for col in ("variant", "rank", "bubble", "input wait", "exposed", "hidden", "peak MiB", "J"):
+        ranks.add_column(col, justify="left" if col == "variant" else "right", overflow="fold")
     for name, v in report["variants"].items():
-        memory = v["peak_memory_bytes"]
+        memory, energy = v["peak_memory_bytes"], v["energy_j_per_step_per_gpu"]
         for r in range(len(v["bubble_s"])):
             ranks.add_row(
                 name if r == 0 else "", str(r), _ms(v["bubble_s"][r]), _ms(v["input_wait_s"][r]),
                 _ms(v["exposed_comm_s"][r]), _ms(v["hidden_comm_s"][r]),
                 f"{memory[r] / 2**20:.0f}" if isinstance(memory, list) else "n/a",
+                f"{energy[r]:.1f}" if isinstance(energy, list) and r < len(energy) else "n/a",
                 end_section=r == len(v["bubble_s"]) - 1,
             )
     return [step, ranks]

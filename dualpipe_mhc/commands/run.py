@@ -155,7 +155,7 @@ def comparison_table(report: dict[str, Any]):
                   caption="input wait: measured time blocked on receives; exposed: the simulator's comm wait",
                   title_style="bold")
     for col in ("", "measured", "simulated", "sim - meas, % of meas"):
-        table.add_column(col, justify="right" if col else "left")
+        table.add_column(col, justify="right" if col else "left", overflow="fold")
 
     def row(name: str, a: float, b: float) -> None:
         diff = f"{100 * (b / a - 1):+.1f} %" if a else "-"

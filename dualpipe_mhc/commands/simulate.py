@@ -70,7 +70,7 @@ def table(report: dict[str, Any]):
     )
     out = Table(title=title, caption=caption, title_style="bold")
     for col in ("schedule", "n", "step s", "bubble %", "exposed ms", "peak GiB", "overhead %"):
-        out.add_column(col, justify="left" if col == "schedule" else "right")
+        out.add_column(col, justify="left" if col == "schedule" else "right", overflow="fold")
     for row in report["rows"]:
         overhead = row["overhead_vs_n1"]
         out.add_row(

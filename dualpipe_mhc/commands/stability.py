@@ -165,14 +165,14 @@ def tables(report: dict) -> list:
         caption="loss: mean of the last 10% of steps; val: held-out batch; max |g|: largest gradient norm",
     )
     for col in ("kind", "n", "loss", "val", "max |g|", "s/step"):
-        train.add_column(col, justify="right")
+        train.add_column(col, justify="right", overflow="fold")
     gains = Table(
         title="gains at full depth, worst token of the held-out batch",
         caption="layer: max single-H_res gain; fwd/bwd: composite Amax gain; mean tok: composite fwd averaged "
         "over tokens; |H-I|: mean Frobenius distance",
     )
     for col in ("kind", "layer", "fwd", "bwd", "mean tok", "|H-I|"):
-        gains.add_column(col, justify="right")
+        gains.add_column(col, justify="right", overflow="fold")
     for kind, r in report["kinds"].items():
         steps = max(1, len(r["loss"]))
         train.add_row(kind, str(r["streams"]), f"{r['final_loss']:.4f}", f"{r['val_loss']:.4f}",
@@ -187,7 +187,7 @@ def tables(report: dict) -> list:
     demo = report["random_demo"]
     d = Table(title=f"random matrices, n={demo['streams']}, {demo['trials']} trials, worst (median) over trials")
     for col in ("sigma", "depth", "HC fwd", "HC bwd", "mHC fwd", "mHC bwd"):
-        d.add_column(col, justify="right")
+        d.add_column(col, justify="right", overflow="fold")
     for sigma, hc in demo["hc"].items():
         mhc = demo["mhc"][sigma]
         for depth in demo["depths_reported"]:
