@@ -107,7 +107,8 @@ def check_output_dir(path: str, flag: str) -> Path:
             pass
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"{flag} {path} cannot be written ({exc.strerror or exc}); name a writable directory") from None
+        reason = exc.strerror or exc
+        raise OutputError(f"{flag} {path} cannot be written ({reason}); name a writable directory") from None
     return target
 
 

@@ -80,7 +80,8 @@ def _nothing_to_simulate(measured: Costs | None, profile: str | None, schedules:
     where = measured.meta.get("schedule"), measured.meta.get("ranks")
     source = f" (measured: {where[0]} on {where[1]} ranks)" if all(where) else ""
     options = [f"--set pipeline.ranks={r} ({', '.join(names)})" for r, names in sorted(fits.items(), reverse=True)]
-    hint = f"; use {' or '.join(options)}" if fits else f"; no schedule takes {stages} stages at {microbatches} micro-batches"
+    hint = (f"; use {' or '.join(options)}" if fits
+            else f"; no schedule takes {stages} stages at {microbatches} micro-batches")
     return (f"nothing to simulate: profile {profile} has {stages} stages{source}, and no schedule on "
             f"pipeline.ranks={ranks} has {stages}{hint}")
 

@@ -112,7 +112,8 @@ def test_the_console_script_prints_no_traceback(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and proc.stdout == ""
-    assert _one_line_error(proc.stderr, "simulate").endswith("name a file, e.g. --json " + str(tmp_path / "report.json"))
+    line = _one_line_error(proc.stderr, "simulate")
+    assert line.endswith("name a file, e.g. --json " + str(tmp_path / "report.json"))
 
 
 def test_help_lists_every_command_with_a_line_and_loads_no_command_module():

@@ -57,7 +57,8 @@ def main(cfg, args) -> dict:
     console = Console()
     console.print(
         f"[bold]profile[/]: {cfg.model.layers} layers, C={cfg.model.width}, {cfg.pipeline.schedule} on "
-        f"{cfg.pipeline.ranks} ranks, {cfg.pipeline.microbatches} micro-batches x {cfg.tokens_per_microbatch()} tokens, "
+        f"{cfg.pipeline.ranks} ranks, {cfg.pipeline.microbatches} micro-batches x {cfg.tokens_per_microbatch()} "
+        "tokens, "
         f"{steps} steps ({args.warmup_steps} warm-up), variants mhc, plain{', hc' if args.with_hc else ''}"
     )
     from ..cluster.runtime import PipelineError
