@@ -196,8 +196,8 @@ def bench(pipe, args) -> list[dict]:
 
 
 def calibrate_links(args) -> dict:
+    from dualpipe_mhc.cluster.calibration import calibrate
     from dualpipe_mhc.cluster.launch import WorkerGroup
-    from dualpipe_mhc.commands.calibrate_link import calibrate
 
     if args.cpu_smoke:
         sizes, group = [1 << 20, 4 << 20], WorkerGroup.launch(2, False, "gloo", 60)

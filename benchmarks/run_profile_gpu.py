@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def profile_one(args, argv, out: Path, device: str, runner, schedule: str, link: str) -> dict:
     from dualpipe_mhc.cluster.profile import profile
-    from dualpipe_mhc.commands.profile import plot
+    from dualpipe_mhc.cluster.profile_plot import plot
     from dualpipe_mhc.config import load_config
 
     overrides = model_overrides(args) + [f"pipeline.schedule={schedule}"] + LINKS[link]

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 out=benchmarks/results/simulate_paper27b
 mkdir -p "$out"
 COLUMNS=100 dualpipe-mhc simulate --out "$out" --json "$out/report.json" | tee "$out/table.txt"
-# An infeasible budget exits 2 by design; the plan's JSON is written either way.
-COLUMNS=100 dualpipe-mhc plan --json "$out/plan.json" | tee "$out/plan.txt" || true
+# An infeasible budget exits 2 by design; plan.json / plan.md / plan.png are written either way.
+COLUMNS=100 dualpipe-mhc plan --out "$out" 2>&1 | tee "$out/plan.txt" || true  # 2>&1: the verdict is on stderr
 # keep one trace (DualPipe, n = 4) and the PNGs; the rest regenerate in seconds
 find "$out" -name "trace_*.json" ! -name "trace_dualpipe_n4.json" -delete

@@ -73,6 +73,7 @@ def measurement(run: dict[str, Any], warmup_steps: int = 1) -> dict[str, Any]:
     out: dict[str, Any] = {
         "step_time_s": step_time,
         "step_time_range_s": [min(s["step_time_s"] for s in kept), max(s["step_time_s"] for s in kept)],
+        "step_time_quartiles_s": quartiles([s["step_time_s"] for s in kept]),
         "step_times_s": [s["step_time_s"] for s in steps],
         "bubble_s": bubble,
         "bubble_fraction": sum(bubble) / (ranks * step_time) if step_time else 0.0,
@@ -145,6 +146,45 @@ def compare(variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"overhead_pct": overhead, "delta_vs_plain": breakdown}
 
 
+def quartiles(values: list[float]) -> list[float]:
+    """[q1, median, q3] (inclusive method: defined for one value too)."""
+    if len(values) == 1:
+        return [values[0]] * 3
+    return statistics.quantiles(values, n=4, method="inclusive")
+
+
+def overhead_spread(variants: dict[str, dict[str, Any]], warmup_steps: int) -> dict[str, dict[str, Any]]:
+    """Per-step overhead of each hyper-connected variant over plain, in %: step i of the variant over
+    step i of plain (both after the warm-up; the variants run one after another, so step i of each
+    has seen the same number of optimizer steps). min / q1 / median / q3 / max and the step count."""
+    base = variants["plain"]["step_times_s"][warmup_steps:] or variants["plain"]["step_times_s"]
+    out = {}
+    for name, v in variants.items():
+        if name == "plain":
+            continue
+        mine = v["step_times_s"][warmup_steps:] or v["step_times_s"]
+        pct = [100.0 * (a / b - 1.0) for a, b in zip(mine, base) if b > 0]
+        if not pct:
+            continue
+        q1, median, q3 = quartiles(pct)
+        out[name] = {"min": min(pct), "q1": q1, "median": median, "q3": q3, "max": max(pct), "steps": len(pct)}
+    return out
+
+
+def spread_warnings(overhead_pct: dict[str, float], spread: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per variant whose per-step overhead spreads wider (q3 - q1) than the overhead itself."""
+    out = []
+    for name, s in spread.items():
+        width = s["q3"] - s["q1"]
+        if width > abs(overhead_pct[name]):
+            out.append(
+                f"{name}: the per-step overhead spreads over {width:.1f} points (q1 {s['q1']:+.1f} %, q3 "
+                f"{s['q3']:+.1f} %, {s['steps']} steps), wider than the effect ({overhead_pct[name]:+.1f} %): "
+                "measure more steps (--steps) on a quieter machine"
+            )
+    return out
+
+
 def verdict(overhead_pct: float, streams: int, setting: str, on_gpu: bool) -> str:
     """One line against the paper's +6.7 %."""
     shown = round(overhead_pct, 1)  # the verdict agrees with the number it prints
@@ -188,6 +228,7 @@ def profile(
         if own:
             runner.close()
     cmp = compare(variants)
+    spread = overhead_spread(variants, warmup_steps)
     link = cfg.link
     setting = (
         f"{cfg.pipeline.schedule}, {cfg.pipeline.ranks} ranks, {cfg.pipeline.microbatches} micro-batches, "
@@ -208,6 +249,8 @@ def profile(
         "nvml_note": first.get("nvml_note"),
         "variants": variants,
         **cmp,
+        "overhead_spread_pct": spread,
+        "warnings": spread_warnings(cmp["overhead_pct"], spread),
         "paper_overhead_pct": PAPER_OVERHEAD_PCT,
         "verdict": verdict(cmp["overhead_pct"]["mhc"], variants["mhc"]["streams"], setting,
                            bool(first.get("on_gpu"))),

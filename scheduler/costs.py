@@ -155,6 +155,10 @@ class Costs:
                 data = json.loads(Path(source).read_text())
             except FileNotFoundError:
                 raise ValueError(f"profile {origin} does not exist; write one with the runtime or Costs.write_profile") from None
+            except IsADirectoryError:
+                raise ValueError(f"profile {origin} is a directory; name the costs.json a run wrote") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"profile {origin} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
             except json.JSONDecodeError as exc:
                 raise ValueError(f"profile {origin} is not JSON: {exc}") from None
         if not isinstance(data, dict):

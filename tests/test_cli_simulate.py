@@ -49,7 +49,7 @@ def test_out_writes_traces_and_a_png(tmp_path):
 def test_profile_costs_replace_the_analytic_model(tmp_path):
     from dualpipe_mhc.scheduler import Costs
 
-    profile = tmp_path / "profile.json"
+    profile = tmp_path / "costs.json"
     Costs.uniform(4, 0.01, 0.01, 0.005, act_bytes=1e6).write_profile(profile)
     report_path = tmp_path / "r.json"
     args = ["simulate", "--schedule", "1f1b", "--set", "pipeline.ranks=4", "--profile", str(profile)]
@@ -81,7 +81,7 @@ def test_without_schedule_an_impossible_one_is_skipped_with_a_note(tmp_path, cap
 def test_with_a_profile_and_no_schedule_the_ones_of_other_stage_counts_are_skipped(tmp_path):
     from dualpipe_mhc.scheduler import Costs
 
-    profile = tmp_path / "profile.json"
+    profile = tmp_path / "costs.json"
     Costs.uniform(4, 0.01, 0.01, 0.005, act_bytes=1e6).write_profile(profile)  # 2 ranks x 2 chunks: DualPipeV
     report_path = tmp_path / "r.json"
     assert main(["simulate", "--config", "tiny", "--profile", str(profile), "--json", str(report_path)]) == 0

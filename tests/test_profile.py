@@ -79,7 +79,7 @@ def test_energy_unavailable_without_nvml(tmp_path):
     report = prof.profile(load_config("tiny"), runner=runner)
     assert report["variants"]["mhc"]["energy_j_per_step"] == "unavailable"
     assert "energy_pct" not in report["delta_vs_plain"]["mhc"]
-    from dualpipe_mhc.commands.profile import plot
+    from dualpipe_mhc.cluster.profile_plot import plot
 
     png = plot(report, tmp_path / "p.png")
     assert png.stat().st_size > 1000
@@ -147,7 +147,7 @@ def test_profile_on_two_cpu_ranks(ray_cluster, tmp_path):
     from dualpipe_mhc.cli import main
 
     out = tmp_path / "prof"
-    rc = main(["profile", "--with-hc", "--set", "run.steps=2", "--set", "model.layers=4", "--set", "model.width=32",
+    rc = main(["profile", "--with-hc", "--steps", "2", "--set", "model.layers=4", "--set", "model.width=32",
                "--set", "model.seq_len=16", "--out", str(out), "--json", str(tmp_path / "r.json")])
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
@@ -160,7 +160,7 @@ def test_profile_on_two_cpu_ranks(ray_cluster, tmp_path):
     assert set(report["overhead_pct"]) == {"mhc", "hc"}
     assert isinstance(report["overhead_pct"]["mhc"], float)
     assert report["verdict"].startswith("mHC n=4 costs") and "CPU run" in report["verdict"]
-    assert (out / "profile.json").exists() and (out / "profile.png").stat().st_size > 1000
+    assert (out / "profile_report.json").exists() and (out / "profile.png").stat().st_size > 1000
 
 
 @pytest.mark.ray

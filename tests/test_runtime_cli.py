@@ -1,4 +1,4 @@
-"""``dualpipe-mhc run`` end to end on CPU workers: JSON keys, profile, trace and PNG."""
+"""``dualpipe-mhc run`` end to end on CPU workers: JSON keys, measured costs, trace and PNG."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ KEYS = {"schedule", "ranks", "microbatches", "device", "backend", "workers", "st
 
 def test_run_command_writes_report_profile_and_trace(ray_cluster, tmp_path):
     from dualpipe_mhc import cli
+    from dualpipe_mhc.reports import check_report
     from dualpipe_mhc.scheduler import Costs
 
     report_file = tmp_path / "run.json"
@@ -24,14 +25,16 @@ def test_run_command_writes_report_profile_and_trace(ray_cluster, tmp_path):
     assert rc == 0
     report = json.loads(report_file.read_text())
     assert KEYS <= set(report)
+    assert check_report("run", report) == []
     assert report["schedule"] == "dualpipev" and report["device"] == "cpu" and report["backend"] == "gloo"
     assert [s["step"] for s in report["steps"]] == [0, 1, 2]
     assert report["steps"][-1]["loss"] < report["steps"][0]["loss"]
     assert report["measured"]["step_time_s"] > 0 and report["simulated"]["step_time_s"] > 0
     assert len(report["checkpoints"]) == 1
-    costs = Costs.from_profile(report["files"]["profile"])
+    costs = Costs.from_profile(report["files"]["costs"])
     assert costs.num_stages == 4 and all(f > 0 for f in costs.f)
     trace = json.loads((out / "trace.json").read_text())
     names = {e["name"] for e in trace["traceEvents"] if e.get("ph") == "X"}
     assert "F0.c0" in names and any("&" in n for n in names)  # DualPipeV has F&B pairs
     assert (out / "timeline.png").stat().st_size > 0
+    assert report["files"]["costs"] == str(out / "costs.json")

@@ -15,7 +15,7 @@ LATENCY = 1e-3
 
 
 def test_shaped_transfer_takes_latency_plus_bytes_over_bandwidth(pipeline2):
-    from dualpipe_mhc.commands.calibrate_link import calibrate
+    from dualpipe_mhc.cluster.calibration import calibrate
 
     sizes = [2 << 20, 8 << 20]
     out = calibrate(pipeline2.group, {"test": (RATE, LATENCY)}, sizes, repeats=3)

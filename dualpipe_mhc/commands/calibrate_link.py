@@ -3,7 +3,7 @@
 Starts two stage-worker actors (GPUs with NCCL where the cluster has them, else CPU
 actors with gloo), measures the raw transport, then each preset through the link
 shaper the runtime uses with ``link.shape=true``, and writes ``link_calibration.json``
-under ``--out`` (default ``out/calibrate``):
+under ``--out`` (default ``out/calibrate-link``):
 
     {"format": "dualpipe-mhc-link-calibration/1", "device": ..., "backend": ...,
      "links": {"raw": {...}, "h800-nvlink": {
@@ -14,7 +14,7 @@ under ``--out`` (default ``out/calibrate``):
 
 Each ``link`` object has the keys of the profile file's ``link`` (scheduler/costs.py),
 so a simulation can take a preset's measured figures as they are. JSON keys (``--json``):
-the same object plus ``file``.
+the same object plus ``files`` {json}.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-HELP = "measure one-way bandwidth per link preset and message size between two workers (raw and shaped)"
-DEFAULT_CONFIG = "tiny"
-FORMAT = "dualpipe-mhc-link-calibration/1"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,57 +69,19 @@ def _links(cfg, text: str | None) -> dict[str, tuple[float, float]]:
     return out
 
 
-def calibrate(group, links: dict[str, tuple[float, float]], sizes: list[int], repeats: int,
-              progress=None) -> dict[str, Any]:
-    """Measure ``raw`` and every ``links[name] = (bytes/s, s)`` on a 2-rank :class:`WorkerGroup`."""
-    import ray
-
-    from dualpipe_mhc.cluster.linkbench import fit_line
-
-    def measure(bandwidth: float | None, latency: float) -> list[dict[str, Any]]:
-        refs = [a.measure_link.remote(bandwidth, latency, sizes, repeats) for a in group.actors]
-        return ray.get(refs)[0]
-
-    out: dict[str, Any] = {}
-    raw = measure(None, 0.0)
-    raw_fit = fit_line(raw)
-    out["raw"] = {"link": raw_fit, "points": [_point(p, None) for p in raw], "reachable": True}
-    if progress:
-        progress("raw", out["raw"])
-    for name, (bw, lat) in links.items():
-        # Shaping only slows a link down: a target above the raw rate measures the raw link.
-        reachable = bw < raw_fit["bandwidth_gbps"] * 1e9
-        pts = measure(bw, lat) if reachable else raw
-        entry = {"target": {"bandwidth_gbps": bw / 1e9, "latency_us": lat * 1e6}, "link": fit_line(pts),
-                 "points": [_point(p, (bw, lat)) for p in pts], "reachable": reachable}
-        out[name] = entry
-        if progress:
-            progress(name, entry)
-    return out
-
-
-def _point(p: dict[str, Any], target: tuple[float, float] | None) -> dict[str, Any]:
-    out = {"bytes": p["bytes"], "one_way_s": p["one_way_s"], "achieved_gbps": p["bytes"] / p["one_way_s"] / 1e9}
-    if target is not None:
-        t = target[1] + p["bytes"] / target[0]
-        out["target_s"] = t
-        out["error_pct"] = 100 * (p["one_way_s"] / t - 1)
-    return out
-
-
 def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
-    from rich.table import Table
 
     if args.repeats < 1:
         raise ValueError(f"--repeats={args.repeats} is invalid: use a positive count")
     if args.sizes_mib is not None:
         _parse_sizes(args.sizes_mib, gpu=False)  # a bad list fails here, before Ray starts
     links = _links(cfg, args.presets)
-    console = Console(width=None if Console().is_terminal else 110)
+    console = Console()
 
     import ray
 
+    from dualpipe_mhc.cluster.calibration import FORMAT, calibrate
     from dualpipe_mhc.cluster.launch import WorkerGroup, connect
     from dualpipe_mhc.cluster.runtime import resolve_placement
     from dualpipe_mhc.config import config_from_dict, dump_config
@@ -159,22 +118,36 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
             group.kill()
         if started:
             ray.shutdown()
-    table = Table(title="achieved one-way GB/s by message size (error vs latency + bytes/bandwidth)", title_style="bold")
-    table.add_column("link")
-    for s in sizes:
-        table.add_column(f"{s / 2**20:g} MiB", justify="right")
-    for name, entry in links_out.items():
-        cells = []
-        for p in entry["points"]:
-            err = f" ({p['error_pct']:+.0f}%)" if "error_pct" in p and entry["reachable"] else ""
-            cells.append(f"{p['achieved_gbps']:.3g}{err}")
-        table.add_row(name, *cells)
-    console.print(table)
     report = {"format": FORMAT, "device": device, "backend": backend, "sizes": sizes, "repeats": args.repeats,
               "links": links_out}
-    out = Path(args.out or "out/calibrate")
+    console.print(table(report))
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "link_calibration.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {path}")
-    return {**report, "file": str(path)}
+    return {**report, "files": {"json": str(path)}}
+
+
+def table(report: dict[str, Any]):
+    """One row per link and message size (a column per size would pass 80 columns)."""
+    from rich.table import Table
+
+    out = Table(title="achieved one-way bandwidth per message size",
+                caption="target: latency + bytes / bandwidth of the preset; error: measured time over the "
+                "target's; -: the preset is faster than the raw link, so it was not shaped", title_style="bold")
+    out.add_column("link", overflow="fold")  # a long name breaks over lines rather than losing its end
+    for col in ("MiB", "GB/s", "one-way ms", "target ms", "error"):
+        out.add_column(col, justify="right", overflow="fold")
+    for name, entry in report["links"].items():
+        fit = entry["link"]
+        label = f"{name}\nfit {fit['bandwidth_gbps']:.3g} GB/s + {fit['latency_us']:.0f} us"
+        for i, p in enumerate(entry["points"]):
+            shaped = "error_pct" in p and entry["reachable"]
+            out.add_row(
+                label if i == 0 else "", f"{p['bytes'] / 2**20:g}", f"{p['achieved_gbps']:.3g}",
+                f"{p['one_way_s'] * 1e3:.3f}", f"{p['target_s'] * 1e3:.3f}" if shaped else "-",
+                f"{p['error_pct']:+.0f} %" if shaped else "-",
+                end_section=i == len(entry["points"]) - 1,
+            )
+    return out

@@ -11,8 +11,6 @@ import argparse
 import math
 from typing import Any
 
-HELP = "plan mHC recomputation: block size L_r vs activation memory vs recompute time under the memory budget"
-DEFAULT_CONFIG = "paper-27b"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +34,7 @@ def _table(rows, cfg, schedule: str, budget: float, choice, closed_form: float, 
     )
     table = Table(title=title, caption="memory on the fullest rank; recompute = seconds per step on the busiest rank")
     for col in ("L_r", "activations GiB", "total GiB", "recompute s", "step s", "fits"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", overflow="fold")
     # Up to twice the closed form is where the optimum lives; the JSON keeps every row.
     limit = max(8, 2 * closed_block)
     for row in rows:
@@ -78,7 +76,9 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
             _table(plan.rows, cfg, plan.schedule, plan.budget_gib, None, plan.closed_form, plan.closed_form_block)
         )
         _print_alternatives(console, plan)
-        exc.report = {**plan.to_dict(), "command": "plan"}
+        # The feasible report's keys: a script reads one schema either way.
+        exc.report = {**plan.to_dict(), "command": "plan", "files": {}, "error": str(exc)}
+        _write_files(exc.report, args, console)
         raise
     console.print(
         _table(plan.rows, cfg, plan.schedule, plan.budget_gib, plan.choice, plan.closed_form, plan.closed_form_block)
@@ -92,7 +92,9 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
         f"choice: {verdict}; {plan.choice.total_gib:.1f} of {plan.budget_gib:g} GiB on the fullest rank "
         f"with {sharding} state ({plan.state_bytes_per_param:g} bytes per parameter)"
     )
-    return {**plan.to_dict(), "command": "plan"}
+    report = {**plan.to_dict(), "command": "plan", "files": {}}
+    _write_files(report, args, console)
+    return report
 
 
 def _print_alternatives(console, plan) -> None:
@@ -103,3 +105,14 @@ def _print_alternatives(console, plan) -> None:
             f"  fits with {describe_change(alt.changes)}: L_r={alt.choice.block_layers}, "
             f"{alt.choice.total_gib:.1f} GiB, step {alt.choice.step_time_s:.3f} s"
         )
+
+
+def _write_files(report: dict[str, Any], args: argparse.Namespace, console) -> None:
+    """Under ``--out``: the table (plan.md, plan.json) and memory and time against L_r (plan.png)."""
+    if getattr(args, "out", None):
+        from pathlib import Path
+
+        from dualpipe_mhc.scheduler.plan_files import write_plan_files
+
+        files = write_plan_files(report, Path(args.out))
+        console.print(f"wrote {', '.join(files.values())}")

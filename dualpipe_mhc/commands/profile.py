@@ -1,31 +1,36 @@
 """``dualpipe-mhc profile``: the config run as mHC (n streams) and as the plain residual (n = 1), optionally
 HC, on the same schedule, micro-batches and link; the mHC overhead and where it goes.
 
-Writes ``profile.json`` and ``profile.png`` under ``--out`` (default: the current
-directory), prints a table per variant and a one-line verdict against the paper's
-+6.7 %. On a machine without NVML the energy columns read "unavailable".
+Writes ``profile_report.json`` (this report; not the measured-cost ``costs.json`` that
+``run`` writes) and ``profile.png`` under ``--out`` (default ``out/profile``); prints the
+step and per-rank tables, a one-line verdict against the paper's +6.7 %, and a warning
+where the per-step overhead spreads wider than the overhead itself. On a machine without
+NVML the energy fields read "unavailable".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
+
+# Four measured steps gave +197 % to +410 % on the tiny default over four runs (issue 11); the
+# report's per-step spread, and its warning, say whether this many were enough on a given machine.
+DEFAULT_STEPS = 20
+
 
 class ProfileFailed(ValueError):
     """A variant's pipeline run stopped (a rank died, raised or hung); one line, printed by the CLI."""
 
 
-HELP = "run mHC (n=4) and the plain residual (n=1) on the same pipeline and report the mHC overhead"
-DEFAULT_CONFIG = "tiny"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--with-hc", action="store_true", help="also run unconstrained HC at the same n")
     p.add_argument(
-        "--warmup-steps", type=int, default=1, help="steps left out of the medians (default 1; run.steps sets the total)"
+        "--steps", type=int, default=DEFAULT_STEPS,
+        help=f"steps per variant, warm-up included (default {DEFAULT_STEPS}; replaces run.steps)",
     )
+    p.add_argument("--warmup-steps", type=int, default=1, help="steps left out of the medians (default 1)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
 
@@ -33,19 +38,28 @@ def main(cfg, args) -> dict:
     from rich.console import Console
 
     from ..cluster.profile import profile
+    from ..config import config_from_dict, dump_config
 
+    steps = getattr(args, "steps", None) or cfg.run.steps
+    if steps < 1:
+        raise ValueError(f"--steps={steps} is invalid: use a positive step count (default {DEFAULT_STEPS})")
     if args.warmup_steps < 0:
         raise ValueError(f"--warmup-steps={args.warmup_steps} is invalid: use 0 or more")
-    if args.warmup_steps >= cfg.run.steps:
+    if args.warmup_steps >= steps:
         raise ValueError(
-            f"--warmup-steps={args.warmup_steps} leaves none of run.steps={cfg.run.steps} to measure; "
-            f"use --set run.steps={args.warmup_steps + 3} or fewer warm-up steps"
+            f"--warmup-steps={args.warmup_steps} leaves none of the {steps} steps (--steps, else run.steps) to "
+            f"measure; use --steps {args.warmup_steps + DEFAULT_STEPS} or fewer warm-up steps"
         )
-    console = Console(width=None if Console().is_terminal else 150)  # pipes get 80 columns otherwise
+    if steps != cfg.run.steps:
+        data = dump_config(cfg)
+        data["run"]["steps"] = steps
+        cfg = config_from_dict(data)
+    console = Console()
     console.print(
         f"[bold]profile[/]: {cfg.model.layers} layers, C={cfg.model.width}, {cfg.pipeline.schedule} on "
-        f"{cfg.pipeline.ranks} ranks, {cfg.pipeline.microbatches} micro-batches x {cfg.tokens_per_microbatch()} tokens, "
-        f"{cfg.run.steps} steps ({args.warmup_steps} warm-up), variants mhc, plain{', hc' if args.with_hc else ''}"
+        f"{cfg.pipeline.ranks} ranks, {cfg.pipeline.microbatches} micro-batches x {cfg.tokens_per_microbatch()} "
+        "tokens, "
+        f"{steps} steps ({args.warmup_steps} warm-up), variants mhc, plain{', hc' if args.with_hc else ''}"
     )
     from ..cluster.runtime import PipelineError
 
@@ -53,107 +67,72 @@ def main(cfg, args) -> dict:
 
     def progress(name: str) -> None:
         current["variant"] = name
-        console.print(f"running {name} ...")
+        console.print(f"running {name} ...")  # a line per phase: readable in a log, not only on a terminal
 
     try:
         report = profile(cfg, with_hc=args.with_hc, warmup_steps=args.warmup_steps, progress=progress)
     except PipelineError as exc:
         raise ProfileFailed(f"variant {current.get('variant')}: {exc}") from None
-    _print_table(console, report)
+    for table in tables(report):
+        console.print(table)
+    console.print(report["verdict"])
+    for line in report["warnings"]:
+        console.print(f"[yellow]warning: {line}[/yellow]")
 
-    out = Path(args.out or ".")
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    report["files"] = {"json": str(out / "profile.json")}
+    report["files"] = {"json": str(out / "profile_report.json")}
     if not args.no_plot:
+        from ..cluster.profile_plot import plot
+
         report["files"]["png"] = str(plot(report, out / "profile.png"))
+    (out / "profile_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     console.print(f"wrote {', '.join(report['files'].values())}")
     return report
 
 
-def _fmt(value, scale: float = 1.0, spec: str = ".1f") -> str:
-    if isinstance(value, (int, float)):
-        return format(value * scale, spec)
-    if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
-        return "/".join(format(v * scale, spec) for v in value)
-    return str(value)
+def _ms(value) -> str:
+    return f"{value * 1e3:.1f}" if isinstance(value, (int, float)) else "n/a"
 
 
-def _print_table(console, report: dict) -> None:
+def tables(report: dict) -> list:
+    """The step table (one row per variant) and the per-rank table; both fit 80 columns."""
     from rich.table import Table
 
-    t = Table(
-        title=f"{report['setting']} — device {report['device']}",
-        caption="sim: the simulator fed this run's median op times; per-rank lists are rank0/rank1/...; input wait = blocked on receives; exposed comm = the part "
-        "of it after the producer had finished; hidden comm = modelled transfer time - exposed",
+    step = Table(
+        title=f"{report['setting']}; device {report['device']}",
+        caption="medians after the warm-up; q1-q3 ms: quartiles over steps; overhead: median step over plain's; "
+        "q1-q3 %: quartiles of the per-step overhead (step i over plain's step i); sim: the simulator fed this "
+        "run's median op times",
     )
-    cols = ("variant", "n", "step ms", "sim ms", "overhead", "bubble ms", "input wait ms", "exposed comm ms", "hidden comm ms",
-            "energy J/step", "peak mem MiB")
-    for col in cols:
-        t.add_column(col, justify="right")
+    # fold, not the default ellipsis: a value too wide for 80 columns breaks over lines, never loses digits
+    for col in ("variant", "n", "step ms", "q1-q3 ms", "sim ms", "overhead", "q1-q3 %"):
+        step.add_column(col, justify="left" if col == "variant" else "right", overflow="fold")
     for name, v in report["variants"].items():
+        q1, _, q3 = v["step_time_quartiles_s"]
         pct = report["overhead_pct"].get(name)
-        t.add_row(
-            name, str(v["streams"]), _fmt(v["step_time_s"], 1e3, ".2f"),
-            _fmt(v["simulated"]["step_time_s"], 1e3, ".2f") if isinstance(v["simulated"], dict) else "-",
+        spread = report["overhead_spread_pct"].get(name)
+        sim = v["simulated"]["step_time_s"] if isinstance(v["simulated"], dict) else None
+        step.add_row(
+            name, str(v["streams"]), _ms(v["step_time_s"]), f"{_ms(q1)}-{_ms(q3)}", _ms(sim),
             "-" if pct is None else f"{pct:+.1f} %",
-            _fmt(v["bubble_s"], 1e3), _fmt(v["input_wait_s"], 1e3), _fmt(v["exposed_comm_s"], 1e3),
-            _fmt(v["hidden_comm_s"], 1e3),
-            _fmt(v["energy_j_per_step"], 1.0, ".1f"), _fmt(v["peak_memory_bytes"], 2**-20, ".0f"),
+            "-" if spread is None else f"{spread['q1']:+.0f}..{spread['q3']:+.0f}",
         )
-    console.print(t)
-    console.print(report["verdict"])
-
-
-def plot(report: dict, path: Path) -> Path:
-    """Step time split into compute / bubble (exposed comm shown inside it), per variant, and per-rank bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["variants"])
-    v = report["variants"]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
-    ms = 1e3
-    busy = [statistics.fmean(v[n]["busy_s"]) * ms for n in names]
-    exposed = [statistics.fmean(v[n]["exposed_comm_s"]) * ms for n in names]
-    bubble = [statistics.fmean(v[n]["bubble_s"]) * ms - e for n, e in zip(names, exposed)]
-    labels = [f"{n} (n={v[n]['streams']})" for n in names]
-    ax[0].bar(labels, busy, label="compute (mean over ranks)", color="tab:blue")
-    ax[0].bar(labels, exposed, bottom=busy, label="exposed comm", color="tab:red")
-    ax[0].bar(labels, bubble, bottom=[b + e for b, e in zip(busy, exposed)], label="other bubble", color="tab:gray")
-    for i, n in enumerate(names):
-        pct = report["overhead_pct"].get(n)
-        text = f"{v[n]['step_time_s'] * ms:.1f} ms" + (f"\n{pct:+.1f} %" if pct is not None else "")
-        ax[0].text(i, v[n]["step_time_s"] * ms, text, ha="center", va="bottom", fontsize=9)
-    ax[0].set(title=f"step time; paper: mHC +{report['paper_overhead_pct']} %", ylabel="ms")
-    ax[0].set_ylim(0, max(v[n]["step_time_s"] for n in names) * ms * 1.4)
-    ax[0].legend(fontsize=8, loc="upper right")
-    ranks = range(len(v[names[0]]["bubble_s"]))
-    width = 0.8 / len(names)
-    for i, n in enumerate(names):
-        xs = [r + i * width for r in ranks]
-        ax[1].bar(xs, [b * ms for b in v[n]["bubble_s"]], width, label=f"{n} bubble")
-        ax[1].bar(xs, [e * ms for e in v[n]["exposed_comm_s"]], width, fill=False, hatch="//", edgecolor="k")
-    ax[1].set(title="per-rank bubble (hatched: exposed comm)", xlabel="rank", ylabel="ms")
-    ax[1].set_xticks([r + width * (len(names) - 1) / 2 for r in ranks], [str(r) for r in ranks])
-    ax[1].legend(fontsize=8)
-    energy = [v[n]["energy_j_per_step"] for n in names]  # "unavailable" without NVML
-    if all(isinstance(e, float) for e in energy):
-        ax[2].bar(labels, energy, color="tab:green")
-        ax[2].set(title="energy per step, all ranks", ylabel="J")
-    else:
-        mem = [v[n]["peak_memory_bytes"] for n in names]
-        if all(isinstance(m, list) for m in mem):
-            ax[2].bar(labels, [max(m) / 2**20 for m in mem], color="tab:purple")
-            ax[2].set(title="peak memory, worst rank (energy unavailable)", ylabel="MiB")
-        else:
-            ax[2].text(0.5, 0.5, "energy and peak memory unavailable\n(no NVML / CPU run)", ha="center",
-                       transform=ax[2].transAxes)
-            ax[2].set_axis_off()
-    fig.suptitle(report["verdict"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    ranks = Table(
+        title="per rank, ms per step (medians)",
+        caption="input wait: blocked on receives; exposed: the part of it after the producer had finished; "
+        "hidden: modelled transfer time - exposed; J: NVML energy per step of the rank's GPU (n/a: no NVML)",
+    )
+    for col in ("variant", "rank", "bubble", "input wait", "exposed", "hidden", "peak MiB", "J"):
+        ranks.add_column(col, justify="left" if col == "variant" else "right", overflow="fold")
+    for name, v in report["variants"].items():
+        memory, energy = v["peak_memory_bytes"], v["energy_j_per_step_per_gpu"]
+        for r in range(len(v["bubble_s"])):
+            ranks.add_row(
+                name if r == 0 else "", str(r), _ms(v["bubble_s"][r]), _ms(v["input_wait_s"][r]),
+                _ms(v["exposed_comm_s"][r]), _ms(v["hidden_comm_s"][r]),
+                f"{memory[r] / 2**20:.0f}" if isinstance(memory, list) else "n/a",
+                f"{energy[r]:.1f}" if isinstance(energy, list) and r < len(energy) else "n/a",
+                end_section=r == len(v["bubble_s"]) - 1,
+            )
+    return [step, ranks]

@@ -5,7 +5,7 @@ rank executing its action list from the scheduler. Prints one line per step (los
 step time, bubble), then measured vs simulated, where the simulator is fed the
 per-action costs this run measured. Under ``--out`` (default ``out/run``):
 
-    profile.json     measured per-stage costs, the simulator's profile format
+    costs.json       measured per-stage costs (format dualpipe-mhc-profile/1): simulate --profile reads it
     trace.json       Perfetto/Chrome trace of the last measured step (compute + input waits)
     timeline.png     the same step drawn like ``simulate`` draws its steps
 
@@ -14,8 +14,8 @@ start_step, resumed_from, steps (list of {step, loss, step_time_s, wall_s,
 bubble_fraction}), final_loss, measured {step_time_s, bubble_fraction, busy_s,
 input_wait_s, modelled_comm_s (the link's time for the messages each rank receives),
 hidden_comm_fraction (1 - min(wait, comm) / comm: a lower bound, waits also cover
-upstream compute)}, simulated {step_time_s, bubble_fraction, exposed_comm_s},
-sim_error_pct, costs {f_s, b_s, w_s, fb_overlap}, files {profile, trace, png},
+upstream compute)}, simulated {step_time_s, bubble_fraction, busy_s, exposed_comm_s},
+sim_error_pct, costs {f_s, b_s, w_s, fb_overlap}, files {costs, trace, png},
 checkpoints, warmup_steps, config.
 """
 
@@ -26,8 +26,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-HELP = "train on Ray stage workers with a pipeline schedule; measured vs simulated step, trace, profile"
-DEFAULT_CONFIG = "tiny"
 
 
 class RunFailed(ValueError):
@@ -64,7 +62,7 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     sched = pipeline_schedule(cfg)  # a bad schedule fails here, before any worker starts
     if args.resume:
         checkpoint.find_latest(cfg.run.checkpoint_dir, dump_config(cfg))
-    console = Console(width=None if Console().is_terminal else 110)
+    console = Console()
     p, m, link = cfg.pipeline, cfg.model, cfg.link
     console.print(
         f"[bold]run[/]: {p.schedule} on {p.ranks} ranks, {p.microbatches} micro-batches of {p.microbatch_size}x{m.seq_len} "
@@ -106,11 +104,14 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
         # Too few steps to leave any out: measure them all, and say so in the report.
         console.print(f"--warmup {args.warmup} >= the {len(outcome.results)} steps run: the medians use every step")
         args.warmup = 0
-    out = Path(args.out or "out/run")
+    out = Path(args.out)
     files, measured, predicted, costs = _compare_and_write(cfg, sched, outcome, out, args)
-    _print_comparison(console, measured, predicted, cfg)
+    report = _report(cfg, sched, outcome, state, measured, predicted, costs, files, args.warmup)
+    console.print(comparison_table(report))
+    console.print(f"link in the simulation: {cfg.link.bandwidth / 1e9:g} GB/s one way, {cfg.link.latency * 1e6:g} us "
+                  f"({'shaped' if cfg.link.shape else 'the config preset; the run was not shaped'})")
     console.print(f"wrote {', '.join(files.values())}")
-    return _report(cfg, sched, outcome, state, measured, predicted, costs, files, args.warmup)
+    return report
 
 
 def _compare_and_write(cfg, sched, outcome, out: Path, args):
@@ -132,8 +133,8 @@ def _compare_and_write(cfg, sched, outcome, out: Path, args):
     measured = measured_result(sched, typical, comm_time=comm)
     measured.step_time = median_time  # the table quotes medians
     out.mkdir(parents=True, exist_ok=True)
-    files = {"profile": str(out / "profile.json")}
-    costs.write_profile(out / "profile.json")
+    files = {"costs": str(out / "costs.json")}
+    costs.write_profile(out / "costs.json")
     title = f"{sched.name} measured, step {typical.step}"
     files["trace"] = str(write_chrome_trace(measured_result(sched, typical), out / "trace.json", title))
     if not args.no_plot:
@@ -145,27 +146,29 @@ def _compare_and_write(cfg, sched, outcome, out: Path, args):
     return files, measured, predicted, costs
 
 
-def _print_comparison(console, measured, predicted, cfg) -> None:
+def comparison_table(report: dict[str, Any]):
+    """Measured vs simulated from the report; the last column is (simulated - measured) / measured."""
     from rich.table import Table
 
-    table = Table(title="measured vs simulated (simulator fed this run's measured action costs)", title_style="bold")
-    for col in ("", "measured", "simulated", "difference"):
-        table.add_column(col, justify="right" if col else "left")
+    meas, sim = report["measured"], report["simulated"]
+    table = Table(title="measured vs simulated (simulator fed this run's measured action costs)",
+                  caption="input wait: measured time blocked on receives; exposed: the simulator's comm wait",
+                  title_style="bold")
+    for col in ("", "measured", "simulated", "sim - meas, % of meas"):
+        table.add_column(col, justify="right" if col else "left", overflow="fold")
 
-    def row(name: str, a: float, b: float, unit: str, scale: float) -> None:
+    def row(name: str, a: float, b: float) -> None:
         diff = f"{100 * (b / a - 1):+.1f} %" if a else "-"
-        table.add_row(name, f"{a * scale:.2f} {unit}", f"{b * scale:.2f} {unit}", diff)
+        table.add_row(name, f"{a * 1e3:.2f} ms", f"{b * 1e3:.2f} ms", diff)
 
-    row("step time", measured.step_time, predicted.step_time, "ms", 1e3)
-    table.add_row("bubble", f"{100 * measured.bubble_fraction:.1f} %", f"{100 * predicted.bubble_fraction:.1f} %",
-                  f"{100 * (predicted.bubble_fraction - measured.bubble_fraction):+.1f} pt")
-    for r in range(measured.ranks):
-        row(f"rank {r} compute", measured.busy[r], predicted.busy[r], "ms", 1e3)
-        table.add_row(f"rank {r} input wait / exposed comm", f"{measured.exposed_comm[r] * 1e3:.2f} ms",
-                      f"{predicted.exposed_comm[r] * 1e3:.2f} ms", "")
-    console.print(table)
-    console.print(f"link in the simulation: {cfg.link.bandwidth / 1e9:g} GB/s one way, {cfg.link.latency * 1e6:g} us "
-                  f"({'shaped' if cfg.link.shape else 'the config preset; the run was not shaped'})")
+    row("step time", meas["step_time_s"], sim["step_time_s"])
+    table.add_row("bubble", f"{100 * meas['bubble_fraction']:.1f} %", f"{100 * sim['bubble_fraction']:.1f} %",
+                  f"{100 * (sim['bubble_fraction'] - meas['bubble_fraction']):+.1f} pt")
+    for r, (busy, wait) in enumerate(zip(meas["busy_s"], meas["input_wait_s"])):
+        row(f"rank {r} compute", busy, sim["busy_s"][r])
+        table.add_row(f"rank {r} input wait / exposed", f"{wait * 1e3:.2f} ms",
+                      f"{sim['exposed_comm_s'][r] * 1e3:.2f} ms", "")
+    return table
 
 
 def _report(cfg, sched, outcome, state, measured, predicted, costs, files, warmup) -> dict[str, Any]:
@@ -186,7 +189,7 @@ def _report(cfg, sched, outcome, state, measured, predicted, costs, files, warmu
                               "busy_s": measured.busy, "input_wait_s": measured.exposed_comm,
                               "modelled_comm_s": measured.comm_time, "hidden_comm_fraction": hidden}
         report["simulated"] = {"step_time_s": predicted.step_time, "bubble_fraction": predicted.bubble_fraction,
-                               "exposed_comm_s": predicted.exposed_comm}
+                               "busy_s": predicted.busy, "exposed_comm_s": predicted.exposed_comm}
         report["sim_error_pct"] = 100 * (predicted.step_time / measured.step_time - 1) if measured.step_time else None
         report["costs"] = {"f_s": costs.f, "b_s": costs.b, "w_s": costs.w, "fb_overlap": costs.fb_overlap}
     return report

@@ -15,9 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HELP = "simulate 1F1B / ZB1P / DualPipe / DualPipeV at n = 1 and the config's n: step time, bubble, exposed comm, memory"
-DEFAULT_CONFIG = "paper-27b"
-GIB = 2**30
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,92 +54,26 @@ def _streams(cfg, args: argparse.Namespace) -> list[int]:
     return sorted({1, n})
 
 
-def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profile: str | None = None,
-              traffic: str = "fused", progress=None) -> tuple[list[dict[str, Any]], list[str], dict]:
-    """Simulate every (schedule, n); returns rows, notes about skipped schedules, and results by key."""
-    from dualpipe_mhc.scheduler import Costs, ScheduleError, build_schedule, simulate, validate
-    from dualpipe_mhc.scheduler.analytic import costs_from_config
-
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    results = {}
-    ranks, microbatches = cfg.pipeline.ranks, cfg.pipeline.microbatches
-    measured = Costs.from_profile(profile, cfg.link.bandwidth, cfg.link.latency) if profile is not None else None
-    for name in schedules:
-        try:
-            sched = build_schedule(name, ranks, microbatches)
-            # The config checks layers against its own schedule's stages only, and a profile
-            # was measured on one stage count: a swept schedule may need more or other stages.
-            if measured is not None and measured.num_stages != sched.num_stages:
-                raise ScheduleError(
-                    f"profile {profile} has {measured.num_stages} stages but {name} on {ranks} ranks has "
-                    f"{sched.num_stages}; profile that schedule or pick one with --schedule"
-                )
-            if measured is None and cfg.model.layers < sched.num_stages:
-                raise ScheduleError(
-                    f"{name} on {ranks} ranks has {sched.num_stages} stages, more than model.layers="
-                    f"{cfg.model.layers}; use model.layers>={sched.num_stages} or fewer ranks"
-                )
-        except ScheduleError as exc:
-            if strict:
-                raise
-            notes.append(f"{name} skipped: {exc}")
-            continue
-        validate(sched)
-        base_step = None
-        for n in (streams if measured is None else [None]):
-            if measured is not None:
-                costs = measured
-            else:
-                costs = costs_from_config(cfg, sched.num_stages, streams=n, traffic=traffic)
-            result = simulate(sched, costs)
-            results[(name, n)] = result
-            if n == 1:
-                base_step = result.step_time
-            rows.append(_row(name, n, result, base_step))
-            if progress is not None:
-                progress()
-    return rows, notes, results
-
-
-def _row(name: str, n: int | None, result, base_step: float | None) -> dict[str, Any]:
-    return {
-        "schedule": name,
-        "streams": n,
-        "step_time_s": result.step_time,
-        "bubble_fraction": result.bubble_fraction,
-        "exposed_comm_s": max(result.exposed_comm),
-        "hidden_comm_s": max(result.hidden_comm),
-        "peak_activation_gib": max(result.peak_activation_bytes) / GIB,
-        "peak_inflight": max(result.peak_inflight),
-        "overhead_vs_n1": (result.step_time / base_step - 1.0) if base_step and n != 1 else None,
-        "per_rank": {
-            "bubble_s": result.bubble,
-            "exposed_comm_s": result.exposed_comm,
-            "peak_activation_bytes": result.peak_activation_bytes,
-        },
-    }
-
-
-def print_table(rows: list[dict[str, Any]], cfg, notes: list[str], source: str) -> None:
-    from rich.console import Console
+def table(report: dict[str, Any]):
+    """The sweep's table from its JSON report; fits 80 columns."""
     from rich.table import Table
 
     from dualpipe_mhc.scheduler.builders import DISPLAY_NAMES
 
-    m, p = cfg.model, cfg.pipeline
-    title = f"{m.layers} layers, C={m.width}: {p.ranks} ranks x {p.microbatches} micro-batches of {cfg.tokens_per_microbatch()} tokens"
+    c = report["config"]
+    title = (f"{c['layers']} layers, C={c['width']}: {c['ranks']} ranks x {c['microbatches']} micro-batches "
+             f"of {c['tokens_per_microbatch']} tokens")
     caption = (
-        f"{cfg.hardware.preset}, link {cfg.link.bandwidth / 1e9:g} GB/s one-way + {cfg.link.latency * 1e6:g} us, "
-        f"{source} costs; exposed = comm wait on the worst rank; peak = activations on the fullest rank; "
+        f"{c['hardware']}, link {c['link_bandwidth_gbps']:g} GB/s one-way + {c['link_latency_us']:g} us, "
+        f"{report['costs']} costs; exposed = comm wait on the worst rank; peak = activations on the fullest rank; "
         "overhead = step time over n = 1"
     )
-    table = Table(title=title, caption=caption, title_style="bold")
+    out = Table(title=title, caption=caption, title_style="bold")
     for col in ("schedule", "n", "step s", "bubble %", "exposed ms", "peak GiB", "overhead %"):
-        table.add_column(col, justify="left" if col == "schedule" else "right")
-    for row in rows:
+        out.add_column(col, justify="left" if col == "schedule" else "right", overflow="fold")
+    for row in report["rows"]:
         overhead = row["overhead_vs_n1"]
-        table.add_row(
+        out.add_row(
             DISPLAY_NAMES.get(row["schedule"], row["schedule"]),
             "-" if row["streams"] is None else str(row["streams"]),
             f"{row['step_time_s']:.3f}",
@@ -151,36 +82,40 @@ def print_table(rows: list[dict[str, Any]], cfg, notes: list[str], source: str) 
             f"{row['peak_activation_gib']:.1f}",
             "-" if overhead is None else f"{100 * overhead:+.2f}",
         )
-    console = Console()
-    console.print(table)
-    for note in notes:
-        console.print(f"[yellow]{note}[/yellow]")
+    return out
 
 
 def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
+    from rich.console import Console
     from rich.progress import Progress
+
+    from dualpipe_mhc.scheduler.planner import resolve_block_layers
+    from dualpipe_mhc.scheduler.sweep import run_sweep
 
     schedules, strict = _schedules(args)
     streams = _streams(cfg, args)
     profile = getattr(args, "profile", None)
     traffic = getattr(args, "traffic", "fused") or "fused"
     total = len(schedules) * (1 if profile else len(streams))
-    # A progress bar only where the sweep is long enough to be worth watching.
+    # Progress only where the sweep is long enough to be worth watching: a bar on a terminal,
+    # a line per simulated run in a log.
     big = cfg.pipeline.ranks * cfg.pipeline.microbatches * total > 20000
-    with Progress(transient=True, disable=not big or not sys.stderr.isatty()) as bar:
+    lines = big and not sys.stderr.isatty()
+    done = [0]
+
+    def line() -> None:
+        done[0] += 1
+        print(f"simulated {done[0]} of {total}", file=sys.stderr, flush=True)
+
+    with Progress(transient=True, disable=not big or lines) as bar:
         task = bar.add_task("simulating", total=total)
         rows, notes, results = run_sweep(
-            cfg, schedules, streams, strict, profile, traffic, progress=lambda: bar.advance(task)
+            cfg, schedules, streams, strict, profile, traffic, progress=line if lines else lambda: bar.advance(task),
+            recompute_block=resolve_block_layers(cfg),
         )
-    source = "profile" if profile else "analytic"
-    print_table(rows, cfg, notes, source)
-    files: dict[str, dict[str, str]] = {}
-    if getattr(args, "out", None):
-        files = _write_files(Path(args.out), results)
-        print(f"wrote {sum(len(v) for v in files.values())} files to {args.out}")
-    return {
+    report = {
         "command": "simulate",
-        "costs": source,
+        "costs": "profile" if profile else "analytic",
         "traffic": traffic,
         "config": {
             "layers": cfg.model.layers, "width": cfg.model.width, "streams": cfg.model.streams,
@@ -191,8 +126,16 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
         },
         "rows": rows,
         "skipped": notes,
-        "files": files,
+        "files": {},
     }
+    console = Console()
+    console.print(table(report))
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]")
+    if getattr(args, "out", None):
+        report["files"] = _write_files(Path(args.out), results)
+        console.print(f"wrote {sum(len(v) for v in report['files'].values())} files to {args.out}")
+    return report
 
 
 def _write_files(out: Path, results: dict) -> dict[str, dict[str, str]]:

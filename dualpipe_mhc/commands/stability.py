@@ -1,7 +1,7 @@
 """``dualpipe-mhc stability``: plain vs HC vs mHC, trained on the bundled corpus, plus the random-matrix demo.
 
-Writes ``stability.json`` and ``stability.png`` under ``--out`` (default: the
-current directory) and prints two tables. The model shape (width, heads,
+Writes ``stability.json`` and ``stability.png`` under ``--out`` (default
+``out/stability``) and prints two tables. The model shape (width, heads,
 streams n, seq_len, Sinkhorn iterations) and seed come from the config; the
 depth, steps and learning rate from the options below, all printed before
 training so a reader knows exactly what ran.
@@ -14,8 +14,6 @@ import json
 import math
 from pathlib import Path
 
-HELP = "train plain / HC / mHC side by side and report gradient norms and Amax gains over depth"
-DEFAULT_CONFIG = "tiny"
 
 # Above this composite gain we call HC's trained mixing "blown up"; the paper measured ~3000x for HC.
 BLOWUP_GAIN = 10.0
@@ -76,27 +74,43 @@ def main(cfg, args) -> dict:
     from ..stability import run_report
 
     train, demo, kinds = _settings(cfg, args)
-    console = Console(width=None if Console().is_terminal else 110)  # pipes get rich's 80 columns otherwise
+    console = Console()
     console.print(
         f"[bold]stability[/]: {train.layers} layers ({2 * train.layers} sublayers), C={train.width}, "
         f"n={train.streams} for hc/mhc (plain n=1), seq {train.seq_len} x batch {train.batch_size}, "
         f"{train.steps} steps, lr {train.lr:g} (warm-up {train.warmup}), clip {train.clip:g}, seed {train.seed}, "
         f"Sinkhorn t_max={train.sinkhorn_iters}"
     )
+    quarter = max(1, train.steps // 4)
+
+    def line(kind: str, step: int) -> None:
+        # Not a terminal (a log, CI): the bar would not show, so a line at each quarter instead.
+        if step % quarter == 0 or step == train.steps:
+            console.print(f"{kind}: {step} of {train.steps} steps")
+
     with Progress(
         TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
+        console=console, transient=True, disable=not console.is_terminal,
     ) as bar:
         tasks = {k: bar.add_task(k, total=train.steps) for k in kinds}
-        report = run_report(train, demo, kinds, progress=lambda k, step: bar.update(tasks[k], completed=step))
-    report["verdict"] = _verdict(report)
-    _print_tables(console, report)
 
-    out = Path(args.out or ".")
+        def advance(kind: str, step: int) -> None:
+            bar.update(tasks[kind], completed=step)
+
+        report = run_report(train, demo, kinds, progress=advance if console.is_terminal else line)
+    report["verdict"] = _verdict(report)
+    for table in tables(report):
+        console.print(table)
+    for line in report["verdict"]:
+        console.print(f"- {line}")
+
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "stability.json").write_text(json.dumps(report) + "\n")  # compact: the curves make it large
     report["files"] = {"json": str(out / "stability.json")}
     if not args.no_plot:
+        from ..stability_plot import plot_report
+
         png = plot_report(report, out / "stability.png")
         report["files"]["png"] = str(png)
     console.print(f"wrote {', '.join(report['files'].values())}")
@@ -142,112 +156,51 @@ def _verdict(report: dict) -> list[str]:
     return lines
 
 
-def _print_tables(console, report: dict) -> None:
+def tables(report: dict) -> list:
+    """Training, gains over depth, and the random-matrix demo; each fits 80 columns."""
     from rich.table import Table
 
-    t = Table(
-        title="trained on the bundled corpus; gains at full depth, worst token of the held-out batch",
-        caption="loss: mean of the last 10% of steps; layer: max single-H_res gain; fwd/bwd: composite "
-        "Amax gain; mean tok: composite fwd averaged over tokens; |H-I|: mean Frobenius distance",
+    train = Table(
+        title="trained on the bundled corpus",
+        caption="loss: mean of the last 10% of steps; val: held-out batch; max |g|: largest gradient norm",
     )
-    for col in ("kind", "n", "loss", "val", "max |g|", "layer", "fwd", "bwd", "mean tok", "|H-I|", "s/step"):
-        t.add_column(col, justify="right")
+    for col in ("kind", "n", "loss", "val", "max |g|", "s/step"):
+        train.add_column(col, justify="right", overflow="fold")
+    gains = Table(
+        title="gains at full depth, worst token of the held-out batch",
+        caption="layer: max single-H_res gain; fwd/bwd: composite Amax gain; mean tok: composite fwd averaged "
+        "over tokens; |H-I|: mean Frobenius distance",
+    )
+    for col in ("kind", "layer", "fwd", "bwd", "mean tok", "|H-I|"):
+        gains.add_column(col, justify="right", overflow="fold")
     for kind, r in report["kinds"].items():
         steps = max(1, len(r["loss"]))
-        t.add_row(
-            kind, str(r["streams"]), f"{r['final_loss']:.4f}", f"{r['val_loss']:.4f}",
-            f"{r['max_grad_norm']:.3g}",
-            f"{max(max(r['layer_forward_gain']), max(r['layer_backward_gain'])):.4f}",
+        train.add_row(kind, str(r["streams"]), f"{r['final_loss']:.4f}", f"{r['val_loss']:.4f}",
+                      f"{r['max_grad_norm']:.3g}", f"{r['seconds'] / steps:.3f}")
+        gains.add_row(
+            kind, f"{max(max(r['layer_forward_gain']), max(r['layer_backward_gain'])):.4f}",
             f"{r['composite_forward_gain'][-1]:.4f}", f"{r['composite_backward_gain'][-1]:.4f}",
             f"{r['composite_forward_gain_mean'][-1]:.4f}",
-            f"{sum(r['identity_distance']) / len(r['identity_distance']):.4f}", f"{r['seconds'] / steps:.3f}",
+            f"{sum(r['identity_distance']) / len(r['identity_distance']):.4f}",
         )
-    console.print(t)
 
     demo = report["random_demo"]
     d = Table(title=f"random matrices, n={demo['streams']}, {demo['trials']} trials, worst (median) over trials")
-    for col in ("sigma", "depth", "HC fwd gain", "HC bwd gain", "mHC fwd gain", "mHC bwd gain"):
-        d.add_column(col, justify="right")
+    for col in ("sigma", "depth", "HC fwd", "HC bwd", "mHC fwd", "mHC bwd"):
+        d.add_column(col, justify="right", overflow="fold")
     for sigma, hc in demo["hc"].items():
         mhc = demo["mhc"][sigma]
         for depth in demo["depths_reported"]:
             i = depth - 1
             d.add_row(
-                sigma, str(depth), f"{hc['forward'][i]:.4g} ({hc['forward_median'][i]:.3g})",
-                f"{hc['backward'][i]:.4g} ({hc['backward_median'][i]:.3g})",
+                sigma, str(depth), f"{hc['forward'][i]:.3g} ({hc['forward_median'][i]:.3g})",
+                f"{hc['backward'][i]:.3g} ({hc['backward_median'][i]:.3g})",
                 f"{mhc['forward'][i]:.10f}", f"{mhc['backward'][i]:.6f}",
             )
     for a, mhc in demo["mhc_wide"].items():
         for depth in (1, demo["depth"]):
             d.add_row(
-                f"U(±{a}) mHC", str(depth), "-", "-", f"{mhc['forward'][depth - 1]:.10f}",
+                f"U(±{a})", str(depth), "-", "-", f"{mhc['forward'][depth - 1]:.10f}",
                 f"{mhc['backward'][depth - 1]:.6f}",
             )
-    console.print(d)
-    for line in report["verdict"]:
-        console.print(f"- {line}")
-
-
-def plot_report(report: dict, path: Path) -> Path:
-    """Six panels: loss, gradient norm, gain over training; gain over depth, per-layer H_res, random demo."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    colors = {"plain": "tab:gray", "hc": "tab:red", "mhc": "tab:blue"}
-    fig, ax = plt.subplots(2, 3, figsize=(18, 9.5))
-    s = report["settings"]
-    for kind, r in report["kinds"].items():
-        c = colors[kind]
-        steps = range(1, len(r["loss"]) + 1)
-        ax[0, 0].plot(steps, _smooth(r["loss"]), color=c, label=f"{kind} (n={r['streams']})")
-        ax[0, 1].plot(steps, r["grad_norm"], color=c, label=kind, lw=0.8)
-        ax[0, 2].plot(r["eval_steps"], r["composite_forward_gain_history"], color=c, marker="o", ms=3, label=f"{kind} fwd")
-        ax[0, 2].plot(r["eval_steps"], r["composite_backward_gain_history"], color=c, ls="--", label=f"{kind} bwd")
-        depth = range(1, len(r["composite_forward_gain"]) + 1)
-        ax[1, 0].plot(depth, r["composite_forward_gain"], color=c, marker="o", ms=3, label=f"{kind} fwd")
-        ax[1, 0].plot(depth, r["composite_backward_gain"], color=c, ls="--", label=f"{kind} bwd")
-        if kind != "plain":
-            ax[1, 1].plot(depth, r["layer_forward_gain"], color=c, marker="o", ms=3, label=f"{kind} gain fwd")
-            ax[1, 1].plot(depth, r["layer_backward_gain"], color=c, ls="--", label=f"{kind} gain bwd")
-            ax[1, 1].plot(depth, r["identity_distance"], color=c, ls=":", label=f"{kind} |H_res - I|_F (mean tok)")
-    ax[0, 0].set(title=f"training loss (moving mean of 10), lr {s['lr']:g}", xlabel="step", ylabel="nats / byte")
-    ax[0, 1].set(title=f"gradient norm before clipping (clip {s['clip']:g})", xlabel="step", yscale="log")
-    ax[0, 2].set(title=f"composite gain at full depth ({s['sublayers']} sublayers) during training",
-                 xlabel="step", ylabel="gain (worst token)", yscale="log")
-    ax[1, 0].set(title="trained: composite Amax gain of H_res products (worst token)",
-                 xlabel="sublayer depth", ylabel="gain", yscale="log")
-    ax[1, 1].set(title="trained: single-sublayer H_res (worst-token gain, distance from I)", xlabel="sublayer")
-    demo = report["random_demo"]
-    depth = range(1, demo["depth"] + 1)
-    shades = plt.cm.Reds([0.45, 0.7, 0.95, 0.6, 0.8])
-    for i, (sigma, hc) in enumerate(demo["hc"].items()):
-        ax[1, 2].plot(depth, hc["forward"], color=shades[i % 5], label=f"HC I+{sigma}G fwd")
-        ax[1, 2].plot(depth, demo["mhc"][sigma]["backward"], color="tab:blue", ls=(0, (1 + i, 2)),
-                      label=f"mHC Sinkhorn(I+{sigma}G) bwd")
-    for i, (a, mhc) in enumerate(demo["mhc_wide"].items()):
-        ax[1, 2].plot(depth, mhc["backward"], color="navy", ls=(0, (4, 1 + 2 * i)), label=f"mHC Sinkhorn(U(±{a})) bwd")
-    first = next(iter(demo["mhc"].values()))
-    ax[1, 2].plot(depth, first["forward"], color="tab:cyan", lw=0.8, label="mHC fwd (every case: 1)")
-    ax[1, 2].set(title=f"untrained random matrices, n={demo['streams']}, worst of {demo['trials']}",
-                 xlabel="depth (matrices multiplied)", ylabel="composite gain", yscale="log")
-    for a in ax.flat:
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    fig.suptitle(
-        f"dualpipe-mhc stability: plain vs HC vs mHC — {s['layers']} layers, C={s['width']}, n={s['streams']}, "
-        f"{s['steps']} steps, batch {s['batch_size']}x{s['seq_len']} bytes"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _smooth(values: list[float], window: int = 10) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v - (values[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
-    return out
+    return [train, gains, d]
