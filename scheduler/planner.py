@@ -107,11 +107,14 @@ class PlanResult:
         return self.choice.block_layers is not None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; an infeasible plan has no choice (null), its table and alternatives still there."""
         out = asdict(self)
         out["alternatives"] = [a.to_dict() for a in self.alternatives]
-        out["block_layers"] = self.block_layers
-        out["enabled"] = self.enabled
         out["feasible"] = self.feasible
+        if not self.feasible:
+            out["choice"] = None
+        out["block_layers"] = self.block_layers if self.feasible else None
+        out["enabled"] = self.enabled and self.feasible
         out["sharding"] = sharding_name(self.state_bytes_per_param)
         return out
 

@@ -45,7 +45,8 @@ def _plan_like() -> dict:
            "fits": True}
     return {"command": "plan", "schedule": "1f1b", "streams": 4, "layers": 8, "closed_form": 1.2,
             "closed_form_block": 1, "budget_gib": 80, "state_gib": 1.0, "state_bytes_per_param": 6.0,
-            "feasible": True, "choice": row, "rows": [row], "block_layers": None, "enabled": False, "files": {}}
+            "feasible": True, "choice": row, "rows": [row], "block_layers": None, "enabled": False, "sharding": "zero1",
+            "alternatives": [], "files": {}}
 
 
 def test_simulate_report_and_table(tmp_path, capsys, monkeypatch):
