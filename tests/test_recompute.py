@@ -317,3 +317,19 @@ def test_backward_transient_is_the_x_chain_plus_one_sublayer(block_layers):
     assert meter.dropped_bytes("streams") == (sublayers - blocks) * per_input  # every x_k but the block inputs
     # Two sublayers' u_k and norms held at once would break this (the old whole-block replay did).
     assert 0 < meter.replay_peak_bytes <= chain + one_sublayer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for the fused kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rebuilt_u_is_bitwise_the_forward_u_on_gpu(dtype):
+    """The aggregate kernel the rebuild uses and the forward's fused aggregate share one tile function."""
+    from dualpipe_mhc.kernels import fused
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    t, n, c = 1537, 4, 2048
+    x = torch.randn(t, n, c, device="cuda", generator=g).to(dtype)
+    phi = torch.randn(n * c, 2 * n + n * n, device="cuda", generator=g) / (n * c) ** 0.5
+    alpha, bias = torch.full((3,), 0.5, device="cuda"), torch.randn(2 * n + n * n, device="cuda", generator=g)
+    u, h_pre, _, _ = fused.mhc_pre(x, phi, alpha, bias, 20, return_h_pre=True)
+    assert torch.equal(fused.pre_aggregate(x, h_pre), u)
