@@ -15,8 +15,11 @@ over passes is quoted). Memory, from torch.cuda's allocator around one fwd+bwd:
     kept      allocated after F minus before F (what the stage holds until its B; the output included)
     peak B    the allocator's peak during B minus what was allocated before F
     transient peak B minus kept: what the backward needs beyond what F kept
-The planner's prediction for the same stage (``scheduler.planner.stage_memory``) is printed beside.
-``--norm fused`` swaps the sublayers' pre-norm for torch's fused F.rms_norm (for an A/B of the norm).
+Parameter gradients are allocated before (a first step runs), as they are across a pipeline step's
+micro-batches. The planner's model of the same stage (``scheduler.analytic.stage_kept_bytes``,
+``backward_transient_bytes``) is printed beside.
+``--norm eager`` swaps the sublayers' pre-norm (torch's fused rms_norm) for the spelled-out one the
+model had before (an A/B of the norm; the eager one is also recomputed, at its own cost).
 ``--profile``: CUDA time per kernel of one step for mhc and mhc L_r=1, and the time inside the replay.
 Writes ``recompute_<device>.json`` and ``.md`` under ``--out``.
 """
@@ -58,7 +61,11 @@ def _clear(stack, x):
 
 
 def memory(stack, x, grad, block_layers) -> dict[str, float]:
+    # Gradient buffers exist before B, as across a pipeline step's micro-batches: they are state,
+    # not part of what B needs on top of what F kept.
     _clear(stack, x)
+    _step(stack, x, grad, block_layers)
+    x.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     out = _forward(stack, x, block_layers)
@@ -109,27 +116,34 @@ def _annotate_replay() -> None:
     recompute._Segment._run_replay = annotated
 
 
+def _spelled_out_rms_norm(self, x):
+    """The pre-norm as the model had it before torch's fused rms_norm (six kernels, fp32 copies kept)."""
+    cd = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(cd)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
 def _use_norm(kind: str) -> None:
+    """'fused': the model's own RMSNorm (torch's rms_norm); 'eager': the spelled-out one, for an A/B."""
     from dualpipe_mhc import model
 
-    if not hasattr(model.RMSNorm, "_eager_forward"):
-        model.RMSNorm._eager_forward = model.RMSNorm.forward
-    if kind == "eager":
-        model.RMSNorm.forward = model.RMSNorm._eager_forward
-    else:
-        model.RMSNorm.forward = lambda self, x: torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+    if not hasattr(model.RMSNorm, "_model_forward"):
+        model.RMSNorm._model_forward = model.RMSNorm.forward
+    model.RMSNorm.forward = model.RMSNorm._model_forward if kind == "fused" else _spelled_out_rms_norm
 
 
-def _prediction(layers: int, tokens: int, streams: int, block_layers: int | None) -> dict[str, float] | None:
-    try:
-        from dualpipe_mhc.scheduler.planner import stage_memory
-    except ImportError:
-        return None
-    pred = stage_memory(
-        width=PAPER27B["width"], hidden=PAPER27B["hidden"], mlp=PAPER27B["mlp"], layers=layers, tokens=tokens,
-        streams=streams, block_layers=block_layers,
+def _prediction(layers: int, tokens: int, streams: int, block_layers: int | None) -> dict[str, float]:
+    """What the planner's memory model (scheduler/analytic.py) says of the same stage."""
+    from dualpipe_mhc.scheduler.analytic import ModelShape, backward_transient_bytes, stage_kept_bytes
+
+    shape = ModelShape(
+        layers=layers, width=PAPER27B["width"], hidden=PAPER27B["hidden"], seq_len=tokens, vocab=0, tokens=tokens,
+        streams=streams, residual="plain" if streams == 1 else "mhc", mlp=PAPER27B["mlp"],
     )  # fmt: skip
-    return {"kept_GiB": pred.kept / GIB, "transient_GiB": pred.transient / GIB}
+    return {
+        "kept_GiB": stage_kept_bytes(shape, 0, layers, block_layers) / GIB,
+        "transient_GiB": backward_transient_bytes(shape, layers, block_layers) / GIB,
+    }
 
 
 def main() -> None:
@@ -140,7 +154,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--rep-ms", type=int, default=600)
-    ap.add_argument("--norm", nargs="+", default=["eager"], choices=["eager", "fused"])
+    ap.add_argument("--norm", nargs="+", default=["fused"], choices=["eager", "fused"])
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -206,7 +220,7 @@ def main() -> None:
         for v, r in rows.items():
             over = f"+{100 * (r['ms'] / plain - 1):.1f} %" if v != "plain" else ""
             pred = r["planner"]
-            pred_s = f"{pred['kept_GiB']:.2f} / {pred['transient_GiB']:.2f}" if pred else "n/a"
+            pred_s = f"{pred['kept_GiB']:.2f} / {pred['transient_GiB']:.2f}"
             lines.append(
                 f"| {norm} | {v} | {r['ms']:.1f} | {over} | {r['kept_GiB']:.2f} | {r['peak_B_GiB']:.2f} | "
                 f"{r['transient_GiB']:.2f} | {pred_s} |"
