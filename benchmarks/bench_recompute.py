@@ -101,19 +101,19 @@ def kernel_times(stack, x, grad, block_layers) -> dict[str, float]:
 
 
 def _annotate_replay() -> None:
-    """Name the replay in profiles: torch.profiler's range 'mhc_recompute_replay'."""
+    """Name the rebuilds in profiles: torch.profiler's range 'mhc_recompute_rebuild'."""
     from dualpipe_mhc import recompute
 
-    run = recompute._Segment._run_replay
-    if getattr(run, "_annotated", False):
+    rebuild = recompute._Segment._rebuild
+    if getattr(rebuild, "_annotated", False):
         return
 
-    def annotated(self):
-        with torch.profiler.record_function("mhc_recompute_replay"):
-            return run(self)
+    def annotated(self, name):
+        with torch.profiler.record_function("mhc_recompute_rebuild"):
+            return rebuild(self, name)
 
     annotated._annotated = True
-    recompute._Segment._run_replay = annotated
+    recompute._Segment._rebuild = annotated
 
 
 def _spelled_out_rms_norm(self, x):
