@@ -25,11 +25,11 @@ import weakref
 import torch
 from torch import Tensor
 
+from . import FUSED_KINDS
 from .mhc_post import post_res_backward, post_res_forward
 from .mhc_pre import _pre_fwd_kernel, pre_backward, pre_forward
 from .reference import RMS_EPS
 
-SUPPORTED_KINDS = ("mhc",)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LINK_ATTR = "_mhc_grad_link"
 
@@ -116,9 +116,9 @@ class PostResFunction(torch.autograd.Function):
 
 
 def _check(x: Tensor, kind: str, op: str) -> None:
-    if kind not in SUPPORTED_KINDS:
+    if kind not in FUSED_KINDS:
         raise ValueError(
-            f"fused {op} implements residual kind 'mhc' only, got {kind!r}; "
+            f"fused {op} implements residual kinds {FUSED_KINDS}, got {kind!r}; "
             "use the reference backend for it (kernels='reference' or DUALPIPE_MHC_KERNELS=reference)"
         )
     if x.dtype not in SUPPORTED_DTYPES:
