@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "DUALPIPE_MHC_KERNELS"
-FUSED_KINDS = ("mhc",)  # residual kinds the Triton kernels implement; the reference has them all
+FUSED_KINDS = ("mhc", "dsv4")  # residual kinds the Triton kernels implement; the reference has them all
 
 
 def _reference_ops() -> SimpleNamespace:

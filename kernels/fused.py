@@ -73,10 +73,10 @@ class _GradLink:
 
 class MhcPreFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, phi, alpha, bias, iters, eps, link):  # x: [T, n, C] contiguous
-        u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, iters, eps)
+    def forward(ctx, x, phi, alpha, bias, iters, eps, link, kind):  # x: [T, n, C] contiguous
+        u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, iters, eps, kind=kind)
         ctx.save_for_backward(x, phi, alpha, bias, h_pre, proj, rstd)
-        ctx.iters, ctx.link = iters, link
+        ctx.iters, ctx.link, ctx.kind = iters, link, kind
         return u, h_post, h_res
 
     @staticmethod
@@ -90,9 +90,9 @@ class MhcPreFunction(torch.autograd.Function):
         dx_accum, res_grad = ctx.link.take() if ctx.link is not None else (None, None)
         dx, dphi, dalpha, dbias = pre_backward(
             x, phi, alpha, bias, h_pre, proj, rstd, du, dh_post, dh_res, ctx.iters,
-            dx_accum=dx_accum, res_grad=res_grad,
+            dx_accum=dx_accum, res_grad=res_grad, kind=ctx.kind,
         )  # fmt: skip
-        return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None
+        return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None, None
 
 
 class PostResFunction(torch.autograd.Function):
@@ -135,8 +135,12 @@ def _check(x: Tensor, kind: str, op: str) -> None:
 def mhc_pre(
     x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, sinkhorn_iters: int, kind: str = "mhc", eps: float = RMS_EPS
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """x ``[..., n, C]`` -> (u ``[..., C]``, h_post ``[..., n]`` fp32, h_res ``[..., n, n]`` fp32); see reference.mhc_pre."""
+    """x ``[..., n, C]`` -> (u ``[..., C]``, h_post ``[..., n]`` fp32, h_res ``[..., n, n]`` fp32); see reference.mhc_pre.
+
+    ``kind``: "mhc" or "dsv4" (DeepSeek-V4's mappings; h_res is then comb^T, as the reference returns it)."""
     _check(x, kind, "mhc_pre")
+    if kind == "dsv4" and sinkhorn_iters < 1:
+        raise ValueError(f"dsv4 Sinkhorn needs sinkhorn_iters >= 1 (its first round is the softmax), got {sinkhorn_iters}")
     *lead, n, c = x.shape
     m = 2 * n + n * n
     if tuple(phi.shape) != (n * c, m) or alpha.numel() != 3 or bias.numel() != m:
@@ -147,7 +151,7 @@ def mhc_pre(
     link = _GradLink(x) if torch.is_grad_enabled() and x.requires_grad else None
     u, h_post, h_res = MhcPreFunction.apply(
         x.reshape(-1, n, c).contiguous(), phi.contiguous(), alpha.contiguous(), bias.contiguous(),
-        int(sinkhorn_iters), float(eps), link,
+        int(sinkhorn_iters), float(eps), link, kind,
     )  # fmt: skip
     h_res = h_res.reshape(*lead, n, n)
     if link is not None:
@@ -157,7 +161,7 @@ def mhc_pre(
 
 def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     """x_next = H_res @ x + H_post^T ⊗ y, ``[..., n, C]`` in x's dtype; see reference.post_res."""
-    _check(x, "mhc", "post_res")
+    _check(x, "mhc", "post_res")  # the same op for every fused kind
     *lead, n, c = x.shape
     link = getattr(h_res, _LINK_ATTR, None)
     if link is not None and (not link.links(x) or not torch.is_grad_enabled()):
