@@ -120,7 +120,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--rep-ms", type=int, default=1000)
-    ap.add_argument("--variants", nargs="+", default=["transformers eager", "dsv4 reference", "dsv4 fused", "mhc fused"])
+    ap.add_argument(
+        "--variants", nargs="+", default=["transformers eager", "dsv4 reference", "dsv4 fused", "mhc fused"]
+    )
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     n, d, t = args.streams, args.width, args.tokens
@@ -166,7 +168,9 @@ def main() -> None:
             module, step = project_step(n, d, w, kind, "triton" if impl == "fused" else "reference")
         params = list(module.parameters())
         out = _run(step, params, x, grad)
-        check = {"out_rel_err_vs_dsv4_reference": _rel(out, ref_out), "dx_rel_err_vs_dsv4_reference": _rel(x.grad, ref_dx)}
+        check = {
+            "out_rel_err_vs_dsv4_reference": _rel(out, ref_out), "dx_rel_err_vs_dsv4_reference": _rel(x.grad, ref_dx)
+        }
         del out
         row = {**measure(step, params, x, grad, args.rep_ms), **check}
         if "fused" in variant:
