@@ -43,7 +43,6 @@ from .kernels import get_ops, resolve_backend
 
 ALPHA_INIT = 0.01
 RES_INIT = 4.0
-KINDS = ("plain", "hc", "mhc", "dsv4")
 
 
 class HyperConnection(nn.Module):
@@ -60,8 +59,8 @@ class HyperConnection(nn.Module):
         res_init: float = RES_INIT,
     ) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"residual kind {kind!r} is unknown; use one of {KINDS}")
+        if kind not in ("plain", "hc", "mhc", "dsv4"):
+            raise ValueError(f"residual kind {kind!r} is unknown; use 'plain', 'hc', 'mhc' or 'dsv4'")
         if kind == "plain" and streams != 1:
             raise ValueError(f"residual kind 'plain' needs streams=1, got {streams}")
         self.sublayer = sublayer
