@@ -39,7 +39,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .kernels import get_ops, resolve_backend
+from .kernels import get_ops, reference, resolve_backend
 
 ALPHA_INIT = 0.01
 RES_INIT = 4.0
@@ -99,8 +99,6 @@ class HyperConnection(nn.Module):
 
     def mappings(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(h_pre, h_post, h_res) for input ``x``, through the reference: for reports, not the hot path."""
-        from .kernels import reference
-
         proj, _ = reference.rms_project(x, self.phi)
         return reference.mappings_from_proj(proj, self.alpha, self.bias, self.streams, self.sinkhorn_iters, self.kind)
 
@@ -122,6 +120,4 @@ class HyperHead(nn.Module):
         self.base = nn.Parameter(torch.full((n,), -math.log(n - 1) if n > 1 else 0.0))
 
     def forward(self, x: Tensor) -> Tensor:
-        from .kernels import reference
-
         return reference.hyper_head(x, self.phi, self.scale, self.base)
