@@ -163,3 +163,38 @@ def test_the_float64_patch_really_runs_transformers_in_float64():
         shipped = _their_layer(site, their_sub, x)
     assert (patched - exact).abs().max() < 1e-12
     assert (shipped - exact).abs().max() > 1e-10
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t, d", [(1, 1000), (1537, 1000), (512, 7168)])
+def test_fused_layer_matches_transformers_gpu(t, d):
+    """The Triton kernels (bf16 streams) against transformers' own site on CUDA, every gradient."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from dualpipe_mhc.kernels import fused  # noqa: F401  (imports triton; the test is about the kernels)
+
+    g = torch.Generator().manual_seed(t + d)
+    cfg = hf_config.DeepseekV4Config(hidden_size=d, hc_mult=N, hc_sinkhorn_iters=ITERS, hc_eps=1e-6, rms_norm_eps=1e-6)
+    site = hf.DeepseekV4HyperConnection(cfg)
+    m = (2 + N) * N
+    with torch.no_grad():
+        site.fn.copy_(torch.randn(m, N * d, generator=g) / (N * d) ** 0.5)
+        site.base.copy_(torch.randn(m, generator=g))
+        site.scale.copy_(torch.tensor([0.8, 1.3, 2.0]))
+    w = torch.randn(d, d, generator=g) / d**0.5
+    their_sub = _Sublayer(w).cuda()
+    ours = HyperConnection(_Sublayer(w), width=d, streams=N, kind="dsv4", sinkhorn_iters=ITERS, kernels="triton")
+    with torch.no_grad():
+        ours.phi.copy_(site.fn.t()), ours.alpha.copy_(site.scale), ours.bias.copy_(site.base)
+    site, ours = site.cuda(), ours.cuda()
+    x0 = torch.randn(1, t, N, d, generator=g).cuda().to(BF16)
+    probe = torch.randn(1, t, N, d, generator=g).cuda()
+    x_t, x_o = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    out_t = _their_layer(site, their_sub, x_t)
+    grads_t = _grads([site.fn, site.base, site.scale, their_sub.weight], x_t, out_t, probe)
+    out_o = ours(x_o)
+    grads_o = _grads([ours.phi, ours.bias, ours.alpha, ours.sublayer.weight], x_o, out_o, probe)
+    grads_o[1] = grads_o[1].t()
+    _close(out_o, out_t, BF16, "out")
+    for name, a, b in zip(["x", "fn", "base", "scale", "sublayer"], grads_o, grads_t):
+        _close(a.to(b.dtype), b, BF16, f"d{name}")
