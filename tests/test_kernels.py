@@ -372,9 +372,10 @@ def test_post_res_alone_cpu(fused_cpu, n, dtype):
 
 
 # DeepSeek-V4's variant: the same kernels under the DSV4 flags, against the dsv4 reference. The bf16
-# case runs the K-split forward, the fp32 ones the single mapping kernel; n = 3 pads the n x n tile.
+# cases run the K-split forward, the fp32 ones the single mapping kernel; n = 3 pads the n x n tile,
+# n = 8 takes the wide tiles.
 @pytest.mark.parametrize("t, n, c, dtype", [(1, 4, 64, torch.float32), (19, 4, 200, torch.bfloat16),
-                                            (37, 3, 96, torch.float32)])  # fmt: skip
+                                            (37, 3, 96, torch.float32), (5, 8, 64, torch.bfloat16)])  # fmt: skip
 def test_dsv4_layer_matches_reference_cpu(fused_cpu, t, n, c, dtype):
     torch.manual_seed(500 + t + n)
     assert_close(check_layer(fused_cpu, t, n, c, dtype, "cpu", kind="dsv4"), dtype)
