@@ -59,7 +59,7 @@ def _pre_fwd_kernel(
     T, C, eps,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, AGGREGATE: tl.constexpr,
-    DSV4: tl.constexpr, HC_EPS: tl.constexpr,
+    DSV4: tl.constexpr = False, HC_EPS: tl.constexpr = 0.0,  # defaults: mhc, for direct launches
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -135,7 +135,7 @@ def _pre_fwd_finish_aggregate_kernel(
     u_ptr, h_pre_ptr, h_post_ptr, h_res_ptr, proj_ptr, rstd_ptr,
     T, C, SPLITS, eps,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, DSV4: tl.constexpr, HC_EPS: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, DSV4: tl.constexpr = False, HC_EPS: tl.constexpr = 0.0,
 ):  # fmt: skip
     """Split forward, pass 2, grid (token blocks, channel blocks): u = H_pre x for one tile.
 

@@ -20,7 +20,7 @@ def _pre_bwd_reduce_kernel(
     dlogit_ptr, dalpha_part_ptr, draw_ptr, coef_ptr,
     T, C,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    LOOP_STAGES: tl.constexpr, DSV4: tl.constexpr, HC_EPS: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, DSV4: tl.constexpr = False, HC_EPS: tl.constexpr = 0.0,
 ):  # fmt: skip
     # DSV4: the res block is worked on transposed (H_res's layout, see mhc_pre_common), and its
     # gradients are stored back transposed into proj's layout.

@@ -26,7 +26,7 @@ import triton.language as tl
 
 
 @triton.jit
-def sinkhorn_init(logits, valid, COL_MAX: tl.constexpr = False):
+def sinkhorn_init(logits, valid, COL_MAX: tl.constexpr):
     """exp(logits - max) over each token's valid n x n entries; zero elsewhere. ``logits``: [BT, N, N].
 
     The max is the token's (it cancels in the first T_c), or with ``COL_MAX`` each column's, as a
@@ -63,7 +63,7 @@ def _row_sums(m, DSV4: tl.constexpr, HC_EPS: tl.constexpr):
 
 
 @triton.jit
-def sinkhorn_fwd(m, valid, ITERS: tl.constexpr, DSV4: tl.constexpr = False, HC_EPS: tl.constexpr = 0.0):
+def sinkhorn_fwd(m, valid, ITERS: tl.constexpr, DSV4: tl.constexpr, HC_EPS: tl.constexpr):
     """``ITERS`` rounds of column- then row-normalisation of ``m`` [BT, N, N] (already exp'd).
 
     ``DSV4``: + ``HC_EPS`` on the valid entries after the first T_c (the softmax), and on every
@@ -81,7 +81,7 @@ def sinkhorn_fwd(m, valid, ITERS: tl.constexpr, DSV4: tl.constexpr = False, HC_E
 @triton.jit
 def sinkhorn_bwd(
     m0, grad, valid, scratch_ptr, rows, row_mask, ITERS: tl.constexpr, N: tl.constexpr,
-    DSV4: tl.constexpr = False, HC_EPS: tl.constexpr = 0.0,
+    DSV4: tl.constexpr, HC_EPS: tl.constexpr,
 ):  # fmt: skip
     """Gradient w.r.t. the logits, given ``m0 = sinkhorn_init(logits, valid, DSV4)`` and ``grad`` = dL/dH_res,
     both [BT, N, N].
