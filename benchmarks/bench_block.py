@@ -14,6 +14,8 @@ Variants, each timed fwd+bwd (input gradient included, as in a pipeline stage):
     mhc compile   n = 4, torch.compile of the same stack with the reference ops
     mhc fused     n = 4, the Triton kernels (mhc_pre.TUNING, updated from ``--tuning``)
     mhc fused v2  n = 4, the Triton kernels with the previous defaults (mhc_pre.V2_TUNING), for A/B
+    dsv4 fused    n = 4, residual kind 'dsv4' (DeepSeek-V4's mappings) on the same Triton kernels and tuning
+                  as 'mhc fused' (its stream reduction, the HyperHead, is outside the block: not timed)
 Timing: triton.testing.do_bench (CUDA events, median, warm-up first, L2 flushed between runs), twice
 in a row per variant; with ``--passes K`` all variants are built first and timed in turn K times
 (the median over passes is quoted, and the table gives the per-pass overhead range).
@@ -181,6 +183,7 @@ def main() -> None:
         "mhc fused": json.loads(Path(args.tuning).read_text()) if args.tuning else {},
         "mhc fused v2": mhc_pre.V2_TUNING,
     }
+    tunings["dsv4 fused"] = tunings["mhc fused"]
     bw = args.copy_bandwidth
     if bw is None:
         a = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)
@@ -211,8 +214,8 @@ def main() -> None:
         extra_ours = sublayers * tokens * ((10 * n + 6) - 6) * c * 2
         rows, built = {}, {}
         for variant in args.variants:
-            streams, residual = (1, "plain") if variant == "plain" else (n, "mhc")
-            kernels = "triton" if variant.startswith("mhc fused") else "reference"
+            streams, residual = (1, "plain") if variant == "plain" else (n, variant.split()[0])
+            kernels = "triton" if " fused" in variant else "reference"
             stack = build_stack(shape, args.layers, streams, residual, kernels)
             if variant == "mhc compile":
                 stack = torch.compile(stack)
@@ -236,8 +239,8 @@ def main() -> None:
             torch.cuda.empty_cache()
         # Profiled after every timing of the shape: a variant timed right after a torch.profiler
         # pass ran up to 16 % slow at shape a (H100, 2026-11-25: 43.4 vs 37.1 ms, either variant).
-        for variant in [v for v in args.variants if args.profile and v.startswith("mhc fused")]:
-            stack = build_stack(shape, args.layers, n, "mhc", "triton")
+        for variant in [v for v in args.variants if args.profile and " fused" in v]:
+            stack = build_stack(shape, args.layers, n, variant.split()[0], "triton")
             x = torch.randn(args.batch, args.seq, n, c, device="cuda").to(torch.bfloat16).requires_grad_()
             with mhc_pre.tuning(tunings.get(variant, {})):
                 top = kernel_breakdown(stack, x, torch.randn_like(x))
@@ -261,8 +264,8 @@ def main() -> None:
             target = f"+{130 * floor_min / plain:.1f} % / +{130 * floor_ours / plain:.1f} %" if plain else ""
             lines.append(
                 f"| {key} (C={c}, {shape['mlp']} {shape['hidden']}) | {variant} | {r['ms']:.2f} | {over} | "
-                f"{floor if variant.startswith('mhc fused') else ''} | "
-                f"{target if variant.startswith('mhc fused') else ''} | "
+                f"{floor if ' fused' in variant else ''} | "
+                f"{target if ' fused' in variant else ''} | "
                 f"{r['peak_GiB']:.2f} |"
             )
         print("\n".join(lines[-len(rows):]), flush=True)

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-ResidualKind = Literal["plain", "hc", "mhc"]
+ResidualKind = Literal["plain", "hc", "mhc", "dsv4"]
 ScheduleName = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
 MlpKind = Literal["gelu", "swiglu"]
 

@@ -2,7 +2,7 @@
 
     tokens [B, S] -> embed [B, S, C] -> widen (copy) [B, S, n, C]
       -> L x (attention sublayer, MLP sublayer), each wrapped by a HyperConnection
-      -> reduce (mean over streams) [B, S, C] -> RMSNorm -> head [B, S, V] -> loss
+      -> reduce (mean over streams; dsv4: the learned HyperHead) [B, S, C] -> RMSNorm -> head [B, S, V] -> loss
 
 A stage chunk is a contiguous slice of that: the first takes tokens, the last
 returns the loss, the rest map ``[B, S, n, C] -> [B, S, n, C]``. Every chunk
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .mhc import HyperConnection
+from .mhc import HyperConnection, HyperHead
 from .recompute import check_block_layers, run_blocks
 from .scheduler.analytic import split_layers as layer_counts
 
@@ -116,15 +116,21 @@ class Embed(nn.Module):
 
 
 class Head(nn.Module):
-    """streams ``[B, S, n, C]`` -> mean-reduce -> RMSNorm -> logits ``[B, S, V]``."""
+    """streams ``[B, S, n, C]`` -> reduce -> RMSNorm -> logits ``[B, S, V]``.
+
+    The reduction is the mean over streams, or for ``residual = "dsv4"`` DeepSeek-V4's learned
+    :class:`~dualpipe_mhc.mhc.HyperHead` (``reduce``).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.reduce = HyperHead(cfg.width, cfg.streams) if cfg.residual == "dsv4" else None
         self.norm = RMSNorm(cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.norm(x.mean(dim=-2)))
+        reduced = x.mean(dim=-2) if self.reduce is None else self.reduce(x)
+        return self.proj(self.norm(reduced))
 
 
 def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:

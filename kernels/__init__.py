@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "DUALPIPE_MHC_KERNELS"
+FUSED_KINDS = ("mhc", "dsv4")  # residual kinds the Triton kernels implement; the reference has them all
 
 
 def _reference_ops() -> SimpleNamespace:
@@ -30,14 +31,14 @@ def _triton_ops() -> SimpleNamespace:
 
 
 def resolve_backend(requested: str | None, device_type: str, kind: str = "mhc") -> str:
-    """'auto' -> 'triton' on CUDA for mHC, else 'reference'. ``$DUALPIPE_MHC_KERNELS`` overrides 'auto'."""
+    """'auto' -> 'triton' on CUDA for mHC and DeepSeek-V4's variant, else 'reference'. ``$DUALPIPE_MHC_KERNELS`` overrides 'auto'."""
     name = requested or "auto"
     if name == "auto":
         name = os.environ.get(ENV_VAR, "auto")
     if name not in BACKENDS:
         raise ValueError(f"kernels backend {name!r} is unknown; use one of {BACKENDS}")
     if name == "auto":
-        return "triton" if device_type == "cuda" and kind == "mhc" and _fused_available() else "reference"
+        return "triton" if device_type == "cuda" and kind in FUSED_KINDS and _fused_available() else "reference"
     return name
 
 

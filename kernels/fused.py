@@ -26,12 +26,12 @@ import weakref
 import torch
 from torch import Tensor
 
+from . import FUSED_KINDS
 from .mhc_post import post_res_backward, post_res_forward
 from .mhc_pre import _pre_fwd_kernel, pre_backward, pre_forward
 from .mhc_pre import pre_aggregate as _pre_aggregate
 from .reference import RMS_EPS
 
-SUPPORTED_KINDS = ("mhc",)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LINK_ATTR = "_mhc_grad_link"
 
@@ -75,10 +75,10 @@ class _GradLink:
 
 class MhcPreFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, phi, alpha, bias, iters, eps, link):  # x: [T, n, C] contiguous
-        u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, iters, eps)
+    def forward(ctx, x, phi, alpha, bias, iters, eps, link, kind):  # x: [T, n, C] contiguous
+        u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, iters, eps, kind=kind)
         ctx.save_for_backward(x, phi, alpha, bias, h_pre, proj, rstd)
-        ctx.iters, ctx.link = iters, link
+        ctx.iters, ctx.link, ctx.kind = iters, link, kind
         ctx.mark_non_differentiable(h_pre)  # returned for recomputation only: u carries its gradient
         return u, h_pre, h_post, h_res
 
@@ -93,9 +93,9 @@ class MhcPreFunction(torch.autograd.Function):
         dx_accum, res_grad = ctx.link.take() if ctx.link is not None else (None, None)
         dx, dphi, dalpha, dbias = pre_backward(
             x, phi, alpha, bias, h_pre, proj, rstd, du, dh_post, dh_res, ctx.iters,
-            dx_accum=dx_accum, res_grad=res_grad,
+            dx_accum=dx_accum, res_grad=res_grad, kind=ctx.kind,
         )  # fmt: skip
-        return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None
+        return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None, None
 
 
 class PostResFunction(torch.autograd.Function):
@@ -119,9 +119,9 @@ class PostResFunction(torch.autograd.Function):
 
 
 def _check(x: Tensor, kind: str, op: str) -> None:
-    if kind not in SUPPORTED_KINDS:
+    if kind not in FUSED_KINDS:
         raise ValueError(
-            f"fused {op} implements residual kind 'mhc' only, got {kind!r}; "
+            f"fused {op} implements residual kinds {FUSED_KINDS}, got {kind!r}; "
             "use the reference backend for it (kernels='reference' or DUALPIPE_MHC_KERNELS=reference)"
         )
     if x.dtype not in SUPPORTED_DTYPES:
@@ -140,8 +140,12 @@ def mhc_pre(
     return_h_pre: bool = False,
 ) -> tuple[Tensor, ...]:
     """x ``[..., n, C]`` -> (u ``[..., C]``, h_post ``[..., n]`` fp32, h_res ``[..., n, n]`` fp32); see reference.mhc_pre.
+
+    ``kind``: "mhc" or "dsv4" (DeepSeek-V4's mappings; h_res is then comb^T, as the reference returns it).
     ``return_h_pre``: (u, h_pre, h_post, h_res), h_pre ``[..., n]`` fp32 without gradient."""
     _check(x, kind, "mhc_pre")
+    if kind == "dsv4" and sinkhorn_iters < 1:
+        raise ValueError(f"dsv4 Sinkhorn needs sinkhorn_iters >= 1 (its first round is the softmax), got {sinkhorn_iters}")
     *lead, n, c = x.shape
     m = 2 * n + n * n
     if tuple(phi.shape) != (n * c, m) or alpha.numel() != 3 or bias.numel() != m:
@@ -152,7 +156,7 @@ def mhc_pre(
     link = _GradLink(x) if torch.is_grad_enabled() and x.requires_grad else None
     u, h_pre, h_post, h_res = MhcPreFunction.apply(
         x.reshape(-1, n, c).contiguous(), phi.contiguous(), alpha.contiguous(), bias.contiguous(),
-        int(sinkhorn_iters), float(eps), link,
+        int(sinkhorn_iters), float(eps), link, kind,
     )  # fmt: skip
     h_res = h_res.reshape(*lead, n, n)
     if link is not None:
@@ -174,7 +178,7 @@ def pre_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
 
 def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
     """x_next = H_res @ x + H_post^T ⊗ y, ``[..., n, C]`` in x's dtype; see reference.post_res."""
-    _check(x, "mhc", "post_res")
+    _check(x, "mhc", "post_res")  # the same op for every fused kind
     *lead, n, c = x.shape
     link = getattr(h_res, _LINK_ATTR, None)
     if link is not None and (not link.links(x) or not torch.is_grad_enabled()):

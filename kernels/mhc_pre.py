@@ -46,8 +46,8 @@ import triton.language as tl
 
 from .mhc_pre_common import (
     APPLY_CANDIDATES, FWD_CANDIDATES, POST_BWD_CANDIDATES, POST_FWD_CANDIDATES, REDUCE_CANDIDATES, TUNING,
-    V2_TUNING, WIDE_APPLY_TUNING, _dot_bf16, _interpreted, _load_proj, _logits, _mappings, _num_sms, _pow2,
-    _precision, tuning,
+    V2_TUNING, WIDE_APPLY_TUNING, _dot_bf16, _h_pre, _interpreted, _load_proj, _logits, _mappings, _num_sms,
+    _pow2, _precision, tuning, variant,
 )  # fmt: skip
 from .mhc_pre_bwd import apply_tuning, pre_backward, pre_backward_apply, pre_backward_dphi, pre_backward_reduce  # noqa: F401
 
@@ -59,6 +59,7 @@ def _pre_fwd_kernel(
     T, C, eps,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, AGGREGATE: tl.constexpr,
+    DSV4: tl.constexpr = False, HC_EPS: tl.constexpr = 0.0,  # defaults: mhc, for direct launches
 ):  # fmt: skip
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
@@ -83,7 +84,7 @@ def _pre_fwd_kernel(
     proj = acc * rstd[:, None]
     h_pre = _mappings(
         proj, rstd, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
-        rows, row_mask, n, N, M, MP, ITERS,
+        rows, row_mask, n, N, M, MP, ITERS, DSV4, HC_EPS,
     )  # fmt: skip
     if AGGREGATE:
         _aggregate_rows(x_ptr, u_ptr, h_pre, rows64, row_mask, C, n, N, BC)
@@ -134,7 +135,7 @@ def _pre_fwd_finish_aggregate_kernel(
     u_ptr, h_pre_ptr, h_post_ptr, h_res_ptr, proj_ptr, rstd_ptr,
     T, C, SPLITS, eps,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, DSV4: tl.constexpr = False, HC_EPS: tl.constexpr = 0.0,
 ):  # fmt: skip
     """Split forward, pass 2, grid (token blocks, channel blocks): u = H_pre x for one tile.
 
@@ -163,12 +164,12 @@ def _pre_fwd_finish_aggregate_kernel(
             acc += tl.load(part_ptr + srows[:, None] * MP + cols[None, :], mask=row_mask[:, None], other=0.0)
         _mappings(
             acc * rstd[:, None], rstd, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
-            rows, row_mask, n, N, M, MP, ITERS,
+            rows, row_mask, n, N, M, MP, ITERS, DSV4, HC_EPS,
         )  # fmt: skip
     # the same arithmetic as _mappings' H_pre, so u agrees with the stored h_pre
     a_pre = tl.load(alpha_ptr).to(tl.float32)
     b_pre = tl.load(bias_ptr + i, mask=i < n, other=0.0).to(tl.float32)
-    h_pre = tl.where(m2, tl.sigmoid(a_pre * (pre * rstd[:, None]) + b_pre[None, :]), 0.0)
+    h_pre = _h_pre(a_pre * (pre * rstd[:, None]) + b_pre[None, :], m2, DSV4, HC_EPS)
     _aggregate_tile(x_ptr, u_ptr, h_pre, rows64, row_mask, tl.program_id(1) * BC + tl.arange(0, BC), C, n, N)
 
 
@@ -212,10 +213,11 @@ def pre_forward(
     x: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
     block_t: int | None = None, block_k: int | None = None, num_warps: int | None = None,
     fuse_aggregate: bool = False, agg_block_t: int | None = None, agg_block_c: int = 256,
-    split: bool | None = None, num_stages: int | None = None, k_splits: int | None = None,
+    split: bool | None = None, num_stages: int | None = None, k_splits: int | None = None, kind: str = "mhc",
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Launch the forward on ``x [T, n, C]`` (contiguous). Returns ``u, h_pre, h_post, h_res, proj, rstd``.
 
+    ``kind``: the residual kind's mappings, "mhc" or "dsv4" (:func:`mhc_pre_common.variant`).
     ``split`` (default ``TUNING['fwd_split']``, bf16 x only): the K-split pair
     :func:`_pre_fwd_partial_kernel` + :func:`_pre_fwd_finish_aggregate_kernel`; otherwise
     :func:`_pre_fwd_kernel` (one program per ``block_t`` tokens over all of K, tf32 dots).
@@ -256,7 +258,7 @@ def pre_forward(
         abc = min(agg_block_c, _pow2(c, 16))
         _pre_fwd_finish_aggregate_kernel[(triton.cdiv(t, abt), triton.cdiv(c, abc))](
             part, ss_part, x, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, t, c, k_splits, eps,
-            n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=abt, BC=abc, num_warps=4,
+            n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=abt, BC=abc, num_warps=4, **variant(kind),
         )  # fmt: skip
         return u, h_pre, h_post, h_res, proj, rstd
     bt = block_t or 32
@@ -267,7 +269,7 @@ def pre_forward(
     _pre_fwd_kernel[(triton.cdiv(t, bt),)](
         x, phi, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, t, c, eps,
         n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=bt, BK=block_k, BC=min(128, _pow2(c, 16)),
-        PRECISION=_precision(x.dtype), AGGREGATE=fuse_aggregate, num_warps=num_warps,
+        PRECISION=_precision(x.dtype), AGGREGATE=fuse_aggregate, num_warps=num_warps, **variant(kind),
     )  # fmt: skip
     if not fuse_aggregate:
         pre_aggregate(x, h_pre, out=u, block_t=agg_block_t, block_c=agg_block_c)

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .mhc_pre_common import (
     TUNING, WIDE_APPLY_TUNING, _dot_bf16, _interpreted, _load_proj, _logits, _num_sms, _pow2, _precision,
-    resident_programs, wave_splits,
+    _res_offsets, resident_programs, variant, wave_splits,
 )  # fmt: skip
 from .sinkhorn import sinkhorn_bwd, sinkhorn_init
 
@@ -20,8 +20,10 @@ def _pre_bwd_reduce_kernel(
     dlogit_ptr, dalpha_part_ptr, draw_ptr, coef_ptr,
     T, C,
     n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, ITERS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, DSV4: tl.constexpr = False, HC_EPS: tl.constexpr = 0.0,
 ):  # fmt: skip
+    # DSV4: the res block is worked on transposed (H_res's layout, see mhc_pre_common), and its
+    # gradients are stored back transposed into proj's layout.
     pid = tl.program_id(0)
     rows = pid * BT + tl.arange(0, BT)
     row_mask = rows < T
@@ -42,22 +44,25 @@ def _pre_bwd_reduce_kernel(
         )
         dh_pre += tl.sum(x3.to(tl.float32) * du.to(tl.float32)[:, None, :], axis=2)
 
-    p_pre, p_post, p_res, m2, valid = _load_proj(proj_ptr, rows64, row_mask, n, N, M)
-    l_pre, l_post, l_res = _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n, N)
-    s_pre = tl.sigmoid(l_pre)
+    p_pre, p_post, p_res, m2, valid = _load_proj(proj_ptr, rows64, row_mask, n, N, M, DSV4)
+    l_pre, l_post, l_res = _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n, N, DSV4)
+    s_pre = tl.sigmoid(l_pre)  # DSV4's + eps on H_pre has no gradient
     d_pre = tl.where(m2, dh_pre * s_pre * (1.0 - s_pre), 0.0)
     s_post = tl.sigmoid(l_post)
     dh_post = tl.load(dh_post_ptr + rows64[:, None] * n + i[None, :], mask=m2, other=0.0)
     d_post = tl.where(m2, dh_post * 2.0 * s_post * (1.0 - s_post), 0.0)
     res_off = rows64[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :]
     dh_res = tl.load(dh_res_ptr + res_off, mask=valid, other=0.0)
-    d_res = sinkhorn_bwd(sinkhorn_init(l_res, valid), dh_res, valid, scratch_ptr, rows, row_mask, ITERS, N)
+    d_res = sinkhorn_bwd(
+        sinkhorn_init(l_res, valid, DSV4), dh_res, valid, scratch_ptr, rows, row_mask, ITERS, N, DSV4, HC_EPS
+    )
     d_res = tl.where(valid, d_res, 0.0)
+    res_cols = 2 * n + _res_offsets(i, n, DSV4)  # [1, N, N]: where d_res's entries go in a row of M
 
     dl_base = dlogit_ptr + rows64[:, None] * M
     tl.store(dl_base + i[None, :], d_pre, mask=m2)
     tl.store(dl_base + n + i[None, :], d_post, mask=m2)
-    tl.store(dl_base[:, :, None] + 2 * n + i[None, :, None] * n + i[None, None, :], d_res, mask=valid)
+    tl.store(dl_base[:, :, None] + res_cols, d_res, mask=valid)
     # dalpha_g = sum over tokens of <dlogit_g, proj_g>; the token sum is left to the caller
     ga_pre = tl.sum(d_pre * p_pre, axis=1)
     ga_post = tl.sum(d_post * p_post, axis=1)
@@ -76,11 +81,7 @@ def _pre_bwd_reduce_kernel(
     dr_base = draw_ptr + rows64[:, None] * M
     tl.store(dr_base + i[None, :], a_pre * d_pre * rstd[:, None], mask=m2)
     tl.store(dr_base + n + i[None, :], a_post * d_post * rstd[:, None], mask=m2)
-    tl.store(
-        dr_base[:, :, None] + 2 * n + i[None, :, None] * n + i[None, None, :],
-        a_res * d_res * rstd[:, None, None],
-        mask=valid,
-    )
+    tl.store(dr_base[:, :, None] + res_cols, a_res * d_res * rstd[:, None, None], mask=valid)
 
 
 @triton.jit
@@ -206,10 +207,10 @@ def _pre_bwd_dphi_kernel(
 def pre_backward_reduce(
     x: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
     du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
-    block_t: int | None = None, block_c: int | None = None, num_warps: int | None = None,
+    block_t: int | None = None, block_c: int | None = None, num_warps: int | None = None, kind: str = "mhc",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Backward pass 1: ``(dlogit [T, M], dalpha_part [T, 3], draw [T, M], coef [T])``, all fp32.
-    Block sizes default to ``TUNING``'s ``reduce_*`` entries."""
+    Block sizes default to ``TUNING``'s ``reduce_*`` entries; ``kind`` as in ``pre_forward``."""
     block_t = block_t or TUNING["reduce_block_t"]
     block_c = block_c or TUNING["reduce_block_c"]
     num_warps = num_warps or TUNING["reduce_warps"]
@@ -225,7 +226,7 @@ def pre_backward_reduce(
     _pre_bwd_reduce_kernel[(triton.cdiv(t, block_t),)](
         x, du, proj, rstd, alpha, bias, dh_post, dh_res, scratch, dlogit, dalpha_part, draw, coef, t, c,
         n=n, N=nn_, M=m, ITERS=iters, BT=block_t, BC=min(block_c, _pow2(c, 16)),
-        LOOP_STAGES=TUNING["reduce_loop_stages"], num_warps=num_warps,
+        LOOP_STAGES=TUNING["reduce_loop_stages"], num_warps=num_warps, **variant(kind),
     )  # fmt: skip
     return dlogit, dalpha_part, draw, coef
 
@@ -331,13 +332,19 @@ def pre_backward(
     h_pre: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
     du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
     dx_accum: torch.Tensor | None = None, res_grad: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kind: str = "mhc",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients ``dx [T, n, C], dphi [K, M] fp32, dalpha [3] fp32, dbias [M] fp32``.
+
+    ``kind`` ("mhc" or "dsv4") changes only the reduce kernel: the apply kernel works from H_pre
+    (DSV4's + eps included, as the forward used it) and the per-token gradients.
 
     The gradient reaching x through the post/res op is summed into dx without an extra pass,
     given either as ``dx_accum`` (``[T, n, C]`` in x's dtype, owned by the caller: receives the
     result in place) or as that op's ``res_grad = (g, h_res)`` (see :func:`pre_backward_apply`).
     """
-    dlogit, dalpha_part, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, iters)
+    dlogit, dalpha_part, draw, coef = pre_backward_reduce(
+        x, alpha, bias, proj, rstd, du, dh_post, dh_res, iters, kind=kind
+    )
     dx, dphi = pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum, res_grad=res_grad)
     return dx, dphi, dalpha_part.sum(0), dlogit.sum(0)

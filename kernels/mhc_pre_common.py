@@ -1,6 +1,11 @@
 """Pieces shared by the mHC pre forward (:mod:`kernels.mhc_pre`) and backward
 (:mod:`kernels.mhc_pre_bwd`): the on-chip mapping code, and the launch-tuning table of all the
-fused kernels (the post/res backward's included)."""
+fused kernels (the post/res backward's included).
+
+Residual kinds are constexpr flags of the same kernels (:func:`variant`): ``DSV4`` (DeepSeek-V4)
+adds ``HC_EPS`` to H_pre, runs the eps-guarded Sinkhorn from a column softmax, and works on the comb
+logits transposed (``RES_T`` loads), so that the tile is H_res = comb^T itself and everything
+downstream (h_res, post/res, dh_res) keeps mHC's layout."""
 
 from __future__ import annotations
 
@@ -10,12 +15,29 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import HC_EPS
 from .sinkhorn import sinkhorn_fwd, sinkhorn_init
 
 
+def variant(kind: str) -> dict:
+    """The constexprs that select a residual kind's mappings in the pre kernels."""
+    return dict(DSV4=kind == "dsv4", HC_EPS=HC_EPS if kind == "dsv4" else 0.0)
+
+
 @triton.jit
-def _load_proj(proj_ptr, rows64, row_mask, n: tl.constexpr, N: tl.constexpr, M: tl.constexpr):
-    """This block's projections split by mapping: pre [BT, N], post [BT, N], res [BT, N, N], and the masks."""
+def _res_offsets(i, n: tl.constexpr, RES_T: tl.constexpr):
+    """[1, N, N] offsets of the n x n block in a row of proj / bias: (a, b) -> a n + b, or b n + a (RES_T)."""
+    if RES_T:
+        off = i[None, None, :] * n + i[None, :, None]
+    else:
+        off = i[None, :, None] * n + i[None, None, :]
+    return off
+
+
+@triton.jit
+def _load_proj(proj_ptr, rows64, row_mask, n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, RES_T: tl.constexpr):
+    """This block's projections split by mapping: pre [BT, N], post [BT, N], res [BT, N, N] (transposed if
+    ``RES_T``), and the masks."""
     i = tl.arange(0, N)
     imask = i < n
     m2 = row_mask[:, None] & imask[None, :]
@@ -23,13 +45,14 @@ def _load_proj(proj_ptr, rows64, row_mask, n: tl.constexpr, N: tl.constexpr, M: 
     base = proj_ptr + rows64[:, None] * M
     p_pre = tl.load(base + i[None, :], mask=m2, other=0.0)
     p_post = tl.load(base + n + i[None, :], mask=m2, other=0.0)
-    p_res = tl.load(base[:, :, None] + 2 * n + i[None, :, None] * n + i[None, None, :], mask=valid, other=0.0)
+    p_res = tl.load(base[:, :, None] + 2 * n + _res_offsets(i, n, RES_T), mask=valid, other=0.0)
     return p_pre, p_post, p_res, m2, valid
 
 
 @triton.jit
-def _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n: tl.constexpr, N: tl.constexpr):
-    """alpha * proj + bias for the three mappings, in float32."""
+def _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n: tl.constexpr, N: tl.constexpr, RES_T: tl.constexpr):
+    """alpha * proj + bias for the three mappings, in float32 (the res block transposed if ``RES_T``, as
+    :func:`_load_proj` loaded it)."""
     i = tl.arange(0, N)
     imask = i < n
     a_pre = tl.load(alpha_ptr).to(tl.float32)
@@ -38,17 +61,19 @@ def _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n: tl.constexpr, N: tl.co
     b_pre = tl.load(bias_ptr + i, mask=imask, other=0.0).to(tl.float32)
     b_post = tl.load(bias_ptr + n + i, mask=imask, other=0.0).to(tl.float32)
     b_res = tl.load(
-        bias_ptr + 2 * n + i[:, None] * n + i[None, :], mask=imask[:, None] & imask[None, :], other=0.0
+        bias_ptr + 2 * n + _res_offsets(i, n, RES_T), mask=imask[None, :, None] & imask[None, None, :], other=0.0
     ).to(tl.float32)
-    return a_pre * p_pre + b_pre[None, :], a_post * p_post + b_post[None, :], a_res * p_res + b_res[None, :, :]
+    return a_pre * p_pre + b_pre[None, :], a_post * p_post + b_post[None, :], a_res * p_res + b_res
 
 
 @triton.jit
 def _mappings(
     proj, rstd, proj_ptr, rstd_ptr, alpha_ptr, bias_ptr, h_pre_ptr, h_post_ptr, h_res_ptr,
     rows, row_mask, n: tl.constexpr, N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr,
+    DSV4: tl.constexpr, HC_EPS: tl.constexpr,
 ):  # fmt: skip
-    """Store proj [BT, MP] and rstd [BT]; then sigmoid, 2 sigmoid and Sinkhorn; store and return h_pre [BT, N]."""
+    """Store proj [BT, MP] and rstd [BT]; then sigmoid (+ eps for DSV4), 2 sigmoid and Sinkhorn; store and
+    return h_pre [BT, N]."""
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, MP)
     tl.store(proj_ptr + rows64[:, None] * M + cols[None, :], proj, mask=row_mask[:, None] & (cols < M)[None, :])
@@ -56,16 +81,25 @@ def _mappings(
     # proj is re-read below in the [BT, n] / [BT, n, n] shapes by other threads of this program.
     tl.debug_barrier()
 
-    p_pre, p_post, p_res, m2, valid = _load_proj(proj_ptr, rows64, row_mask, n, N, M)
-    l_pre, l_post, l_res = _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n, N)
-    h_pre = tl.where(m2, tl.sigmoid(l_pre), 0.0)
+    p_pre, p_post, p_res, m2, valid = _load_proj(proj_ptr, rows64, row_mask, n, N, M, DSV4)
+    l_pre, l_post, l_res = _logits(p_pre, p_post, p_res, alpha_ptr, bias_ptr, n, N, DSV4)
+    h_pre = _h_pre(l_pre, m2, DSV4, HC_EPS)
     h_post = 2.0 * tl.sigmoid(l_post)
-    h_res = sinkhorn_fwd(sinkhorn_init(l_res, valid), ITERS)
+    h_res = sinkhorn_fwd(sinkhorn_init(l_res, valid, DSV4), valid, ITERS, DSV4, HC_EPS)
     i = tl.arange(0, N)
     tl.store(h_pre_ptr + rows64[:, None] * n + i[None, :], h_pre, mask=m2)
     tl.store(h_post_ptr + rows64[:, None] * n + i[None, :], h_post, mask=m2)
     tl.store(h_res_ptr + rows64[:, None, None] * (n * n) + i[None, :, None] * n + i[None, None, :], h_res, mask=valid)
     return h_pre
+
+
+@triton.jit
+def _h_pre(l_pre, m2, DSV4: tl.constexpr, HC_EPS: tl.constexpr):
+    """H_pre [BT, N] from its logits: sigmoid, + eps for DSV4; zero on padding."""
+    h = tl.sigmoid(l_pre)
+    if DSV4:
+        h = h + HC_EPS
+    return tl.where(m2, h, 0.0)
 
 
 @triton.jit

@@ -13,6 +13,10 @@ Shapes (leading batch dims ``...`` are allowed everywhere; kernels flatten them 
     h_post: [..., n]
     h_res:  [..., n, n]
     y:      [..., C]        the sublayer output F(h_pre @ x)
+
+DeepSeek-V4's variant (``kind="dsv4"``) uses the same shapes: its ``fn [2n+n², n*C]`` is
+``phi`` transposed, ``base`` is ``bias`` and ``scale`` is ``alpha`` (see
+:mod:`dualpipe_mhc.dsv4_weights` for the renaming).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch import Tensor
 
 RMS_EPS = 1e-6
+HC_EPS = 1e-6  # DeepSeek-V4's hc_eps (its config default and release value): +eps on H_pre, Sinkhorn's guards
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,6 +61,30 @@ def sinkhorn(logits: Tensor, iters: int) -> Tensor:
     return m
 
 
+def dsv4_sinkhorn(logits: Tensor, iters: int, eps: float = HC_EPS) -> Tensor:
+    """DeepSeek-V4's projection of the comb logits ``[..., n, n]``, returned as H_res = comb^T.
+
+    As transformers' ``DeepseekV4HyperConnection``: comb = softmax over the last axis + eps, then
+    comb /= (column sums + eps), then ``iters - 1`` rounds of (row, column) normalisation, each
+    denominator + eps. The layer consumes comb transposed (``x_next = comb^T x + ...``); returning
+    the transpose lets this mapping share ``post_res`` and the kernels' ``H_res @ x`` convention.
+    In H_res's own layout the same steps are: a column softmax (Sinkhorn's first T_c, exact), + eps,
+    then T_r and ``iters - 1`` rounds of (T_c, T_r), each eps-guarded; the kernels run it that way.
+    """
+    if iters < 1:
+        raise ValueError(f"dsv4 Sinkhorn needs iters >= 1 (its first round is the softmax), got {iters}")
+    comb = torch.softmax(logits, dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return comb.transpose(-1, -2)
+
+
+def _sigmoid_eps(t: Tensor) -> Tensor:
+    return torch.sigmoid(t) + HC_EPS
+
+
 def _identity(t: Tensor) -> Tensor:
     return t
 
@@ -73,8 +102,7 @@ class Mapping:
     """How the projections become H_pre, H_post, H_res: one entry per residual kind.
 
     ``logit = alpha * dynamic(proj) + bias``, then ``pre``/``post``/``res`` map the
-    logits. A variant such as DeepSeek-V4's (sigmoid + eps for all three, then
-    Sinkhorn) is one more entry here, not a rewrite of the layer.
+    logits. A variant such as DeepSeek-V4's is one more entry here, not a rewrite of the layer.
     """
 
     pre: Callable[[Tensor], Tensor]
@@ -89,6 +117,9 @@ MAPPINGS: dict[str, Mapping] = {
     # Hyper-Connections (Zhu et al. 2024; mHC paper eq. 5): H = alpha * tanh(x' @ phi) + b,
     # used as is, so H_res is unconstrained.
     "hc": Mapping(pre=_identity, post=_identity, res=_unconstrained, dynamic=torch.tanh),
+    # DeepSeek-V4 (transformers' DeepseekV4HyperConnection): sigmoid + eps, 2 sigmoid, and the
+    # eps-guarded Sinkhorn from a softmax start, consumed transposed (see dsv4_sinkhorn).
+    "dsv4": Mapping(pre=_sigmoid_eps, post=_two_sigmoid, res=dsv4_sinkhorn),
 }
 
 
@@ -141,6 +172,18 @@ def mhc_pre(
     if return_h_pre:
         return u, h_pre.detach(), h_post, h_res
     return u, h_post, h_res
+
+
+def hyper_head(x: Tensor, phi: Tensor, scale: Tensor, base: Tensor, eps: float = RMS_EPS) -> Tensor:
+    """DeepSeek-V4's stream reduction before the final norm (transformers' ``DeepseekV4HyperHead``).
+
+    ``x [..., n, C]``, ``phi [n*C, n]`` (``hc_fn`` transposed), ``scale [1]``, ``base [n]`` ->
+    ``[..., C]`` in x's dtype: weights sigmoid(scale * RMSNorm(vec(x)) @ phi + base) + eps, then
+    their weighted sum of the streams.
+    """
+    proj, _ = rms_project(x, phi, eps)
+    weights = torch.sigmoid(proj * scale.to(proj.dtype) + base.to(proj.dtype)) + HC_EPS
+    return pre_aggregate(x, weights)
 
 
 def amax_gain(product: Tensor) -> tuple[Tensor, Tensor]:

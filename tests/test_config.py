@@ -24,7 +24,7 @@ INVALID = [
     (["model.streams=0"], ["model.streams=0", "n must be >= 1"]),
     (["model.streams=-2"], ["model.streams=-2", "n must be >= 1"]),
     (["model.residual=plain"], ["model.residual='plain' needs model.streams=1, got 4"]),
-    (["model.residual=dense"], ["model.residual='dense' is invalid", "'plain', 'hc' or 'mhc'"]),
+    (["model.residual=dense"], ["model.residual='dense' is invalid", "'plain', 'hc', 'mhc' or 'dsv4'"]),
     (["model.width=0"], ["model.width=0 is invalid", "positive"]),
     (["model.width=abc"], ["model.width='abc' is invalid", "valid integer"]),
     (["model.sinkhorn_iters=0"], ["model.sinkhorn_iters=0", "use >= 1"]),

@@ -146,14 +146,16 @@ def _poison_cuda_cache(device: str) -> None:
         torch.empty(64 << 20, device=device).fill_(float("nan"))
 
 
-def check_layer(fused, t: int, n: int, c: int, dtype: torch.dtype, device: str, lead=()) -> dict[str, float]:
+def check_layer(
+    fused, t: int, n: int, c: int, dtype: torch.dtype, device: str, lead=(), kind: str = "mhc"
+) -> dict[str, float]:
     """One hyper-connected sublayer, pre -> F -> post_res, fused vs reference: outputs and all gradients."""
     x, phi, alpha, bias = make_inputs(t, n, c, dtype, device, lead)
     w = torch.randn(c, device=device)
     cot = torch.randn((*x.shape,), device=device)
     xs, ps, als, bs = leaves(x, phi, alpha, bias)
     _poison_cuda_cache(device)
-    u, h_post, h_res = fused.mhc_pre(xs, ps, als, bs, ITERS)
+    u, h_post, h_res = fused.mhc_pre(xs, ps, als, bs, ITERS, kind)
     out = fused.post_res(xs, sublayer(u, w), h_post, h_res)
     (out.float() * cot).sum().backward()
 
@@ -162,7 +164,7 @@ def check_layer(fused, t: int, n: int, c: int, dtype: torch.dtype, device: str, 
     # not bf16 storage of the stand-in sublayer's activations.
     stored = lambda t: t.to(dtype).double()  # noqa: E731
     xd, pd, ad, bd = leaves(x, phi, alpha, bias, double=True)
-    u_r, h_post_r, h_res_r = ref.mhc_pre(xd, pd, ad, bd, ITERS)
+    u_r, h_post_r, h_res_r = ref.mhc_pre(xd, pd, ad, bd, ITERS, kind)
     out_r = stored(ref.post_res(xd, stored(sublayer(stored(u_r), w.double())), h_post_r, h_res_r))
     (out_r * cot.double()).sum().backward()
     return {
@@ -179,16 +181,18 @@ def assert_close(errs: dict[str, float], dtype: torch.dtype) -> None:
     assert not bad, f"{dtype} errors over tolerance (fwd {fwd}, bwd {bwd}): {bad}; all: {errs}"
 
 
-def check_pre_alone(fused, t, n, c, dtype, device, iters=ITERS) -> dict[str, float]:
-    """mhc_pre with independent random cotangents on u, h_post and h_res (no post/res link)."""
+def check_pre_alone(fused, t, n, c, dtype, device, iters=ITERS, kind="mhc", res_scale=1.0) -> dict[str, float]:
+    """mhc_pre with independent random cotangents on u, h_post and h_res (no post/res link).
+    ``res_scale`` multiplies alpha_res: wide H_res logits."""
     x, phi, alpha, bias = make_inputs(t, n, c, dtype, device)
+    alpha[2] *= res_scale
     cu = torch.randn(t, c, device=device)
     cp, cr = torch.randn(t, n, device=device), torch.randn(t, n, n, device=device)
     xs, ps, als, bs = leaves(x, phi, alpha, bias)
-    u, h_post, h_res = fused.mhc_pre(xs, ps, als, bs, iters)
+    u, h_post, h_res = fused.mhc_pre(xs, ps, als, bs, iters, kind)
     ((u.float() * cu).sum() + (h_post * cp).sum() + (h_res * cr).sum()).backward()
     xd, pd, ad, bd = leaves(x, phi, alpha, bias, double=True)
-    u_r, h_post_r, h_res_r = ref.mhc_pre(xd, pd, ad, bd, iters)
+    u_r, h_post_r, h_res_r = ref.mhc_pre(xd, pd, ad, bd, iters, kind)
     # the fused path's du is cu rounded to u's dtype (autograd casts the cotangent): the reference
     # takes the same du, so the comparison measures the kernels, not bf16 storage of the cotangent
     du = cu.to(dtype).double()
@@ -367,6 +371,36 @@ def test_post_res_alone_cpu(fused_cpu, n, dtype):
     assert_close(check_post_alone(fused_cpu, 13, n, 136, dtype, "cpu"), dtype)
 
 
+# DeepSeek-V4's variant: the same kernels under the DSV4 flags, against the dsv4 reference. The bf16
+# cases run the K-split forward, the fp32 ones the single mapping kernel; n = 3 pads the n x n tile,
+# n = 8 takes the wide tiles.
+@pytest.mark.parametrize("t, n, c, dtype", [(1, 4, 64, torch.float32), (19, 4, 200, torch.bfloat16),
+                                            (37, 3, 96, torch.float32), (5, 8, 64, torch.bfloat16)])  # fmt: skip
+def test_dsv4_layer_matches_reference_cpu(fused_cpu, t, n, c, dtype):
+    torch.manual_seed(500 + t + n)
+    assert_close(check_layer(fused_cpu, t, n, c, dtype, "cpu", kind="dsv4"), dtype)
+
+
+@pytest.mark.parametrize("iters, res_scale", [(1, 1.0), (3, 1.0), (20, 200.0)])
+def test_dsv4_pre_alone_cpu(fused_cpu, iters, res_scale):
+    """Independent cotangents on h_res exercise the eps-guarded Sinkhorn backward alone; iters = 1 is
+    the softmax + eps + one T_r only; res_scale 200 spreads the logits over several hundred, where only a
+    column-wise max shift keeps every column of the softmax finite."""
+    torch.manual_seed(iters)
+    assert_close(check_pre_alone(fused_cpu, 5, 4, 64, torch.float32, "cpu", iters, "dsv4", res_scale), torch.float32)
+
+
+def test_dsv4_differs_from_mhc_cpu(fused_cpu):
+    """The flags reach the kernels: dsv4 and mhc give different H_pre sums and H_res on the same inputs."""
+    torch.manual_seed(4)
+    x, phi, alpha, bias = make_inputs(3, 4, 64, torch.float32, "cpu")
+    u_m, _, h_res_m = fused_cpu.mhc_pre(x, phi, alpha, bias, ITERS, "mhc")
+    u_d, _, h_res_d = fused_cpu.mhc_pre(x, phi, alpha, bias, ITERS, "dsv4")
+    assert (h_res_m - h_res_d).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="dsv4 Sinkhorn needs sinkhorn_iters >= 1"):
+        fused_cpu.mhc_pre(x, phi, alpha, bias, 0, "dsv4")
+
+
 def test_leading_batch_dims_cpu(fused_cpu):
     torch.manual_seed(3)
     assert_close(check_layer(fused_cpu, 3, 4, 64, torch.float32, "cpu", lead=(2,)), torch.float32)
@@ -457,6 +491,16 @@ def test_tuning_candidates_gpu(fused_gpu, which):
         for t, n, c in ((1537, 4, 2048), (77, 8, 1000)):
             torch.manual_seed(which + n)
             assert_close(check_layer(fused_gpu, t, n, c, torch.bfloat16, "cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("c", [1000, 7168])
+@pytest.mark.parametrize("t", GPU_T)
+def test_dsv4_layer_matches_reference_gpu(fused_gpu, t, c, dtype):
+    torch.manual_seed(2000 + t + c)
+    assert_close(check_layer(fused_gpu, t, 4, c, dtype, "cuda", kind="dsv4"), dtype)
+    assert_close(check_pre_alone(fused_gpu, t, 4, c, dtype, "cuda", kind="dsv4"), dtype)
 
 
 @pytest.mark.gpu

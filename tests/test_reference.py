@@ -100,7 +100,7 @@ def test_hc_mapping_is_tanh_dynamic_plus_static_and_unconstrained():
 
 def test_unknown_mapping_kind_is_a_one_line_error():
     proj, alpha, bias = _mapping_inputs()
-    with pytest.raises(ValueError, match=r"mapping kind 'dense' is unknown; use one of \['hc', 'mhc'\]"):
+    with pytest.raises(ValueError, match=r"mapping kind 'dense' is unknown; use one of \['dsv4', 'hc', 'mhc'\]"):
         ref.mappings_from_proj(proj, alpha, bias, 4, 20, "dense")
 
 
@@ -108,7 +108,7 @@ def _req(*tensors):
     return tuple(t.clone().requires_grad_(True) for t in tensors)
 
 
-@pytest.mark.parametrize("kind", ["mhc", "hc"])
+@pytest.mark.parametrize("kind", ["mhc", "hc", "dsv4"])
 def test_gradcheck_mappings_and_pre(kind):
     n, c = 3, 5  # n and C not powers of two on purpose
     g = _gen(2)
@@ -138,6 +138,38 @@ def test_gradcheck_every_other_op():
     assert gradcheck(ref.pre_aggregate, _req(x, h_pre))
     assert gradcheck(ref.post_res, _req(x, y, h_post, h_res))
     assert gradcheck(ref.amax_gain, _req(product))
+    assert gradcheck(lambda t: ref.dsv4_sinkhorn(t, 20), _req(logits))
+    assert gradcheck(lambda t: ref.dsv4_sinkhorn(t, 1), _req(logits))
+    head_phi = torch.randn(n * c, n, generator=g, dtype=F64)
+    scale, base = torch.tensor([0.8], dtype=F64), torch.randn(n, generator=g, dtype=F64)
+    assert gradcheck(ref.hyper_head, _req(x, head_phi, scale, base))
+
+
+def test_dsv4_mapping_matches_its_definition_and_is_transposed():
+    """dsv4: sigmoid + eps, 2 sigmoid, and H_res = comb^T with comb from the eps-guarded Sinkhorn,
+    written out here step by step in H_res's own layout (the kernels' order: column softmax, + eps,
+    T_r, then (T_c, T_r) rounds) to pin the transpose."""
+    n, eps = 4, ref.HC_EPS
+    proj, alpha, bias = _mapping_inputs(n)
+    h_pre, h_post, h_res = ref.mappings_from_proj(proj, alpha, bias, n, 20, "dsv4")
+    torch.testing.assert_close(h_pre, torch.sigmoid(alpha[0] * proj[:, :n] + bias[:n]) + eps, rtol=0, atol=1e-15)
+    torch.testing.assert_close(h_post, 2 * torch.sigmoid(alpha[1] * proj[:, n : 2 * n] + bias[n : 2 * n]))
+    logits_t = (alpha[2] * proj[:, 2 * n :] + bias[2 * n :]).reshape(6, n, n).transpose(-1, -2)
+    m = torch.softmax(logits_t, dim=-2) + eps
+    m = m / (m.sum(-1, keepdim=True) + eps)
+    for _ in range(19):
+        m = m / (m.sum(-2, keepdim=True) + eps)
+        m = m / (m.sum(-1, keepdim=True) + eps)
+    torch.testing.assert_close(h_res, m, rtol=1e-13, atol=1e-15)
+    assert not torch.allclose(h_res, h_res.transpose(-1, -2), atol=1e-3)  # the transpose is observable
+    # eps-guarded: rows sum to just under 1 (by about n * eps), columns within Sinkhorn's error
+    row_err = (h_res.sum(-1) - 1).abs().max().item()
+    assert 0 < row_err < 2 * n * eps, row_err
+
+
+def test_dsv4_sinkhorn_needs_one_round():
+    with pytest.raises(ValueError, match="dsv4 Sinkhorn needs iters >= 1"):
+        ref.dsv4_sinkhorn(torch.zeros(2, 4, 4), 0)
 
 
 def test_mixed_precision_streams_keep_their_dtype_mappings_do_not():
@@ -160,7 +192,7 @@ class _Zero(torch.nn.Module):
         return torch.zeros_like(u)
 
 
-@pytest.mark.parametrize("kind, streams", [("plain", 1), ("hc", 4), ("mhc", 4), ("mhc", 3)])
+@pytest.mark.parametrize("kind, streams", [("plain", 1), ("hc", 4), ("mhc", 4), ("mhc", 3)])  # dsv4: its eps keeps H_res off I
 def test_identity_property_through_the_layer(kind, streams):
     """The whole wrapped block with H_res = I exactly and F = 0 returns its input exactly.
 
