@@ -1,0 +1,52 @@
+#!/bin/bash
+# The GPU checks and benchmarks behind the README's H200 figures, one mode per device call
+# (10-minute limit). On the GPU host (no registry): carry .whl/base (pydantic; and .whl/ray for
+# the pipeline modes, .whl/hf for transformers 5.23), built here by
+#   bash ../shared/gpu-host/make-wheelhouse.sh   (then sort: base/ ray/ hf/, drop the project's own wheel)
+# and run from the repository root:
+#   bash benchmarks/run_gpu_checks.sh recompute   # GPU tests of recomputation; bench_recompute (time, memory,
+#                                                 # the planner's model beside, per-kernel profile)
+#   bash benchmarks/run_gpu_checks.sh dsv4        # GPU tests of the dsv4 kernels and against transformers;
+#                                                 # bench_dsv4_wrapper
+#   bash benchmarks/run_gpu_checks.sh block       # bench_block: plain / mhc fused / dsv4 fused, both shapes
+#   bash benchmarks/run_gpu_checks.sh stages      # profile-stages on paper-27b (measured stage costs, fitted preset)
+#   bash benchmarks/run_gpu_checks.sh pipeline    # the pipeline on one GPU: ranks sharing the device
+# Outputs go to $OUT (the device tool's folder) or benchmarks/results/gpu_run; copy them into benchmarks/results/.
+set -o pipefail
+OUT=${OUT:-benchmarks/results/gpu_run}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+wheels=$(ls .whl/*/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
+    >"$OUT/pip.txt" 2>&1 || { cat "$OUT/pip.txt"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+# dualpipe_mhc.kernels is the kernels/ folder only through the package-dir mapping: install the project (offline)
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/pip.txt" 2>&1 || { cat "$OUT/pip.txt"; exit 1; }
+rm -f "$OUT/pip.txt"
+tag=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
+gpu_tests() {  # $1: log name, then pytest arguments
+  local name=$1; shift
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -rfEs --tb=short "$@" >"$OUT/gpu_tests_${name}_$tag.txt" 2>&1
+  echo "rc=$?" >>"$OUT/gpu_tests_${name}_$tag.txt"
+  grep -h "passed\|failed\|rc=" "$OUT/gpu_tests_${name}_$tag.txt" | tail -3
+}
+
+case "$1" in
+  recompute)
+    gpu_tests recompute -m gpu tests/test_recompute.py
+    timeout 330 python3 benchmarks/bench_recompute.py --norm fused eager --profile --passes 3 --out "$OUT" \
+      2>&1 | grep -v "top (ms)"
+    ;;
+  dsv4)
+    gpu_tests dsv4_kernels -m gpu -k dsv4 tests/test_kernels.py
+    gpu_tests dsv4_transformers tests/test_dsv4_transformers.py tests/test_dsv4_weights.py
+    timeout 120 python3 benchmarks/bench_dsv4_wrapper.py --out "$OUT"
+    ;;
+  block)
+    timeout 400 python3 benchmarks/bench_block.py --variants plain "mhc fused" "dsv4 fused" --passes 3 --rep-ms 600 \
+      --out "$OUT"
+    ;;
+  *) echo "usage: bash benchmarks/run_gpu_checks.sh recompute|dsv4|stages|pipeline"; exit 2 ;;
+esac
