@@ -138,15 +138,14 @@ def stage_kept_bytes(shape: ModelShape, first_layer: int, count: int, block_laye
 
 
 def backward_transient_bytes(shape: ModelShape, count: int, block_layers: int | None = None) -> float:
-    """Bytes a stage's B needs on top of what F kept (gradient buffers, recomputed values),
-    parameter gradients excluded (they are state). The MLP backward's widest moment holds four
-    hidden-wide buffers (SwiGLU; two for GELU); mHC adds the stream gradients in and out."""
+    """Bytes a stage's B needs on top of what F kept, parameter gradients excluded (they are state):
+    the MLP backward's gradient buffers, 2H + C (SwiGLU, measured: 0.31 GiB at the paper-27b layer,
+    plain and mHC alike; GELU's H + C is by analogy, not measured), and with recomputation the x_k
+    chain still ahead of the backward and one sublayer's u_k and RMSNorm(u_k)."""
     c, n = shape.width, shape.n
-    el = (4 if shape.mlp == "swiglu" else 2) * shape.hidden
-    if shape.residual != "plain":
-        el += 2 * n * c
-        if block_layers:
-            el += (min(2 * block_layers, 2 * count) - 1) * n * c + 2 * c
+    el = (2 if shape.mlp == "swiglu" else 1) * shape.hidden + c
+    if shape.residual != "plain" and block_layers:
+        el += (min(2 * block_layers, 2 * count) - 1) * n * c + 2 * c
     return float(shape.bytes_per_elem * shape.tokens * el)
 
 
