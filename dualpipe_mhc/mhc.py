@@ -32,6 +32,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .config import RESIDUALS
 from .kernels import get_ops, resolve_backend
 
 ALPHA_INIT = 0.01
@@ -52,8 +53,8 @@ class HyperConnection(nn.Module):
         res_init: float = RES_INIT,
     ) -> None:
         super().__init__()
-        if kind not in ("plain", "hc", "mhc"):
-            raise ValueError(f"residual kind {kind!r} is unknown; use 'plain', 'hc' or 'mhc'")
+        if kind not in RESIDUALS:
+            raise ValueError(f"residual kind {kind!r} is unknown; use one of {', '.join(RESIDUALS)}")
         if kind == "plain" and streams != 1:
             raise ValueError(f"residual kind 'plain' needs streams=1, got {streams}")
         self.sublayer = sublayer

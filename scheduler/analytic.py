@@ -24,6 +24,8 @@ A stage's output crossing to the next rank is T x n x C x b bytes.
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 
 from .costs import Costs
@@ -80,6 +82,12 @@ def split_layers(layers: int, stages: int) -> list[int]:
         raise ValueError(f"cannot split {layers} layers into {stages} stages; use model.layers>={stages} or fewer ranks")
     base, extra = divmod(layers, stages)
     return [base + (1 if s < extra else 0) for s in range(stages)]
+
+
+def layer_ranges(layers: int, stages: int) -> list[tuple[int, int]]:
+    """The same split as contiguous ``[start, end)`` layer ranges, one per stage (the runtime's chunks)."""
+    ends = list(itertools.accumulate(split_layers(layers, stages)))
+    return list(zip([0] + ends[:-1], ends))
 
 
 def kept_block_inputs(first_layer: int, count: int, block_layers: int) -> int:
