@@ -3,7 +3,7 @@
     python benchmarks/bench_block.py [--shapes a b] [--layers 4] [--batch 4] [--seq 2048] [--passes 1]
                                      [--out benchmarks/results]
 
-Shapes (DESIGN.md §6, issue 4):
+Shapes (docs/DESIGN.md §6, issue 4):
     a   C = 2048, 16 heads, GELU MLP hidden 4C = 8192
     b   C = 4096, 32 heads, SwiGLU MLP hidden 11008
 Each: ``--layers`` dualpipe_mhc.model.Block layers, B x S tokens (default 4 x 2048 = 8192),
@@ -78,7 +78,7 @@ def build_stack(
     stack = stack.to(device, torch.bfloat16)
     for name, p in stack.named_parameters():
         if name.endswith(("phi", "alpha", "bias")) and ("attn." in name or "mlp." in name):
-            p.data = p.data.float()  # mappings in fp32 (DESIGN.md §4 mixed precision)
+            p.data = p.data.float()  # mappings in fp32 (docs/DESIGN.md §4 mixed precision)
     return stack
 
 

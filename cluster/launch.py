@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Always set in every actor (DESIGN.md §6, KINDS.md): NVLink SHARP / multicast paths stay off.
+# Always set in every actor (docs/DESIGN.md §6): NVLink SHARP / multicast paths stay off.
 ACTOR_ENV = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",

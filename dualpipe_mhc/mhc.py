@@ -1,4 +1,4 @@
-"""The hyper-connection wrapper: one module around any sublayer F (DESIGN.md §4).
+"""The hyper-connection wrapper: one module around any sublayer F (docs/DESIGN.md §4).
 
     x_{l+1} = H_res @ x_l + H_post^T * F(H_pre @ x_l)        x: [..., n, C]
 

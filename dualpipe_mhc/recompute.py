@@ -1,4 +1,4 @@
-"""mHC recomputation in blocks of L_r layers (DESIGN.md §4, the paper's §4.3).
+"""mHC recomputation in blocks of L_r layers (docs/DESIGN.md §4, the paper's §4.3).
 
 What is kept and what is recomputed, per hyper-connected sublayer k of a block:
 
@@ -19,7 +19,7 @@ ops on the same values, so gradients are bitwise those without recomputation on 
 deterministic backend; on the fused kernels they match to the kernels' determinism.
 
 Each recomputed tensor is released as soon as autograd has unpacked it, so one
-block's intermediates live at a time (DESIGN.md's (n+2)·C·L_r term). A second pass
+block's intermediates live at a time (docs/DESIGN.md's (n+2)·C·L_r term). A second pass
 over a retained graph, such as the zero-bubble W after its B (torch's
 ``stage_backward_input`` / ``stage_backward_weight``), replays the block once more:
 two replays per split B. ``replay_once=True`` keeps the replay until the graph is
@@ -27,7 +27,7 @@ freed instead: one replay, the chunk's recomputed blocks held from B to its W.
 
 Blocks are global (``layer // L_r``) and cut at stage boundaries: each stage
 keeps its own first input, so a block spanning two stages costs one extra kept
-input (DESIGN.md §4). Not thread-safe: one forward per module at a time.
+input (docs/DESIGN.md §4). Not thread-safe: one forward per module at a time.
 """
 
 from __future__ import annotations

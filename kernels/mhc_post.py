@@ -1,4 +1,4 @@
-"""Fused mHC 'post + res' op: x_next = H_res x + H_post^T ⊗ y, forward and backward (DESIGN.md §4).
+"""Fused mHC 'post + res' op: x_next = H_res x + H_post^T ⊗ y, forward and backward (docs/DESIGN.md §4).
 
 Reference twin: :func:`kernels.reference.post_res`.
 

@@ -1,4 +1,4 @@
-"""Fused mHC 'pre' op: x -> (u, H_post, H_res), forward and backward (DESIGN.md §4).
+"""Fused mHC 'pre' op: x -> (u, H_post, H_res), forward and backward (docs/DESIGN.md §4).
 
 Reference twin: :func:`kernels.reference.mhc_pre` (``rms_project`` ->
 ``mappings_from_proj`` -> ``pre_aggregate``).

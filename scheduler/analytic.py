@@ -18,7 +18,7 @@ streams, b bytes per element):
 The first stage adds the embedding (bytes only), the last the LM head (2T*C*V per F, B
 and W) and its cross-entropy. Activations kept per in-flight micro-batch: b*T*(8C + 3H)
 per layer (flash attention: no S x S score matrix) plus mHC's (n+2)*C per layer
-(DESIGN.md §4), or, with recomputation in blocks of L_r layers, n*C per block input.
+(docs/DESIGN.md §4), or, with recomputation in blocks of L_r layers, n*C per block input.
 A stage's output crossing to the next rank is T x n x C x b bytes.
 """
 
@@ -43,9 +43,9 @@ class MhcTraffic:
         return self.reads[0] * n + self.reads[1] + self.writes[0] * n + self.writes[1]
 
 
-# DESIGN.md §4: unfused HC-style code reads ~(5n+1)C and writes ~(3n+1)C; fused kernels cut
+# docs/DESIGN.md §4: unfused HC-style code reads ~(5n+1)C and writes ~(3n+1)C; fused kernels cut
 # the reads to ~(n+1)C. At n = 4, fused, forward + 2x backward this is ~45C elements (90C
-# bytes) per sublayer over a plain residual's, near DESIGN §6's ~78C-byte floor.
+# bytes) per sublayer over a plain residual's, near docs/DESIGN.md §6's ~78C-byte floor.
 TRAFFIC = {
     "fused": MhcTraffic("fused", (1.0, 1.0), (3.0, 1.0)),
     "unfused": MhcTraffic("unfused", (5.0, 1.0), (3.0, 1.0)),

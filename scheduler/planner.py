@@ -1,14 +1,14 @@
-"""Recomputation planner: how many layers L_r per mHC recomputation block (DESIGN.md §4).
+"""Recomputation planner: how many layers L_r per mHC recomputation block (docs/DESIGN.md §4).
 
 Recomputing mHC's intermediates in blocks of L_r consecutive layers keeps only each
 block's input, n*C per token, and rebuilds one block's intermediates, (n+2)*C per
-mHC-wrapped sublayer, during its backward. DESIGN.md's L counts those sublayers; a
+mHC-wrapped sublayer, during its backward. docs/DESIGN.md's L counts those sublayers; a
 layer here (as in ``model.layers`` and ``recompute.block_layers``) is an attention
 and an MLP sublayer, two of them. Per token and micro-batch, with L and L_r in layers:
 
     n*C*ceil(L/L_r) + 2*(n+2)*C*L_r,   minimised at   L_r* = sqrt(n*L/(2*(n+2)))
 
-which is DESIGN's sqrt(n*L/(n+2)) in sublayers, halved back into layers (the closed
+which is docs/DESIGN.md's sqrt(n*L/(n+2)) in sublayers, halved back into layers (the closed
 form). A pipeline rank holds several micro-batches at once, though, and
 only the kept inputs multiply with them, while blocks are cut at stage boundaries; so
 the planner then searches every L_r with the cost model: for each, the worst rank's peak
@@ -79,7 +79,7 @@ SUBLAYERS_PER_LAYER = 2  # attention + MLP, each wrapped by its own hyper-connec
 
 
 def closed_form(streams: int, layers: int) -> float:
-    """L_r* in layers: DESIGN's sqrt(n*L/(n+2)) over sublayers, i.e. sqrt(n*L/(2(n+2))) over layers,
+    """L_r* in layers: docs/DESIGN.md's sqrt(n*L/(n+2)) over sublayers, i.e. sqrt(n*L/(2(n+2))) over layers,
     the minimum of n*C*L/L_r + 2*(n+2)*C*L_r."""
     sublayers = SUBLAYERS_PER_LAYER * layers
     return math.sqrt(streams * sublayers / (streams + 2)) / SUBLAYERS_PER_LAYER
