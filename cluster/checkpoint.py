@@ -124,18 +124,18 @@ def find_latest(root: str | Path, cfg_data: dict[str, Any]) -> ResumePoint:
             f"--resume: no complete checkpoint under {root}; run with run.checkpoint_every=K first "
             "(or point run.checkpoint_dir at the directory that has one)"
         )
-    skipped, first_error = [], None
+    skipped, errors = [], []
     for d in candidates:
         try:
             meta = verify(d)
         except CheckpointError as exc:
-            first_error = first_error or str(exc)
+            errors.append(str(exc))
             skipped.append(f"{d.name}: {exc}")
             continue
         _check_compatible(d, meta, cfg_data)
         return ResumePoint(d, int(meta["data_position"]), skipped)
     raise CheckpointError(
-        f"--resume: no checkpoint under {root} verifies; the newest: {first_error}; "
+        f"--resume: no checkpoint under {root} verifies: {'; '.join(errors)}; "
         "delete the bad step_* directories or start without --resume"
     )
 
