@@ -100,7 +100,9 @@ def verify(d: str | Path) -> dict[str, Any]:
     expected = {f"rank{r}.pt" for r in range(ranks)}
     missing = sorted(expected - set(meta["files"]))
     if missing:
-        raise CheckpointError(f"{meta_path} records no {missing[0]} ({len(meta['files'])} rank files for {ranks} ranks)")
+        raise CheckpointError(
+            f"{meta_path} records no {missing[0]} ({len(meta['files'])} rank files for {ranks} ranks)"
+        )
     for name, rec in sorted(meta["files"].items()):
         path = d / name
         if not path.is_file():

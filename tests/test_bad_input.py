@@ -11,7 +11,8 @@ import time
 import pytest
 
 ABSURD = [
-    (["--set", "model.width=1000000000"], "model.width=1000000000 is past any real model or setup; use model.width<=65536"),
+    (["--set", "model.width=1000000000"],
+     "model.width=1000000000 is past any real model or setup; use model.width<=65536"),
     (["--set", "model.streams=1000"], "model.streams=1000 is past any real model or setup; use model.streams<=16"),
     (["--set", "model.layers=100000"], "model.layers=100000 is past any real model or setup; use model.layers<=1024"),
     (["--set", "model.vocab_size=9999999999"], "model.vocab_size=9999999999 is past"),
@@ -78,6 +79,8 @@ def test_connect_states_token_auth_before_ray_reads_it(monkeypatch):
     fake_ray.is_initialized = lambda: False
     fake_ray.init = lambda **kw: seen.append(os.environ.get("RAY_AUTH_MODE"))
     real_import = __import__
-    monkeypatch.setattr("builtins.__import__", lambda name, *a, **k: fake_ray if name == "ray" else real_import(name, *a, **k))
+    monkeypatch.setattr(
+        "builtins.__import__", lambda name, *a, **k: fake_ray if name == "ray" else real_import(name, *a, **k)
+    )
     assert launch.connect(None, 5.0, 1) is True
     assert seen == ["token"]

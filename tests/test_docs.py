@@ -18,7 +18,8 @@ def test_every_design_citation_names_an_existing_section():
     cited, stray = {}, []
     for name in tracked:
         path = ROOT / name
-        if path.suffix not in (".py", ".md", ".sh", ".toml") or name in ("docs/DESIGN.md", "tests/test_docs.py") or not path.is_file():
+        skip = name in ("docs/DESIGN.md", "tests/test_docs.py")  # the document itself; this test's patterns
+        if skip or path.suffix not in (".py", ".md", ".sh", ".toml") or not path.is_file():
             continue
         text = path.read_text(encoding="utf-8", errors="replace")
         for n in re.findall(r"docs/DESIGN\.md §(\d+)", text):
