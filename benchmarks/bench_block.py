@@ -3,7 +3,7 @@
     python benchmarks/bench_block.py [--shapes a b] [--layers 4] [--batch 4] [--seq 2048] [--passes 1]
                                      [--out benchmarks/results]
 
-Shapes (DESIGN.md §6, issue 4):
+Shapes (docs/DESIGN.md §6, issue 4):
     a   C = 2048, 16 heads, GELU MLP hidden 4C = 8192
     b   C = 4096, 32 heads, SwiGLU MLP hidden 11008
 Each: ``--layers`` dualpipe_mhc.model.Block layers, B x S tokens (default 4 x 2048 = 8192),
@@ -12,10 +12,10 @@ Variants, each timed fwd+bwd (input gradient included, as in a pipeline stage):
     plain         residual kind 'plain', n = 1
     mhc eager     n = 4, the PyTorch reference ops
     mhc compile   n = 4, torch.compile of the same stack with the reference ops
-    mhc fused     n = 4, the Triton kernels (mhc_pre.TUNING, updated from ``--tuning``)
-    mhc fused v2  n = 4, the Triton kernels with the previous defaults (mhc_pre.V2_TUNING), for A/B
-    dsv4 fused    n = 4, residual kind 'dsv4' (DeepSeek-V4's mappings) on the same Triton kernels and tuning
-                  as 'mhc fused' (its stream reduction, the HyperHead, is outside the block: not timed)
+    mhc fused     n = 4, the Triton kernels (the device's launch settings, kernels/settings.py, overridden from ``--tuning``)
+    mhc fused v2  n = 4, the Triton kernels with the previous defaults (kernel_candidates.V2), for A/B
+    dsv4 fused    n = 4, residual kind 'dsv4' (DeepSeek-V4's mappings) on the same Triton kernels and launch
+                  settings as 'mhc fused' (its stream reduction, the HyperHead, is outside the block: not timed)
 Timing: triton.testing.do_bench (CUDA events, median, warm-up first, L2 flushed between runs), twice
 in a row per variant; with ``--passes K`` all variants are built first and timed in turn K times
 (the median over passes is quoted, and the table gives the per-pass overhead range).
@@ -45,6 +45,7 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHAPES = {
     "a": dict(width=2048, heads=16, mlp="gelu", hidden=8192),
@@ -79,7 +80,7 @@ def build_stack(
     stack = stack.to(device, torch.bfloat16)
     for name, p in stack.named_parameters():
         if name.endswith(("phi", "alpha", "bias")) and ("attn." in name or "mlp." in name):
-            p.data = p.data.float()  # mappings in fp32 (DESIGN.md §4 mixed precision)
+            p.data = p.data.float()  # mappings in fp32 (docs/DESIGN.md §4 mixed precision)
     return stack
 
 
@@ -119,19 +120,19 @@ def measure(stack, x: torch.Tensor, grad: torch.Tensor, rep_ms: int) -> dict[str
 def measure_interleaved(built: dict, rep_ms: int, passes: int, tunings: dict) -> dict[str, dict]:
     """Every variant timed once a pass, in turn, ``passes`` times: a drift of the machine (clocks,
     a neighbour) then hits all variants alike. ms = the median over passes; all passes kept."""
-    from dualpipe_mhc.kernels import mhc_pre
+    from dualpipe_mhc.kernels.settings import overriding
 
     times: dict[str, list[float]] = {v: [] for v in built}
     for p in range(passes):
         for variant, (stack, x, grad) in built.items():
-            with mhc_pre.tuning(tunings.get(variant, {})):
+            with overriding(tunings.get(variant, {})):
                 if p == 0:
                     _warm_up(stack, x, grad)
                 times[variant].append(_bench_step(stack, x, grad, rep_ms, warmup=100 if p == 0 else 10))
         print(f"  pass {p}: " + ", ".join(f"{v} {t[-1]:.2f}" for v, t in times.items()), flush=True)
     rows = {}
     for variant, (stack, x, grad) in built.items():
-        with mhc_pre.tuning(tunings.get(variant, {})):
+        with overriding(tunings.get(variant, {})):
             peak = _peak_gib(stack, x, grad)
         rows[variant] = {"ms": statistics.median(times[variant]), "ms_passes": times[variant], "peak_GiB": peak}
     return rows
@@ -172,16 +173,20 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["plain", "mhc fused", "mhc eager", "mhc compile"])
     ap.add_argument("--copy-bandwidth", type=float, default=None, help="B/s; measured here when not given")
     ap.add_argument("--profile", action="store_true", help="print a per-kernel breakdown of plain and fused")
-    ap.add_argument("--tuning", default=None, help="JSON of mhc_pre.TUNING overrides for 'mhc fused'")
+    ap.add_argument("--tuning", default=None, help="JSON of launch-settings overrides for 'mhc fused'")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
     name = torch.cuda.get_device_name()
-    from dualpipe_mhc.kernels import mhc_pre
+    import dataclasses
+
+    from kernel_candidates import V2
+
+    from dualpipe_mhc.kernels.settings import launch_settings, overriding
 
     tunings = {
         "mhc fused": json.loads(Path(args.tuning).read_text()) if args.tuning else {},
-        "mhc fused v2": mhc_pre.V2_TUNING,
+        "mhc fused v2": V2,
     }
     tunings["dsv4 fused"] = tunings["mhc fused"]
     bw = args.copy_bandwidth
@@ -196,7 +201,10 @@ def main() -> None:
     results = {
         "device": name, "copy_bandwidth_Bps": bw, "layers": args.layers, "batch": args.batch, "seq": args.seq,
         "streams": n, "torch": torch.__version__, "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "shapes": {}, "tuning": {k: {**mhc_pre.TUNING, **v} for k, v in tunings.items()},
+        "shapes": {}, "tuning": {
+            k: dataclasses.asdict(launch_settings(torch.device("cuda"), torch.bfloat16, n, 0, v))
+            for k, v in tunings.items()
+        },
     }  # fmt: skip
     lines = [
         f"device: {name}; copy bandwidth {bw / 1e12:.2f} TB/s; {args.layers} layers, {args.batch} x {args.seq} tokens, "
@@ -227,7 +235,7 @@ def main() -> None:
                 built[variant] = (stack, x, grad)
                 continue
             t0 = time.time()
-            with mhc_pre.tuning(tunings.get(variant, {})):
+            with overriding(tunings.get(variant, {})):
                 rows[variant] = measure(stack, x, grad, args.rep_ms)
             rows[variant]["wall_s"] = time.time() - t0
             print(f"  {key} {variant}: {rows[variant]}", flush=True)
@@ -242,7 +250,7 @@ def main() -> None:
         for variant in [v for v in args.variants if args.profile and " fused" in v]:
             stack = build_stack(shape, args.layers, n, variant.split()[0], "triton")
             x = torch.randn(args.batch, args.seq, n, c, device="cuda").to(torch.bfloat16).requires_grad_()
-            with mhc_pre.tuning(tunings.get(variant, {})):
+            with overriding(tunings.get(variant, {})):
                 top = kernel_breakdown(stack, x, torch.randn_like(x))
             rows[variant]["kernels_ms"] = top[:40]
             print(f"    {variant} top kernels (ms):", [(k[:60], round(v, 3)) for k, v in top[:15]], flush=True)

@@ -5,9 +5,10 @@
                                        [--tuning best.json] [--out benchmarks/results]
 
 For each shape it times (CUDA-graph replays through triton.testing.do_bench_cudagraph,
-median, after warm-up, random bf16 inputs) every launch of the fused path, with mhc_pre.TUNING (updated
-from ``--tuning``) and, for the pre kernels, with the previous defaults (mhc_pre.V2_TUNING, "(v2)" rows):
-    pre fwd           _pre_fwd_partial_kernel + _pre_fwd_finish_aggregate_kernel when TUNING says split
+median, after warm-up, random bf16 inputs) every launch of the fused path, with the device's launch
+settings (kernels.settings.launch_settings, overridden from ``--tuning``) and, for the pre kernels, with
+the previous defaults (kernel_candidates.V2, "(v2)" rows):
+    pre fwd           _pre_fwd_partial_kernel + _pre_fwd_finish_aggregate_kernel when fwd_split says so
                       (v2: _pre_fwd_kernel + _pre_aggregate_kernel)
     pre bwd reduce    _pre_bwd_reduce_kernel   (dH_pre, Sinkhorn backward, per-token scalars)
     pre bwd apply     _pre_bwd_apply_kernel    (dx, with the post/res op's H_res^T g formed and added, as in a layer)
@@ -18,8 +19,9 @@ and the eager reference of the same op for context. Bytes are counted two ways:
 what the kernels move (the pre forward reads x twice, the pre backward reads x and du in
 both passes). The table gives both as a fraction of the copy bandwidth: on min bytes, 100 %
 would be the op at its floor; on moved bytes, how close the kernels run to copy speed.
-``--sweep`` first times mhc_pre's FWD_, APPLY_, REDUCE_, POST_FWD_ and POST_BWD_CANDIDATES at ``--sweep-widths``
-and picks, per kernel, the least total time. ``--render FILE`` re-prints a saved run's table.
+``--sweep`` first times kernel_candidates' FWD, APPLY, REDUCE, POST_FWD and POST_BWD at ``--sweep-widths``
+and picks, per kernel, the least total time (``--write-tuning``: the overrides for a new device entry
+in kernels/settings.py's TABLE). ``--render FILE`` re-prints a saved run's table.
 
 Writes ``kernels_ops_<device>.json`` and ``.md`` under ``--out``.
 """
@@ -27,6 +29,7 @@ Writes ``kernels_ops_<device>.json`` and ``.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -37,6 +40,9 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import kernel_candidates as cands  # noqa: E402
 
 from dualpipe_mhc.kernels import reference as ref  # noqa: E402
 from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  # noqa: E402
@@ -46,6 +52,7 @@ from dualpipe_mhc.kernels.mhc_pre import (  # noqa: E402
     pre_backward_reduce,
     pre_forward,
 )
+from dualpipe_mhc.kernels.settings import LaunchSettings, launch_settings  # noqa: E402
 
 ITERS = 20
 
@@ -98,26 +105,31 @@ def stream_bytes(t: int, n: int, c: int, esize: int = 2) -> dict[str, tuple[int,
     }
 
 
-def time_case(t: int, n: int, c: int, device: str) -> dict[str, float]:
+def time_case(t: int, n: int, c: int, device: str, overrides: dict) -> dict[str, float]:
     x, phi, alpha, bias, y, du, gx = make_case(t, n, c, device)
-    u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
+    st = launch_settings(x.device, x.dtype, n, c, overrides)
+    u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, settings=st)
     dh_post = torch.randn_like(h_post)
     dh_res = torch.randn_like(h_res)
-    _, _, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS)
+    _, _, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS, settings=st)
     res = {
-        "pre fwd": bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)),
-        "pre bwd reduce": bench(lambda: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS)),
-        "pre bwd apply": bench(lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, res_grad=(gx, h_res))),
-        "post_res fwd": bench(lambda: post_res_forward(x, y, h_post, h_res)),
-        "post_res bwd": bench(lambda: post_res_backward(gx, x, y, h_post, h_res, write_dx=False)),
+        "pre fwd": bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, settings=st)),
+        "pre bwd reduce": bench(
+            lambda: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS, settings=st)
+        ),
+        "pre bwd apply": bench(
+            lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, res_grad=(gx, h_res), settings=st)
+        ),
+        "post_res fwd": bench(lambda: post_res_forward(x, y, h_post, h_res, settings=st)),
+        "post_res bwd": bench(lambda: post_res_backward(gx, x, y, h_post, h_res, write_dx=False, settings=st)),
     }
     res["pre bwd"] = res["pre bwd reduce"] + res["pre bwd apply"]
     print(f"  resident programs per kernel config (apply grid sizing): {list(mhc_pre_common._resident.values())}")
-    with mhc_pre.tuning(mhc_pre.V2_TUNING):  # the previous defaults, same inputs, same run
-        res["pre fwd (v2)"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS))
-        res["pre bwd apply (v2)"] = bench(
-            lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, res_grad=(gx, h_res))
-        )
+    v2 = st.replace(cands.V2)  # the previous defaults, same inputs, same run
+    res["pre fwd (v2)"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, settings=v2))
+    res["pre bwd apply (v2)"] = bench(
+        lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, res_grad=(gx, h_res), settings=v2)
+    )
     res["pre bwd (v2)"] = res["pre bwd reduce"] + res["pre bwd apply (v2)"]
     # eager reference, same inputs (fwd only, and fwd+bwd of the op)
     xr = x.detach().requires_grad_()
@@ -134,29 +146,32 @@ def time_case(t: int, n: int, c: int, device: str) -> dict[str, float]:
 
 
 def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
-    """Time every tuning candidate (FWD_, APPLY_, REDUCE_, POST_FWD_, POST_BWD_CANDIDATES, and the v2 defaults)."""
+    """Time every candidate of kernel_candidates (FWD, APPLY, REDUCE, POST_FWD, POST_BWD, and the v2 defaults)."""
     x, phi, alpha, bias, y, du, gx = make_case(t, n, c, device)
+    base = launch_settings(x.device, x.dtype, n, c)
     u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
     dh_post, dh_res = torch.randn_like(h_post), torch.randn_like(h_res)
     _, _, draw, coef = pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS)
     calls = {
-        "pre fwd": (lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS),
-                    mhc_pre.FWD_CANDIDATES + [{"fwd_split": False}]),
-        "pre bwd apply": (lambda: pre_backward_apply(x, phi, h_pre, du, draw, coef, res_grad=(gx, h_res)),
-                          mhc_pre.APPLY_CANDIDATES + [mhc_pre.V2_TUNING]),
-        "pre bwd reduce": (lambda: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS),
-                           mhc_pre.REDUCE_CANDIDATES),
-        "post_res fwd": (lambda: post_res_forward(x, y, h_post, h_res), mhc_pre.POST_FWD_CANDIDATES),
-        "post_res bwd": (lambda: post_res_backward(gx, x, y, h_post, h_res, write_dx=False),
-                         mhc_pre.POST_BWD_CANDIDATES),
+        "pre fwd": (lambda st: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, settings=st),
+                    cands.FWD + [{"fwd_split": False}]),
+        "pre bwd apply": (lambda st: pre_backward_apply(x, phi, h_pre, du, draw, coef, res_grad=(gx, h_res),
+                                                        settings=st),
+                          cands.APPLY + [cands.V2]),
+        "pre bwd reduce": (lambda st: pre_backward_reduce(x, alpha, bias, proj, rstd, du, dh_post, dh_res, ITERS,
+                                                          settings=st),
+                           cands.REDUCE),
+        "post_res fwd": (lambda st: post_res_forward(x, y, h_post, h_res, settings=st), cands.POST_FWD),
+        "post_res bwd": (lambda st: post_res_backward(gx, x, y, h_post, h_res, write_dx=False, settings=st),
+                         cands.POST_BWD),
     }  # fmt: skip
     out = {}
     for name, (fn, configs) in calls.items():
         rows = []
         for i, kw in enumerate(configs):
+            st: LaunchSettings = base.replace(kw)
             try:
-                with mhc_pre.tuning(kw):
-                    ms = bench(fn, 100)
+                ms = bench(lambda: fn(st), 100)
             except Exception as e:  # a config that does not compile (e.g. out of shared memory) is skipped
                 ms = float("nan")
                 print(f"  {name} {kw}: {type(e).__name__}: {str(e)[:160]}", flush=True)
@@ -172,7 +187,8 @@ def split_parts(t: int, n: int, c: int, device: str) -> dict[str, float]:
     m, k = 2 * n + n * n, n * c
     mp = triton.next_power_of_2(max(m, 16))
     nn_ = max(2, triton.next_power_of_2(n))
-    bt, bk = mhc_pre.TUNING["fwd_block_t"], mhc_pre.TUNING["fwd_block_k"]
+    st = launch_settings(x.device, x.dtype, n, c)
+    bt, bk = st.fwd_block_t, st.fwd_block_k
     f32 = dict(device=device, dtype=torch.float32)
     outs = [torch.empty((t, c), device=device, dtype=x.dtype), torch.empty((t, n), **f32),
             torch.empty((t, n), **f32), torch.empty((t, n, n), **f32), torch.empty((t, m), **f32),
@@ -195,8 +211,7 @@ def split_parts(t: int, n: int, c: int, device: str) -> dict[str, float]:
                 n=n, N=nn_, M=m, MP=mp, ITERS=ITERS, BT=16 // nn_, BC=256, num_warps=4,
             )  # fmt: skip
         )
-    with mhc_pre.tuning({"fwd_split": True}):
-        out["whole split pre fwd"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS))
+    out["whole split pre fwd"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, split=True))
     out["whole v2 pre fwd"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, split=False))
     print(f"  split parts C={c}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()), flush=True)
     return out
@@ -207,7 +222,7 @@ TUNING_PREFIX = {"pre fwd": "fwd_", "pre bwd apply": "apply_", "pre bwd reduce":
 
 
 def best_tuning(sweeps: list[dict[str, list]]) -> dict:
-    """The candidate with the least total time over the swept shapes, per kernel, as TUNING overrides."""
+    """The candidate with the least total time over the swept shapes, per kernel, as LaunchSettings overrides."""
     best = {}
     for name in sweeps[0]:
         totals = {}
@@ -231,7 +246,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[4])
     ap.add_argument("--sweep", action="store_true", help="time the tuning candidates first, at --sweep-widths")
     ap.add_argument("--sweep-widths", type=int, nargs="+", default=[2048, 4096])
-    ap.add_argument("--tuning", default=None, help="JSON of mhc_pre.TUNING overrides to time as the default")
+    ap.add_argument("--tuning", default=None, help="JSON of launch-settings overrides to time as the default")
     ap.add_argument("--write-tuning", default=None, help="with --sweep: write the best candidates here (JSON)")
     ap.add_argument("--no-cases", action="store_true", help="with --sweep: stop after the sweep")
     ap.add_argument("--split-parts", action="store_true", help="only time the K-split forward's launches")
@@ -267,13 +282,13 @@ def main() -> None:
             (out / f"kernels_sweep_{tag}.json").write_text(json.dumps(results, indent=1))
             return
     overrides = json.loads(Path(args.tuning).read_text()) if args.tuning else {}
-    mhc_pre.TUNING.update(overrides)
-    results["tuning"] = dict(mhc_pre.TUNING)
-    print("tuning:", mhc_pre.TUNING, flush=True)
+    tuned = launch_settings(torch.device(device), torch.bfloat16, args.streams[0], args.widths[0], overrides)
+    results["tuning"] = dataclasses.asdict(tuned)
+    print("tuning:", results["tuning"], flush=True)
     for t in args.tokens:
         for n in args.streams:
             for c in args.widths:
-                times = time_case(t, n, c, device)
+                times = time_case(t, n, c, device, overrides)
                 results["cases"].append({"T": t, "n": n, "C": c, "ms": times, "bytes": stream_bytes(t, n, c)})
                 print("\n".join(table(results)[-len(ROWS):]), flush=True)
     out = Path(args.out)

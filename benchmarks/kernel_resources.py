@@ -4,11 +4,13 @@ shared memory, and which matrix instructions the dots became.
 
     pip install --no-deps --target /tmp/t36 triton==3.6.0      # the GPU host's Triton, once
     PYTHONPATH=/tmp/t36 python benchmarks/kernel_resources.py [--widths 2048 4096] [--out FILE]
-                                                               [--defaults-only] [--check]
+                                                               [--defaults-only] [--check] [--device NAME]
 
 The launchers run unchanged on CPU tensors; a stand-in driver reports an sm_90 target, and
 every ``kernel[grid](...)`` compiles (Triton's own argument specialisation, ptxas from the
 Triton wheel) instead of launching. Costs no device time; a kernel that spills here spills there.
+The launch settings are the table entry of ``--device`` (kernels/settings.py), plus each
+candidate of benchmarks/kernel_candidates.py unless ``--defaults-only``.
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import kernel_candidates as cands  # noqa: E402
 
 from dualpipe_mhc.kernels import mhc_pre, mhc_pre_common  # noqa: E402
 from dualpipe_mhc.kernels import reference as ref  # noqa: E402
 from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  # noqa: E402
+from dualpipe_mhc.kernels.settings import DEFAULT, TABLE, launch_settings  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232448  # bytes of shared memory a program may take on an H100 / H200
@@ -99,17 +105,21 @@ def compile_only(records: list):
         driver._active = saved_driver
 
 
-def launches(t: int, n: int, c: int, dtype: torch.dtype) -> None:
-    """One forward and backward of both ops through the launchers, at the current TUNING, as a
-    sublayer runs them (the post/res backward hands g and H_res to the pre backward)."""
+def launches(t: int, n: int, c: int, dtype: torch.dtype, device_name: str, overrides: dict) -> None:
+    """One forward and backward of both ops through the launchers, with ``device_name``'s launch
+    settings and ``overrides``, as a sublayer runs them (the post/res backward hands g and H_res to
+    the pre backward)."""
     m = 2 * n + n * n
     x = torch.randn(t, n, c).to(dtype)
+    st = launch_settings(device_name, dtype, n, c, overrides)
     phi, alpha, bias = torch.randn(n * c, m), torch.ones(3), torch.zeros(m)
-    u, h_pre, h_post, h_res, proj, rstd = mhc_pre.pre_forward(x, phi, alpha, bias, 20, ref.RMS_EPS)
+    u, h_pre, h_post, h_res, proj, rstd = mhc_pre.pre_forward(x, phi, alpha, bias, 20, ref.RMS_EPS, settings=st)
     du, dh_post, dh_res = torch.randn(t, c).to(dtype), torch.zeros(t, n), torch.zeros(t, n, n)
-    post_res_forward(x, u, h_post, h_res)
-    post_res_backward(x, x, u, h_post, h_res, write_dx=False)
-    mhc_pre.pre_backward(x, phi, alpha, bias, h_pre, proj, rstd, du, dh_post, dh_res, 20, res_grad=(x, h_res))
+    post_res_forward(x, u, h_post, h_res, settings=st)
+    post_res_backward(x, x, u, h_post, h_res, write_dx=False, settings=st)
+    mhc_pre.pre_backward(
+        x, phi, alpha, bias, h_pre, proj, rstd, du, dh_post, dh_res, 20, res_grad=(x, h_res), settings=st
+    )
 
 
 def main() -> None:
@@ -119,15 +129,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the table here (Markdown)")
     ap.add_argument("--defaults-only", action="store_true", help="only the launch defaults (bf16 n 4 and 8, fp32)")
     ap.add_argument("--check", action="store_true", help="exit 1 if a kernel spills or overflows shared memory")
+    ap.add_argument("--device", default=DEFAULT, choices=sorted(TABLE),
+                    help="whose launch settings to compile (kernels/settings.py's TABLE)")
     args = ap.parse_args()
     configs = [("default", {}, dtype, n) for dtype, n in ((torch.bfloat16, 4), (torch.float32, 4), (torch.bfloat16, 8))]
     if not args.defaults_only:
-        configs += [("v2", mhc_pre.V2_TUNING, torch.bfloat16, 4)]
-        configs += [(f"apply cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.APPLY_CANDIDATES)]
-        configs += [(f"fwd cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.FWD_CANDIDATES)]
-        configs += [(f"reduce cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.REDUCE_CANDIDATES)]
-        configs += [(f"post fwd cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.POST_FWD_CANDIDATES)]
-        configs += [(f"post bwd cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(mhc_pre.POST_BWD_CANDIDATES)]
+        configs += [("v2", cands.V2, torch.bfloat16, 4)]
+        for label, group in (("apply", cands.APPLY), ("fwd", cands.FWD), ("reduce", cands.REDUCE),
+                             ("post fwd", cands.POST_FWD), ("post bwd", cands.POST_BWD)):
+            configs += [(f"{label} cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(group)]
     bad = []
     lines = [f"triton {triton.__version__}, target sm_90; regs per thread, stack bytes, local ld/st in SASS",
              "", "| config | dtype | n | C | kernel | warps | stages | regs | stack | local ld/st | cp.async | shared B | mma |",
@@ -136,8 +146,8 @@ def main() -> None:
     for label, overrides, dtype, n in configs:
         for c in args.widths:
             records: list = []
-            with mhc_pre.tuning(overrides), compile_only(records):
-                launches(args.tokens, n, c, dtype)
+            with compile_only(records):
+                launches(args.tokens, n, c, dtype, args.device, overrides)
             for name, consts, opts, kernel in records:
                 key = (name, tuple(sorted(consts.items())), tuple(sorted(opts.items())), str(dtype))
                 if key in seen:
@@ -150,7 +160,7 @@ def main() -> None:
                     f"{r['async_copies']} | {kernel.metadata.shared} | {' '.join(r['mma'])} |"
                 )
                 print(lines[-1], flush=True)
-                # fp32 streams at n = 8 spill on sm_90 at every tile that fits shared memory (WIDE_APPLY_TUNING)
+                # fp32 streams at n = 8 spill on sm_90 at every tile that fits shared memory (the wide apply sizes)
                 spill_ok = dtype == torch.float32 and n == 8
                 if (r["stack"] and not spill_ok) or kernel.metadata.shared > SHARED_LIMIT:
                     bad.append(f"{name} ({label}, {str(dtype)[6:]}, n={n}, C={c}): stack {r['stack']} B, "

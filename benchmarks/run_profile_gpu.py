@@ -7,7 +7,7 @@ one host and writes, under ``--out``:
     profile_<device>_<ranks>r_<schedule>_<link>.json / .png    one profile report each
     summary_<device>_<ranks>r.json / .md                       the grid in one table
 
-Links: ``h800`` shapes the transport to H800 NVLink (200 GB/s one way, DESIGN.md §6),
+Links: ``h800`` shapes the transport to H800 NVLink (200 GB/s one way, docs/DESIGN.md §6),
 ``native`` leaves NCCL alone (NVLink of the host, ~370 GB/s measured on H200 x2).
 
 Meant for nvidia-h200-x2 / x4 (or H100 x2 / x4), e.g.::

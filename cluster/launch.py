@@ -1,23 +1,27 @@
 """Ray placement of the stage workers and the torch.distributed rendezvous between them.
 
-    connect(cluster_cfg)            -> joins ``cluster.address`` or starts a local Ray
+    connect(address, timeout_s)     -> joins the Ray cluster at ``address`` (``cluster.address``)
+                                       or starts a local one; True when this call started Ray
     WorkerGroup.launch(ranks, ...)  -> placement group (one bundle per rank, PACK) and one
                                        StageWorker actor per bundle; process group inside
     group.kill()                    -> actors killed, placement group removed
 
-Nothing here runs at import time. Ray's token authentication (on by default for local
-clusters in Ray >= 2.5x) needs nothing from us: ``ray.init`` generates the token for a
-local cluster, and a remote one is joined with the token in ``RAY_AUTH_TOKEN`` or
-``~/.ray/auth_token`` as Ray documents.
+Nothing here runs at import time. Token authentication stays on: a local cluster gets the
+token ``ray.init`` generates, a remote one is joined with the token in ``RAY_AUTH_TOKEN`` or
+``~/.ray/auth_token`` as Ray documents. ``connect`` states the mode (``RAY_AUTH_MODE``) where
+Ray would otherwise pick it and print a warning about having done so on every command.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-# Always set in every actor (DESIGN.md §6, KINDS.md): NVLink SHARP / multicast paths stay off.
+# Always set in every actor (docs/DESIGN.md §6): NVLink SHARP / multicast paths stay off.
 ACTOR_ENV = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -27,17 +31,72 @@ ACTOR_ENV = {
 FORWARDED_ENV = ("DUALPIPE_MHC_KERNELS", "TRITON_INTERPRET")
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
+class ClusterUnreachable(ValueError):
+    """``cluster.address`` names no Ray cluster this driver can join; the message is one line."""
+
+
+# Ray's own variables for an explicit auth mode and a token given by value or by file.
+_AUTH_MODE, _TOKEN_VARS = "RAY_AUTH_MODE", ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _token_available() -> bool:
+    return any(os.environ.get(v) for v in _TOKEN_VARS) or (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``host:port`` or ``ray://host:port`` address; None for ``auto``/``local``."""
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail in one line, within ``timeout_s``, when nothing listens at ``address``: without
+    this, ``ray.init`` retries for minutes and ends in a long traceback."""
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        socket.create_connection(hp, timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ClusterUnreachable(
+            f"cluster.address={address}: no Ray cluster answers there ({reason}); start one with "
+            f"'ray start --head --port={hp[1]}' on that host, or unset cluster.address to start a local one"
+        ) from None
+
+
+def connect(address: str | None, timeout_s: float = 60.0, num_cpus: int | None = None) -> bool:
     """Join the Ray cluster at ``address`` (or an already-initialised one), else start a local one.
 
+    ``address``: ``host:port``, ``ray://host:port`` or ``auto`` (``cluster.address``); None starts
+    a local cluster with ``num_cpus`` logical CPUs (default: the machine's, at least 4).
+    ``timeout_s``: how long to wait for ``address`` to answer (``run.timeout_s``); an address
+    nobody answers at raises :class:`ClusterUnreachable` (a ValueError, one line).
     Returns True when this call started Ray (the caller then shuts it down).
     """
+    # Ray reads the mode once, at its first import; after that a changed variable would disagree
+    # with Ray's cached config, so it is only stated while Ray is not yet imported. A new local
+    # cluster gets token auth, which Ray would pick itself and warn about on every command; a
+    # remote cluster is joined with token auth when a token is at hand.
+    if "ray" not in sys.modules and (not address or _token_available()):
+        os.environ.setdefault(_AUTH_MODE, "token")
     import ray
 
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False)
+        _check_reachable(address, timeout_s)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ClusterUnreachable(
+                f"cluster.address={address}: could not join the Ray cluster ({first}); check the address "
+                "(ray status on the head node prints it) or unset cluster.address to start a local one"
+            ) from None
         return False
     cpus = num_cpus or max(os.cpu_count() or 1, 4)  # logical CPUs: small fractional actors on small boxes
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)

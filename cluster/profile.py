@@ -1,5 +1,5 @@
 """The profiler: one config run twice — mHC (n streams) and the plain residual (n = 1), optionally HC —
-on the same schedule, micro-batches and link, and the mHC overhead that results (DESIGN.md §3).
+on the same schedule, micro-batches and link, and the mHC overhead that results (docs/DESIGN.md §3).
 
     report = profile(cfg, with_hc=False)          # runs the variants through the runtime
     report["overhead_pct"]["mhc"]                 # +x.x % step time over plain

@@ -83,7 +83,7 @@ class Pipeline:
 
     @staticmethod
     def start(cfg: RunConfig, sched: Schedule, recv_ahead: int | None = None) -> Pipeline:
-        started = connect(cfg.cluster.address)
+        started = connect(cfg.cluster.address, cfg.run.timeout_s)
         try:
             use_gpu, backend = resolve_placement(cfg)
             group = WorkerGroup.launch(cfg.pipeline.ranks, use_gpu, backend, cfg.run.timeout_s)

@@ -2,7 +2,7 @@
 
 A message of N bytes sent over a link of one-way bandwidth ``bw`` and latency ``L``
 should arrive ``L + N / bw`` after it leaves, and the link carries one message at a
-time per direction (the simulator's model, DESIGN.md §5). The shaper cuts each message
+time per direction (the simulator's model, docs/DESIGN.md §5). The shaper cuts each message
 into chunks and issues chunk k (of cumulative size b_k) at ``t0 + L + b_k / bw``, where
 ``t0`` is when the message may start (submitted and the previous message on that link
 done). On a raw link much faster than ``bw`` the last chunk lands just after its

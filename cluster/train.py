@@ -4,8 +4,9 @@
     outcome.results        # one StepResult per step run
     outcome.start_step     # 0, or the resumed data position
 
-Everything that can be checked without workers (schedule, checkpoint to resume) is
-checked before any actor starts, so a bad config costs nothing.
+Everything that can be checked without workers (schedule, checkpoint to resume, verified
+file by file) is checked before any actor starts, so a bad config costs nothing. Each save
+and the resume are announced in one line through ``on_note`` (default: print).
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ def train(
     on_step: Callable[[StepResult], None] | None = None,
     pipe: Pipeline | None = None,
     on_start: Callable[[Pipeline, int], None] | None = None,
+    on_note: Callable[[str], None] = print,
 ) -> TrainOutcome:
-    """Run steps up to ``cfg.run.steps`` (from the last checkpoint with ``resume``).
+    """Run steps up to ``cfg.run.steps`` (from the newest checkpoint that verifies, with ``resume``).
 
     ``pipe``: an already started pipeline of the right size to reuse (it is reconfigured
     and left open); otherwise one is started and closed here.
+    ``on_note``: receives one line per checkpoint saved and for the resume.
     """
     sched = pipeline_schedule(cfg)
     cfg_data = dump_config(cfg)
@@ -62,7 +65,9 @@ def train(
     root = Path(cfg.run.checkpoint_dir).absolute()
     resume_dir, start = None, 0
     if resume:
-        resume_dir, start = checkpoint.find_latest(root, cfg_data)
+        point = checkpoint.find_latest(root, cfg_data)
+        resume_dir, start = point.path, point.data_position
+        on_note(point.describe())
     own = pipe is None
     if own:
         pipe = Pipeline.start(cfg, sched)
@@ -81,9 +86,11 @@ def train(
             outcome.results.append(res)
             if every and (step + 1) % every == 0:
                 d = checkpoint.step_dir(root, step)
-                pipe.save_checkpoint(str(d), step)
-                checkpoint.commit(root, step, cfg_data)
+                files = pipe.save_checkpoint(str(d), step)
+                checkpoint.commit(root, step, cfg_data, files)
                 outcome.checkpoints.append(str(d))
+                size = sum(Path(f).stat().st_size for f in files)
+                on_note(f"saved checkpoint {d} after step {step} ({len(files)} rank files, {size / 2**20:.1f} MiB)")
             if on_step is not None:
                 on_step(res)
     except PipelineError as exc:

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ResidualKind = Literal["plain", "hc", "mhc", "dsv4"]
+RESIDUALS: tuple[str, ...] = get_args(ResidualKind)  # the one list of residual kinds; others import it
 ScheduleName = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
 MlpKind = Literal["gelu", "swiglu"]
 
@@ -45,27 +46,52 @@ def _positive(section: BaseModel, prefix: str, *names: str) -> None:
             raise ConfigError(f"{prefix}.{name}={value} is invalid: it must be positive")
 
 
-class ModelConfig(_Section):
-    """Decoder-only LM shape. ``width`` is C, ``streams`` is n (DESIGN.md §4)."""
+def _at_most(section: BaseModel, prefix: str, limits: dict[str, float]) -> None:
+    """Refuse a size past ``limits[name]``: past it lies a typo, not a model, and the reports
+    would print step times and memory that are cut off or meaningless."""
+    for name, limit in limits.items():
+        value = getattr(section, name)
+        if value is not None and value > limit:
+            most = int(limit) if float(limit).is_integer() else limit
+            raise ConfigError(
+                f"{prefix}.{name}={value} is past any real model or setup; use {prefix}.{name}<={most}"
+            )
 
-    vocab_size: int = 512
-    width: int = 64
-    heads: int = 4
-    layers: int = 4
-    streams: int = 4
-    residual: ResidualKind = "mhc"
-    mlp: MlpKind = "gelu"
-    mlp_ratio: float = 4.0
-    mlp_hidden: int | None = None  # overrides mlp_ratio when set (e.g. SwiGLU 11008)
-    seq_len: int = 64
-    sinkhorn_iters: int = 20
-    tie_embeddings: bool = False  # kept so dumped configs load; only False is implemented
+
+# Upper bounds, each well past the largest published model or shipping device (dense LMs reach
+# C ~ 25k, ~130 layers, 256k vocabularies, 1M-token contexts; mHC uses n = 4, HC up to 8).
+MODEL_LIMITS: dict[str, float] = {
+    "vocab_size": 2**20, "width": 65536, "heads": 1024, "layers": 1024, "streams": 16,
+    "mlp_ratio": 64, "mlp_hidden": 2**18, "seq_len": 2**20, "sinkhorn_iters": 1000,
+}
+LINK_LIMITS: dict[str, float] = {"bandwidth_gbps": 10_000.0, "latency_us": 1e6}  # 10 TB/s one way; 1 s
+HARDWARE_LIMITS: dict[str, float] = {"matmul_tflops": 100_000.0, "hbm_tbps": 100.0, "memory_gib": 4096.0}
+RUN_LIMITS: dict[str, float] = {"steps": 10_000_000, "timeout_s": 7 * 86400.0}
+
+
+class ModelConfig(_Section):
+    """Decoder-only LM shape. ``width`` is C, ``streams`` is n (docs/DESIGN.md §4).
+    Sizes are bounded by :data:`MODEL_LIMITS` (far past any real model)."""
+
+    vocab_size: int = Field(512, description="vocabulary size, 1 to 2^20")
+    width: int = Field(64, description="model width C, 1 to 65536; heads must divide it")
+    heads: int = Field(4, description="attention heads, 1 to 1024; width/heads must be even (rotary)")
+    layers: int = Field(4, description="transformer layers, 1 to 1024; at least the pipeline's stages")
+    streams: int = Field(4, description="residual streams n, 1 to 16 (the paper: 4; plain needs 1)")
+    residual: ResidualKind = Field("mhc", description="residual kind: plain | hc | mhc | dsv4")
+    mlp: MlpKind = Field("gelu", description="MLP kind: gelu | swiglu")
+    mlp_ratio: float = Field(4.0, description="MLP hidden width / C, above 0 and at most 64")
+    mlp_hidden: int | None = Field(None, description="MLP hidden width, 1 to 2^18; overrides mlp_ratio (e.g. 11008)")
+    seq_len: int = Field(64, description="tokens per sequence, 1 to 2^20")
+    sinkhorn_iters: int = Field(20, description="Sinkhorn-Knopp rounds for H_res, 1 to 1000 (the paper: 20)")
+    tie_embeddings: bool = Field(False, description="kept so dumped configs load; only false is implemented")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         _positive(self, "model", "vocab_size", "width", "heads", "layers", "seq_len")
         if self.streams < 1:
             raise ConfigError(f"model.streams={self.streams} is invalid: n must be >= 1 (the paper uses 4)")
+        _at_most(self, "model", MODEL_LIMITS)
         # Suggest only head counts that pass both checks: dividing C, with an even head dim.
         valid_heads = [h for h in range(1, min(self.width, 128) + 1) if self.width % h == 0 and (self.width // h) % 2 == 0]
         if self.width % self.heads:
@@ -138,7 +164,7 @@ class PipelineConfig(_Section):
 
 
 LINK_PRESETS: dict[str, tuple[float, float]] = {
-    # name: (one-way bandwidth GB/s, latency us). DESIGN.md §6.
+    # name: (one-way bandwidth GB/s, latency us). docs/DESIGN.md §6.
     "h800-nvlink": (200.0, 3.0),   # 400 GB/s bidirectional
     "h100-nvlink": (450.0, 3.0),   # 900 GB/s bidirectional
     "h200-nvlink": (450.0, 3.0),
@@ -151,10 +177,11 @@ LINK_PRESETS: dict[str, tuple[float, float]] = {
 class LinkConfig(_Section):
     """A point-to-point link between neighbouring ranks: a preset, or explicit figures."""
 
-    preset: str | None = "h800-nvlink"
-    bandwidth_gbps: float | None = None  # one-way GB/s (1e9 bytes/s); overrides the preset
-    latency_us: float | None = None
-    shape: bool = False  # runtime: pace sends to this link's rate (emulate a slower link)
+    preset: str | None = Field("h800-nvlink", description="a LINK_PRESETS name, or none with bandwidth_gbps")
+    bandwidth_gbps: float | None = Field(
+        None, description="one-way GB/s (1e9 bytes/s), above 0 and at most 10000; overrides the preset")
+    latency_us: float | None = Field(None, description="one-way latency in us, 0 to 1e6; overrides the preset")
+    shape: bool = Field(False, description="runtime: pace sends to this link's rate (emulate a slower link)")
 
     @field_validator("preset", mode="before")
     @classmethod
@@ -175,6 +202,7 @@ class LinkConfig(_Section):
             raise ConfigError(f"link.bandwidth_gbps={self.bandwidth_gbps} is invalid: use a positive one-way GB/s")
         if self.latency_us is not None and self.latency_us < 0:
             raise ConfigError(f"link.latency_us={self.latency_us} is invalid: use >= 0")
+        _at_most(self, "link", LINK_LIMITS)
         return self
 
     @property
@@ -192,7 +220,7 @@ class LinkConfig(_Section):
 
 HARDWARE_PRESETS: dict[str, tuple[float, float]] = {
     # name: (achieved dense bf16 matmul TFLOP/s, achieved HBM copy TB/s).
-    # h200: copy measured here (DESIGN.md §6), matmul from the device notes (~790).
+    # h200: copy measured here (docs/DESIGN.md §6), matmul from the device notes (~790).
     # h100/h800 share a die; their HBM3 runs at ~3.35 TB/s peak, ~2.9 achieved.
     "h200": (790.0, 4.27),
     "h100": (700.0, 2.9),
@@ -202,10 +230,13 @@ HARDWARE_PRESETS: dict[str, tuple[float, float]] = {
 
 
 class HardwareConfig(_Section):
-    preset: str = "h800"
-    matmul_tflops: float | None = None
-    hbm_tbps: float | None = None
-    memory_gib: float = 80.0
+    """One GPU's achieved ceilings: a preset, or explicit figures."""
+
+    preset: str = Field("h800", description="a HARDWARE_PRESETS name")
+    matmul_tflops: float | None = Field(
+        None, description="achieved dense bf16 matmul TFLOP/s, above 0 and at most 1e5; overrides the preset")
+    hbm_tbps: float | None = Field(None, description="achieved HBM TB/s, above 0 and at most 100; overrides the preset")
+    memory_gib: float = Field(80.0, description="memory per GPU in GiB, above 0 and at most 4096")
 
     @model_validator(mode="after")
     def _check(self) -> HardwareConfig:
@@ -215,6 +246,7 @@ class HardwareConfig(_Section):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ConfigError(f"hardware.{name}={v} is invalid: use a positive number")
+        _at_most(self, "hardware", HARDWARE_LIMITS)
         return self
 
     @property
@@ -231,7 +263,7 @@ class HardwareConfig(_Section):
 
 
 class RecomputeConfig(_Section):
-    """mHC recomputation in blocks of ``block_layers`` consecutive sublayer-pairs (DESIGN.md §4)."""
+    """mHC recomputation in blocks of ``block_layers`` consecutive sublayer-pairs (docs/DESIGN.md §4)."""
 
     enabled: bool = False
     block_layers: int | Literal["auto"] = "auto"
@@ -249,18 +281,20 @@ class RecomputeConfig(_Section):
 class RunSettings(_Section):
     """Training-loop settings for ``run`` / ``profile``."""
 
-    steps: int = 3
+    steps: int = Field(3, description="training steps, 1 to 1e7")
     seed: int = 0
     lr: float = 1e-3
     dtype: Literal["float32", "bfloat16"] = "float32"
     kernels: Literal["auto", "triton", "reference"] = "auto"
-    checkpoint_every: int = 0  # 0: never
+    checkpoint_every: int = Field(0, description="save a checkpoint every K steps; 0: never")
     checkpoint_dir: str = "checkpoints"
-    timeout_s: float = 60.0  # a stuck rank or transfer ends the run after this long
+    timeout_s: float = Field(
+        60.0, description="a stuck rank, transfer or cluster.address ends the run after this long; at most 7 days")
 
     @model_validator(mode="after")
     def _check(self) -> RunSettings:
         _positive(self, "run", "steps", "lr", "timeout_s")
+        _at_most(self, "run", RUN_LIMITS)
         if self.checkpoint_every < 0:
             raise ConfigError(f"run.checkpoint_every={self.checkpoint_every} is invalid: use 0 (never) or a step count")
         return self
@@ -269,7 +303,7 @@ class RunSettings(_Section):
 class ClusterConfig(_Section):
     """Where the Ray workers run."""
 
-    address: str | None = None  # None: start a local Ray cluster
+    address: str | None = Field(None, description="host:port, ray://host:port or auto; unset: start a local Ray")
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     use_gpus: Literal["auto", "yes", "no"] = "auto"
 

@@ -1,4 +1,4 @@
-"""The hyper-connection wrapper: one module around any sublayer F (DESIGN.md §4).
+"""The hyper-connection wrapper: one module around any sublayer F (docs/DESIGN.md §4).
 
     x_{l+1} = H_res @ x_l + H_post^T * F(H_pre @ x_l)        x: [..., n, C]
 
@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .config import RESIDUALS
 from .kernels import get_ops, reference, resolve_backend
 
 ALPHA_INIT = 0.01
@@ -60,8 +61,8 @@ class HyperConnection(nn.Module):
         res_init: float = RES_INIT,
     ) -> None:
         super().__init__()
-        if kind not in ("plain", "hc", "mhc", "dsv4"):
-            raise ValueError(f"residual kind {kind!r} is unknown; use 'plain', 'hc', 'mhc' or 'dsv4'")
+        if kind not in RESIDUALS:
+            raise ValueError(f"residual kind {kind!r} is unknown; use one of {', '.join(RESIDUALS)}")
         if kind == "plain" and streams != 1:
             raise ValueError(f"residual kind 'plain' needs streams=1, got {streams}")
         self.sublayer = sublayer

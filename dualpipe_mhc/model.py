@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .mhc import HyperConnection, HyperHead
 from .recompute import check_block_layers, run_blocks
-from .scheduler.analytic import split_layers as layer_counts
+from .scheduler.analytic import layer_ranges
 
 
 class RMSNorm(nn.Module):
@@ -182,16 +182,6 @@ class StageChunk(nn.Module):
         return lm_loss(self.head(x), targets)
 
 
-def split_layers(layers: int, stages: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, end)`` layer ranges for ``stages`` chunks: the cost model's split
-    (:func:`dualpipe_mhc.scheduler.analytic.split_layers`), so simulated and run stages agree."""
-    ranges, start = [], 0
-    for count in layer_counts(layers, stages):
-        ranges.append((start, start + count))
-        start += count
-    return ranges
-
-
 class MhcLM(nn.Module):
     """The whole model: ``forward(tokens [B, S], targets [B, S]) -> loss``.
 
@@ -225,7 +215,7 @@ class MhcLM(nn.Module):
 
     def stage_chunks(self, stages: int) -> list[StageChunk]:
         """Split into ``stages`` contiguous chunks sharing this model's parameters (and recompute setting)."""
-        ranges = split_layers(len(self.blocks), stages)
+        ranges = layer_ranges(len(self.blocks), stages)
         return [
             StageChunk(
                 self.embed if s == 0 else None,

@@ -1,4 +1,4 @@
-"""Stability metrics of the residual mixing, trained and untrained (DESIGN.md §4).
+"""Stability metrics of the residual mixing, trained and untrained (docs/DESIGN.md §4).
 
 Two measurements back the paper's argument that the Sinkhorn projection keeps
 deep hyper-connected stacks stable:
@@ -25,12 +25,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
+from .config import RESIDUALS, ModelConfig
 from .corpus import VOCAB_SIZE, Corpus
 from .kernels.reference import amax_gain, sinkhorn
 from .model import MhcLM, build_model
 
-KINDS = ("plain", "hc", "mhc")
+KINDS = RESIDUALS  # every residual kind trains in the comparison
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def random_demo(s: DemoSettings) -> dict:
     """Composite gains over depth 1..s.depth of random HC matrices and of their Sinkhorn projections.
 
     HC uses H~ as it is; mHC uses SinkhornKnopp(H~) (exp, then t_max rounds of
-    column and row normalisation, DESIGN.md §4). Float64; each gain is the worst
+    column and row normalisation, docs/DESIGN.md §4). Float64; each gain is the worst
     of ``trials`` independent products (the median is recorded beside it).
     """
     gen = torch.Generator().manual_seed(s.seed)

@@ -17,6 +17,9 @@ very ``x`` and ``h_res`` of an ``mhc_pre`` call, its backward writes no dL/dx: i
 g = dL/dx_next and H_res to the pre op's backward instead (a :class:`_GradLink` attached
 to ``h_res``), whose apply kernel forms H_res^T g while writing its own dx. The pre
 backward always runs after the post/res backward, because it needs dL/dh_res.
+
+Launch settings (:mod:`kernels.settings`) are resolved once per call, in the forward, and kept
+for the backward: autograd may run the backward on another thread.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .mhc_post import post_res_backward, post_res_forward
 from .mhc_pre import _pre_fwd_kernel, pre_backward, pre_forward
 from .mhc_pre import pre_aggregate as _pre_aggregate
 from .reference import RMS_EPS
+from .settings import LaunchSettings, launch_settings
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LINK_ATTR = "_mhc_grad_link"
@@ -75,10 +79,12 @@ class _GradLink:
 
 class MhcPreFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, phi, alpha, bias, iters, eps, link, kind):  # x: [T, n, C] contiguous
-        u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, iters, eps, kind=kind)
+    def forward(ctx, x, phi, alpha, bias, iters, eps, link, kind, settings):  # x: [T, n, C] contiguous
+        u, h_pre, h_post, h_res, proj, rstd = pre_forward(
+            x, phi, alpha, bias, iters, eps, kind=kind, settings=settings
+        )
         ctx.save_for_backward(x, phi, alpha, bias, h_pre, proj, rstd)
-        ctx.iters, ctx.link, ctx.kind = iters, link, kind
+        ctx.iters, ctx.link, ctx.kind, ctx.settings = iters, link, kind, settings
         ctx.mark_non_differentiable(h_pre)  # returned for recomputation only: u carries its gradient
         return u, h_pre, h_post, h_res
 
@@ -93,29 +99,29 @@ class MhcPreFunction(torch.autograd.Function):
         dx_accum, res_grad = ctx.link.take() if ctx.link is not None else (None, None)
         dx, dphi, dalpha, dbias = pre_backward(
             x, phi, alpha, bias, h_pre, proj, rstd, du, dh_post, dh_res, ctx.iters,
-            dx_accum=dx_accum, res_grad=res_grad, kind=ctx.kind,
+            dx_accum=dx_accum, res_grad=res_grad, kind=ctx.kind, settings=ctx.settings,
         )  # fmt: skip
-        return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None, None
+        return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None, None, None
 
 
 class PostResFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, h_post, h_res, link):  # x: [T, n, C], y: [T, C], h_*: fp32, all contiguous
+    def forward(ctx, x, y, h_post, h_res, link, settings):  # x: [T, n, C], y: [T, C], h_*: fp32, all contiguous
         ctx.save_for_backward(x, y, h_post, h_res)
-        ctx.link = link
-        return post_res_forward(x, y, h_post, h_res)
+        ctx.link, ctx.settings = link, settings
+        return post_res_forward(x, y, h_post, h_res, settings)
 
     @staticmethod
     def backward(ctx, g):
         x, y, h_post, h_res = ctx.saved_tensors
         g = g.contiguous()
         handed = ctx.link is not None and ctx.link.hold(g, h_res)
-        dx, dy, dh_post, dh_res = post_res_backward(g, x, y, h_post, h_res, write_dx=not handed)
+        dx, dy, dh_post, dh_res = post_res_backward(g, x, y, h_post, h_res, write_dx=not handed, settings=ctx.settings)
         if ctx.link is not None:
             if not handed:
                 ctx.link.give(dx)
             dx = None
-        return dx, dy, dh_post, dh_res, None
+        return dx, dy, dh_post, dh_res, None, None
 
 
 def _check(x: Tensor, kind: str, op: str) -> None:
@@ -137,12 +143,13 @@ def _check(x: Tensor, kind: str, op: str) -> None:
 
 def mhc_pre(
     x: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, sinkhorn_iters: int, kind: str = "mhc", eps: float = RMS_EPS,
-    return_h_pre: bool = False,
+    return_h_pre: bool = False, settings: LaunchSettings | dict | None = None,
 ) -> tuple[Tensor, ...]:
     """x ``[..., n, C]`` -> (u ``[..., C]``, h_post ``[..., n]`` fp32, h_res ``[..., n, n]`` fp32); see reference.mhc_pre.
 
     ``kind``: "mhc" or "dsv4" (DeepSeek-V4's mappings; h_res is then comb^T, as the reference returns it).
-    ``return_h_pre``: (u, h_pre, h_post, h_res), h_pre ``[..., n]`` fp32 without gradient."""
+    ``return_h_pre``: (u, h_pre, h_post, h_res), h_pre ``[..., n]`` fp32 without gradient.
+    ``settings``: launch settings or overrides of them (:func:`kernels.settings.launch_settings`)."""
     _check(x, kind, "mhc_pre")
     if kind == "dsv4" and sinkhorn_iters < 1:
         raise ValueError(f"dsv4 Sinkhorn needs sinkhorn_iters >= 1 (its first round is the softmax), got {sinkhorn_iters}")
@@ -156,7 +163,7 @@ def mhc_pre(
     link = _GradLink(x) if torch.is_grad_enabled() and x.requires_grad else None
     u, h_pre, h_post, h_res = MhcPreFunction.apply(
         x.reshape(-1, n, c).contiguous(), phi.contiguous(), alpha.contiguous(), bias.contiguous(),
-        int(sinkhorn_iters), float(eps), link, kind,
+        int(sinkhorn_iters), float(eps), link, kind, launch_settings(x.device, x.dtype, n, c, settings),
     )  # fmt: skip
     h_res = h_res.reshape(*lead, n, n)
     if link is not None:
@@ -176,8 +183,11 @@ def pre_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
     return u.reshape(*lead, c)
 
 
-def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """x_next = H_res @ x + H_post^T ⊗ y, ``[..., n, C]`` in x's dtype; see reference.post_res."""
+def post_res(
+    x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, settings: LaunchSettings | dict | None = None
+) -> Tensor:
+    """x_next = H_res @ x + H_post^T ⊗ y, ``[..., n, C]`` in x's dtype; see reference.post_res.
+    ``settings``: launch settings or overrides of them (:func:`kernels.settings.launch_settings`)."""
     _check(x, "mhc", "post_res")  # the same op for every fused kind
     *lead, n, c = x.shape
     link = getattr(h_res, _LINK_ATTR, None)
@@ -189,5 +199,6 @@ def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
         h_post.to(torch.float32).reshape(-1, n).contiguous(),
         h_res.to(torch.float32).reshape(-1, n, n).contiguous(),
         link,
+        launch_settings(x.device, x.dtype, n, c, settings),
     )
     return out.reshape(*lead, n, c)

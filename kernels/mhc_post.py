@@ -1,4 +1,4 @@
-"""Fused mHC 'post + res' op: x_next = H_res x + H_post^T ⊗ y, forward and backward (DESIGN.md §4).
+"""Fused mHC 'post + res' op: x_next = H_res x + H_post^T ⊗ y, forward and backward (docs/DESIGN.md §4).
 
 Reference twin: :func:`kernels.reference.post_res`.
 
@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from . import mhc_pre_common
-from .mhc_pre_common import TUNING, _pow2
+from .mhc_pre_common import _pow2
+from .settings import LaunchSettings, launch_settings
 
 
 @triton.jit
@@ -108,34 +109,34 @@ def _tiling(n: int, t: int, c: int, block_c: int, values: int, device: torch.dev
     return block_t, block_c, triton.cdiv(c, per_split), per_split
 
 
-def post_res_forward(x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> torch.Tensor:
+def post_res_forward(
+    x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, settings: LaunchSettings | None = None
+) -> torch.Tensor:
     """``x [T, n, C], y [T, C], h_post [T, n] fp32, h_res [T, n, n] fp32`` (contiguous) -> x_next.
-    Block sizes: ``TUNING``'s ``post_fwd_*`` entries."""
+    Block sizes: the ``post_fwd_*`` launch settings (default: looked up for x)."""
     t, n, c = x.shape
-    block_t, block_c, splits, per_split = _tiling(
-        n, t, c, TUNING["post_fwd_block_c"], TUNING["post_fwd_tile_values"], x.device
-    )
+    s = launch_settings(x.device, x.dtype, n, c, settings)
+    block_t, block_c, splits, per_split = _tiling(n, t, c, s.post_fwd_block_c, s.post_fwd_tile_values, x.device)
     out = torch.empty_like(x)
     _post_res_fwd_kernel[(triton.cdiv(t, block_t), splits)](
         x, y, h_post, h_res, out, t, c, per_split, n=n, N=_pow2(n, 2), BT=block_t, BC=block_c,
-        LOOP_STAGES=TUNING["post_fwd_loop_stages"], num_warps=TUNING["post_fwd_warps"],
+        LOOP_STAGES=s.post_fwd_loop_stages, num_warps=s.post_fwd_warps,
     )  # fmt: skip
     return out
 
 
 def post_res_backward(
     g: torch.Tensor, x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor,
-    write_dx: bool = True,
+    write_dx: bool = True, settings: LaunchSettings | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``g = dL/dx_next [T, n, C]`` -> ``dx [T, n, C], dy [T, C], dh_post [T, n] fp32, dh_res [T, n, n] fp32``.
 
     ``write_dx=False``: dx (= H_res^T g) is left to the caller (None), e.g. to the mHC pre op's
-    backward, which forms it while writing its own gradient of the same x. Block sizes:
-    ``TUNING``'s ``post_bwd_*`` entries."""
+    backward, which forms it while writing its own gradient of the same x. Block sizes: the
+    ``post_bwd_*`` launch settings (default: looked up for x)."""
     t, n, c = x.shape
-    block_t, block_c, splits, per_split = _tiling(
-        n, t, c, TUNING["post_bwd_block_c"], TUNING["post_bwd_tile_values"], x.device
-    )
+    s = launch_settings(x.device, x.dtype, n, c, settings)
+    block_t, block_c, splits, per_split = _tiling(n, t, c, s.post_bwd_block_c, s.post_bwd_tile_values, x.device)
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = torch.empty_like(x) if write_dx else None
     dy = torch.empty_like(y)
@@ -143,8 +144,8 @@ def post_res_backward(
     dh_res = torch.empty((splits, t, n, n), **f32)
     _post_res_bwd_kernel[(triton.cdiv(t, block_t), splits)](
         g, x, y, h_post, h_res, x if dx is None else dx, dy, dh_post, dh_res, t, c, per_split,  # x: never written
-        n=n, N=_pow2(n, 2), BT=block_t, BC=block_c, WRITE_DX=write_dx, LOOP_STAGES=TUNING["post_bwd_loop_stages"],
-        num_warps=TUNING["post_bwd_warps"],
+        n=n, N=_pow2(n, 2), BT=block_t, BC=block_c, WRITE_DX=write_dx, LOOP_STAGES=s.post_bwd_loop_stages,
+        num_warps=s.post_bwd_warps,
     )  # fmt: skip
     if splits > 1:
         return dx, dy, dh_post.sum(0), dh_res.sum(0)

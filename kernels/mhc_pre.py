@@ -1,4 +1,4 @@
-"""Fused mHC 'pre' op: x -> (u, H_post, H_res), forward and backward (DESIGN.md §4).
+"""Fused mHC 'pre' op: x -> (u, H_post, H_res), forward and backward (docs/DESIGN.md §4).
 
 Reference twin: :func:`kernels.reference.mhc_pre` (``rms_project`` ->
 ``mappings_from_proj`` -> ``pre_aggregate``).
@@ -10,15 +10,16 @@ Shapes (T tokens, n streams, C channels, K = n*C, M = 2n + n²):
     h_pre, h_post: [T, n] fp32;  h_res: [T, n, n] fp32
     proj:  [T, M] fp32 (x' @ phi, 1/rms folded in), rstd: [T] fp32  -- saved for backward
 
-Files: forward here, backward in :mod:`kernels.mhc_pre_bwd`, the on-chip mapping code and the
-tuning table shared by both in :mod:`kernels.mhc_pre_common`.
+Files: forward here, backward in :mod:`kernels.mhc_pre_bwd`, the on-chip mapping code shared by
+both in :mod:`kernels.mhc_pre_common`, launch settings in :mod:`kernels.settings`.
 
-Kernels (block sizes: TUNING, from the sweeps in benchmarks/results/kernels_sweep_*):
+Kernels (block sizes: :func:`kernels.settings.launch_settings`, from the sweeps in
+benchmarks/results/kernels_sweep_*):
     _pre_fwd_kernel         one program per BT tokens: one sweep over vec(x) gives the sum of squares
                             and x @ phi (tensor cores, tf32); then sigmoid, 2 sigmoid and Sinkhorn
                             on-chip. With AGGREGATE it also writes u = H_pre x in a second pass
                             over its tokens (hoping for L2 hits: measured 10 % slower on H100).
-    _pre_fwd_partial_kernel the K-split option (``TUNING['fwd_split']``, bf16 x): grid (token blocks,
+    _pre_fwd_partial_kernel the K-split option (settings ``fwd_split``, bf16 x): grid (token blocks,
                             K splits), x @ phi as bf16 dots against phi's hi + lo halves (split
                             on-chip), partial sums per K split;
     _pre_fwd_finish_aggregate_kernel  then u = H_pre x on a (token, channel) grid, each program
@@ -31,8 +32,8 @@ Kernels (block sizes: TUNING, from the sweeps in benchmarks/results/kernels_swee
                             + coef x + the post/res gradient (H_res^T g formed from the post/res op's
                             g, or a dense one accumulated in place), and by default a partial
                             dphi = x^T draw per token split (bf16 dots for bf16 x and draw rounded to
-                            bf16, or hi + lo with TUNING['apply_dphi_lo']). Its token loop issues each
-                            tile's loads a tile ahead (TUNING['apply_loop_stages']).
+                            bf16, or hi + lo with ``apply_dphi_lo``). Its token loop issues each
+                            tile's loads a tile ahead (``apply_loop_stages``).
     _pre_bwd_dphi_kernel    the alternative: dphi as its own GEMM over tokens (one more read of x).
 The per-token chain of the backward:  dlogit -> dproj = alpha dlogit -> draw = dproj * rstd,
 d rstd = <dproj, proj> / rstd -> coef = -d rstd * rstd^3 / K  (dx += coef * x).
@@ -44,12 +45,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .mhc_pre_bwd import pre_backward, pre_backward_apply, pre_backward_dphi, pre_backward_reduce  # noqa: F401
 from .mhc_pre_common import (
-    APPLY_CANDIDATES, FWD_CANDIDATES, POST_BWD_CANDIDATES, POST_FWD_CANDIDATES, REDUCE_CANDIDATES, TUNING,
-    V2_TUNING, WIDE_APPLY_TUNING, _dot_bf16, _h_pre, _interpreted, _load_proj, _logits, _mappings, _num_sms,
-    _pow2, _precision, tuning, variant,
+    _dot_bf16, _h_pre, _interpreted, _load_proj, _logits, _mappings, _num_sms, _pow2, _precision, variant,
 )  # fmt: skip
-from .mhc_pre_bwd import apply_tuning, pre_backward, pre_backward_apply, pre_backward_dphi, pre_backward_reduce  # noqa: F401
+from .settings import LaunchSettings, launch_settings
 
 
 @triton.jit
@@ -214,11 +214,14 @@ def pre_forward(
     block_t: int | None = None, block_k: int | None = None, num_warps: int | None = None,
     fuse_aggregate: bool = False, agg_block_t: int | None = None, agg_block_c: int = 256,
     split: bool | None = None, num_stages: int | None = None, k_splits: int | None = None, kind: str = "mhc",
+    settings: LaunchSettings | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Launch the forward on ``x [T, n, C]`` (contiguous). Returns ``u, h_pre, h_post, h_res, proj, rstd``.
 
     ``kind``: the residual kind's mappings, "mhc" or "dsv4" (:func:`mhc_pre_common.variant`).
-    ``split`` (default ``TUNING['fwd_split']``, bf16 x only): the K-split pair
+    ``settings``: launch settings (default: :func:`kernels.settings.launch_settings` for x); the
+    keyword arguments below override them one by one.
+    ``split`` (default ``settings.fwd_split``, bf16 x only): the K-split pair
     :func:`_pre_fwd_partial_kernel` + :func:`_pre_fwd_finish_aggregate_kernel`; otherwise
     :func:`_pre_fwd_kernel` (one program per ``block_t`` tokens over all of K, tf32 dots).
     ``fuse_aggregate`` (single kernel only): compute u inside the mapping kernel (second pass over
@@ -234,15 +237,16 @@ def pre_forward(
     h_pre, h_post = torch.empty((t, n), **f32), torch.empty((t, n), **f32)
     h_res = torch.empty((t, n, n), **f32)
     proj, rstd = torch.empty((t, m), **f32), torch.empty((t,), **f32)
-    split = TUNING["fwd_split"] if split is None else split
+    s = launch_settings(x.device, x.dtype, n, c, settings)
+    split = s.fwd_split if split is None else split
     if split and x.dtype == torch.bfloat16 and not fuse_aggregate:
         # n = 8 (MP = 128): a [128, 128] fp32 accumulator is too many registers; halve the tokens
-        bt = block_t or (TUNING["fwd_block_t"] if mp <= 32 else 64)
-        bk = block_k or TUNING["fwd_block_k"]
+        bt = block_t or (s.fwd_block_t if mp <= 32 else 64)
+        bk = block_k or s.fwd_block_k
         if mp > 32:  # n = 8's 128-wide phi tiles: block_k 128 asked 233 KB of shared memory (H100: 227 KB)
             bk = min(bk, 64)
         t_blocks = triton.cdiv(t, bt)
-        k_splits = k_splits or TUNING["fwd_k_splits"]
+        k_splits = k_splits or s.fwd_k_splits
         if k_splits is None:  # ~2 programs per SM, each at least 4 K-blocks long
             k_splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), t_blocks), triton.cdiv(k, 4 * bk)))
         ks = triton.cdiv(triton.cdiv(k, k_splits), bk) * bk
@@ -251,8 +255,8 @@ def pre_forward(
         ss_part = torch.empty((k_splits, t), **f32)
         _pre_fwd_partial_kernel[(t_blocks, k_splits)](
             x, phi, part, ss_part, t, k, ks, M=m, MP=mp, BT=bt, BK=bk, UPCAST=_interpreted(),
-            num_warps=num_warps or (TUNING["fwd_warps"] if mp <= 32 else 8),
-            num_stages=num_stages or TUNING["fwd_stages"],
+            num_warps=num_warps or (s.fwd_warps if mp <= 32 else 8),
+            num_stages=num_stages or s.fwd_stages,
         )  # fmt: skip
         abt = agg_block_t or max(1, 16 // nn_)
         abc = min(agg_block_c, _pow2(c, 16))

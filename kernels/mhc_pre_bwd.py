@@ -8,9 +8,10 @@ import triton
 import triton.language as tl
 
 from .mhc_pre_common import (
-    TUNING, WIDE_APPLY_TUNING, _dot_bf16, _interpreted, _load_proj, _logits, _num_sms, _pow2, _precision,
-    _res_offsets, resident_programs, variant, wave_splits,
+    _dot_bf16, _interpreted, _load_proj, _logits, _num_sms, _pow2, _precision, _res_offsets, resident_programs,
+    variant, wave_splits,
 )  # fmt: skip
+from .settings import LaunchSettings, launch_settings
 from .sinkhorn import sinkhorn_bwd, sinkhorn_init
 
 
@@ -208,13 +209,16 @@ def pre_backward_reduce(
     x: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, proj: torch.Tensor, rstd: torch.Tensor,
     du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
     block_t: int | None = None, block_c: int | None = None, num_warps: int | None = None, kind: str = "mhc",
+    settings: LaunchSettings | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Backward pass 1: ``(dlogit [T, M], dalpha_part [T, 3], draw [T, M], coef [T])``, all fp32.
-    Block sizes default to ``TUNING``'s ``reduce_*`` entries; ``kind`` as in ``pre_forward``."""
-    block_t = block_t or TUNING["reduce_block_t"]
-    block_c = block_c or TUNING["reduce_block_c"]
-    num_warps = num_warps or TUNING["reduce_warps"]
+    Block sizes default to the ``reduce_*`` launch settings (:func:`kernels.settings.launch_settings`);
+    ``kind`` as in ``pre_forward``."""
     t, n, c = x.shape
+    s = launch_settings(x.device, x.dtype, n, c, settings)
+    block_t = block_t or s.reduce_block_t
+    block_c = block_c or s.reduce_block_c
+    num_warps = num_warps or s.reduce_warps
     m = 2 * n + n * n
     nn_ = _pow2(n, 2)
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -226,19 +230,9 @@ def pre_backward_reduce(
     _pre_bwd_reduce_kernel[(triton.cdiv(t, block_t),)](
         x, du, proj, rstd, alpha, bias, dh_post, dh_res, scratch, dlogit, dalpha_part, draw, coef, t, c,
         n=n, N=nn_, M=m, ITERS=iters, BT=block_t, BC=min(block_c, _pow2(c, 16)),
-        LOOP_STAGES=TUNING["reduce_loop_stages"], num_warps=num_warps, **variant(kind),
+        LOOP_STAGES=s.reduce_loop_stages, num_warps=num_warps, **variant(kind),
     )  # fmt: skip
     return dlogit, dalpha_part, draw, coef
-
-
-def apply_tuning(dtype: torch.dtype, n: int) -> dict:
-    """The apply kernel's defaults for a stream dtype and n.
-
-    TUNING's apply sizes were measured for bf16 streams and n <= 4. fp32 tiles and n = 8's
-    [128, q] dphi tile ran out of shared memory at block_t = 64 on H100 (262-524 KB asked,
-    227 KB there) and spilled registers at v2's block_t = 32: those take WIDE_APPLY_TUNING.
-    """
-    return TUNING if dtype == torch.bfloat16 and _pow2(2 * n + n * n, 16) <= 32 else WIDE_APPLY_TUNING
 
 
 def pre_backward_apply(
@@ -246,7 +240,7 @@ def pre_backward_apply(
     coef: torch.Tensor, dx_accum: torch.Tensor | None = None, fuse_dphi: bool | None = None,
     block_t: int | None = None, block_q: int | None = None, num_warps: int | None = None,
     dphi_bf16: bool | None = None, num_stages: int | None = None,
-    res_grad: tuple[torch.Tensor, torch.Tensor] | None = None,
+    res_grad: tuple[torch.Tensor, torch.Tensor] | None = None, settings: LaunchSettings | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Backward pass 2: ``(dx [T, n, C], dphi [K, M] fp32)``; ``dx_accum`` receives dx in place if given.
 
@@ -256,19 +250,20 @@ def pre_backward_apply(
     ``block_q``: columns of the [block_t, n x channels] tile; the channel block is block_q / n.
     ``fuse_dphi``: accumulate dphi in the dx kernel (one read of x; the default) instead of in
     :func:`_pre_bwd_dphi_kernel` (a second read of x). ``dphi_bf16``: dphi's dots in bf16 (x as
-    loaded, draw in bf16, plus its lo half if ``apply_dphi_lo``) rather than tf32. Defaults:
-    ``TUNING`` for bf16 x with n <= 4, ``WIDE_APPLY_TUNING`` otherwise.
+    loaded, draw in bf16, plus its lo half if ``apply_dphi_lo``) rather than tf32. Defaults: the
+    ``apply_*`` launch settings (:func:`kernels.settings.launch_settings`: the swept sizes for bf16 x
+    with n <= 4, the device's wide ones otherwise).
     """
     t, n, c = x.shape
     m = 2 * n + n * n
-    tuned = apply_tuning(x.dtype, n)
-    fuse_dphi = tuned["apply_fuse_dphi"] if fuse_dphi is None else fuse_dphi
-    dphi_bf16 = tuned["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16
-    dphi_lo = tuned["apply_dphi_lo"]
-    block_t = block_t or tuned["apply_block_t"]
-    block_q = block_q or tuned["apply_block_q"]
-    num_warps = num_warps or tuned["apply_warps"]
-    num_stages = num_stages or tuned["apply_stages"]
+    s = launch_settings(x.device, x.dtype, n, c, settings)
+    fuse_dphi = s.apply_fuse_dphi if fuse_dphi is None else fuse_dphi
+    dphi_bf16 = s.apply_dphi_bf16 if dphi_bf16 is None else dphi_bf16
+    dphi_lo = s.apply_dphi_lo
+    block_t = block_t or s.apply_block_t
+    block_q = block_q or s.apply_block_q
+    num_warps = num_warps or s.apply_warps
+    num_stages = num_stages or s.apply_stages
     ns = _pow2(n)
     if block_q is None:
         block_q = 256 if _pow2(m, 16) <= 32 else 128  # n = 8: the [MP, q] phi tile is 4x wider
@@ -281,7 +276,7 @@ def pre_backward_apply(
         n=n, N=ns, M=m, MP=_pow2(m, 16), BT=block_t, BC=block_c, ACCUMULATE=dx_accum is not None,
         RES_GRAD=res_grad is not None,
         PRECISION=_precision(x.dtype), DPHI=fuse_dphi, DPHI_BF16=dphi_bf16 and x.dtype == torch.bfloat16,
-        DPHI_LO=dphi_lo, UPCAST=_interpreted(), LOOP_STAGES=tuned["apply_loop_stages"], num_warps=num_warps,
+        DPHI_LO=dphi_lo, UPCAST=_interpreted(), LOOP_STAGES=s.apply_loop_stages, num_warps=num_warps,
         **({"num_stages": num_stages} if num_stages else {}),
     )  # fmt: skip
     # Token splits: whole waves of resident programs (a partial last wave cost up to 20 % at C = 4096,
@@ -306,10 +301,11 @@ def pre_backward_apply(
 
 def pre_backward_dphi(
     x: torch.Tensor, draw: torch.Tensor, block_t: int = 64, block_k: int = 128, num_warps: int = 4,
-    dphi_bf16: bool | None = None, dphi_lo: bool | None = None,
+    dphi_bf16: bool | None = None, dphi_lo: bool | None = None, settings: LaunchSettings | None = None,
 ) -> torch.Tensor:
-    """dphi = vec(x)^T draw ``[K, M]`` fp32."""
+    """dphi = vec(x)^T draw ``[K, M]`` fp32; ``dphi_bf16`` / ``dphi_lo`` default to the launch settings'."""
     t, n, c = x.shape
+    s = launch_settings(x.device, x.dtype, n, c, settings)
     k, m = n * c, draw.shape[1]
     k_blocks = triton.cdiv(k, block_k)
     t_blocks = triton.cdiv(t, block_t)
@@ -320,8 +316,8 @@ def pre_backward_dphi(
     _pre_bwd_dphi_kernel[(splits, k_blocks)](
         x, draw, dphi_part, t, k, tokens_per_split,
         M=m, MP=_pow2(m, 16), BT=block_t, BK=block_k, PRECISION=_precision(x.dtype),
-        DPHI_BF16=(TUNING["apply_dphi_bf16"] if dphi_bf16 is None else dphi_bf16) and x.dtype == torch.bfloat16,
-        DPHI_LO=TUNING["apply_dphi_lo"] if dphi_lo is None else dphi_lo,
+        DPHI_BF16=(s.apply_dphi_bf16 if dphi_bf16 is None else dphi_bf16) and x.dtype == torch.bfloat16,
+        DPHI_LO=s.apply_dphi_lo if dphi_lo is None else dphi_lo,
         UPCAST=_interpreted(), num_warps=num_warps,
     )  # fmt: skip
     return dphi_part[0] if splits == 1 else dphi_part.sum(0)
@@ -333,8 +329,10 @@ def pre_backward(
     du: torch.Tensor, dh_post: torch.Tensor, dh_res: torch.Tensor, iters: int,
     dx_accum: torch.Tensor | None = None, res_grad: tuple[torch.Tensor, torch.Tensor] | None = None,
     kind: str = "mhc",
+    settings: LaunchSettings | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Gradients ``dx [T, n, C], dphi [K, M] fp32, dalpha [3] fp32, dbias [M] fp32``.
+    ``settings``: as resolved for the forward (default: looked up for x).
 
     ``kind`` ("mhc" or "dsv4") changes only the reduce kernel: the apply kernel works from H_pre
     (DSV4's + eps included, as the forward used it) and the per-token gradients.
@@ -343,8 +341,9 @@ def pre_backward(
     given either as ``dx_accum`` (``[T, n, C]`` in x's dtype, owned by the caller: receives the
     result in place) or as that op's ``res_grad = (g, h_res)`` (see :func:`pre_backward_apply`).
     """
+    s = launch_settings(x.device, x.dtype, x.shape[1], x.shape[2], settings)
     dlogit, dalpha_part, draw, coef = pre_backward_reduce(
-        x, alpha, bias, proj, rstd, du, dh_post, dh_res, iters, kind=kind
+        x, alpha, bias, proj, rstd, du, dh_post, dh_res, iters, kind=kind, settings=s
     )
-    dx, dphi = pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum, res_grad=res_grad)
+    dx, dphi = pre_backward_apply(x, phi, h_pre, du, draw, coef, dx_accum, res_grad=res_grad, settings=s)
     return dx, dphi, dalpha_part.sum(0), dlogit.sum(0)

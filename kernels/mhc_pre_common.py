@@ -1,6 +1,6 @@
 """Pieces shared by the mHC pre forward (:mod:`kernels.mhc_pre`) and backward
-(:mod:`kernels.mhc_pre_bwd`): the on-chip mapping code, and the launch-tuning table of all the
-fused kernels (the post/res backward's included).
+(:mod:`kernels.mhc_pre_bwd`): the on-chip mapping code and the occupancy helpers. Launch
+settings are looked up per call in :mod:`kernels.settings`.
 
 Residual kinds are constexpr flags of the same kernels (:func:`variant`): ``DSV4`` (DeepSeek-V4)
 adds ``HC_EPS`` to H_pre, runs the eps-guarded Sinkhorn from a column softmax, and works on the comb
@@ -8,8 +8,6 @@ logits transposed (``RES_T`` loads), so that the tile is H_res = comb^T itself a
 downstream (h_res, post/res, dh_res) keeps mHC's layout."""
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
@@ -170,91 +168,3 @@ def wave_splits(blocks: int, max_splits: int, slots: int) -> int:
         return round(triton.cdiv(programs, slots) * slots / programs - 1, 2)
 
     return min(range(1, max(1, max_splits) + 1), key=lambda s: (waste(s), s))
-
-
-# Launch defaults (measured on H100: benchmarks/NOTES_kernels.md). A dict so that the
-# benchmarks can A/B a whole configuration; the launchers' keyword arguments override it.
-TUNING = {
-    # bf16 x: the K-split pair (bf16 hi/lo dots, then finish + aggregate) when True; the single tf32
-    # mapping kernel + aggregate kernel (v2) when False
-    "fwd_split": True,
-    "fwd_block_t": 64, "fwd_block_k": 64, "fwd_warps": 4, "fwd_stages": 4, "fwd_k_splits": None,
-    "apply_dphi_bf16": True,  # bf16 x: dphi = x^T (draw_hi + draw_lo) in bf16 dots (v4); else tf32 (v2)
-    # with apply_dphi_bf16: also the draw_lo dot (draw to ~2^-17); False: draw rounded to bf16, as cuBLAS
-    # rounds dY for a bf16 Linear's weight gradient (3.5 % faster apply at C = 4096, H100 sweep of 2026-11-25)
-    "apply_dphi_lo": False,
-    "apply_block_t": 64, "apply_block_q": 256, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
-    # apply's token loop as tl.range(num_stages=...): every load of a tile is issued (cp.async) a tile
-    # ahead; None leaves the loop to the pipeliner's defaults, which stage only the dots' operands
-    "apply_loop_stages": 2,
-    "reduce_block_t": 4, "reduce_block_c": 256, "reduce_warps": 4, "reduce_loop_stages": None,
-    # the post/res op (kernels.mhc_post): [BT, n, BC] tiles of about tile_values fp32 values
-    "post_fwd_block_c": 1024, "post_fwd_tile_values": 8192, "post_fwd_warps": 8, "post_fwd_loop_stages": 2,
-    "post_bwd_block_c": 256, "post_bwd_tile_values": 4096, "post_bwd_warps": 4, "post_bwd_loop_stages": 2,
-}  # fmt: skip
-V2_TUNING = {"fwd_split": False, "apply_dphi_bf16": False, "apply_dphi_lo": True, "apply_block_t": 32,
-             "apply_block_q": None, "apply_warps": 8, "apply_stages": None, "apply_fuse_dphi": True,
-             "apply_loop_stages": None,
-             "reduce_block_t": 4, "reduce_block_c": 256, "reduce_warps": 4, "reduce_loop_stages": None}  # fmt: skip
-# The apply kernel for fp32 / fp16 streams and for n = 8 (TUNING's sizes are for bf16, n <= 4): v2's
-# with 16-token tiles, the largest that compile for sm_90 without spilling registers (fp32 n = 8 still
-# spills some) and fit shared memory (benchmarks/kernel_resources.py); its loads staged through
-# shared memory (loop stages 2), without which the fp32 tile spilled under Triton 3.9.
-WIDE_APPLY_TUNING = {**V2_TUNING, "apply_block_t": 16, "apply_dphi_lo": True, "apply_loop_stages": 2}
-# What benchmarks/bench_kernels.py --sweep times and tests/test_kernels.py checks on the GPU (n <= 4 keys;
-# n = 8 keeps its own block sizes where the launchers say so).
-FWD_CANDIDATES = [
-    dict(fwd_split=True, fwd_block_t=bt, fwd_block_k=bk, fwd_warps=w, fwd_stages=st, fwd_k_splits=ks)
-    for bt, bk, w, st, ks in [(128, 64, 4, 3, None), (128, 128, 8, 3, None), (64, 128, 4, 3, None),
-                              (128, 64, 8, 4, None), (256, 64, 8, 3, None), (64, 64, 4, 4, None), (128, 64, 4, 3, 8)]
-]  # fmt: skip
-REDUCE_CANDIDATES = [
-    dict(reduce_block_t=bt, reduce_block_c=bc, reduce_warps=w, reduce_loop_stages=ls)
-    for bt, bc, w, ls in [(4, 256, 4, None), (8, 256, 4, None), (16, 256, 8, None), (4, 128, 2, None),
-                          (4, 256, 4, 2), (4, 128, 2, 3), (8, 256, 4, 2), (4, 512, 4, 2)]
-]  # fmt: skip
-APPLY_CANDIDATES = [
-    dict(apply_block_t=bt, apply_block_q=bq, apply_warps=w, apply_fuse_dphi=True, apply_dphi_bf16=True,
-         apply_stages=None, apply_dphi_lo=lo, apply_loop_stages=ls)
-    for bt, bq, w, lo, ls in [
-        # the loop as written: Triton's pipeliner stages only the loads that feed the dots (x, draw)
-        (64, 256, 8, False, None), (32, 256, 8, False, None), (16, 256, 4, False, None), (64, 256, 8, True, None),
-        # tl.range(num_stages=ls): every load of the loop (g, du, H_pre, coef too) goes through
-        # cp.async into shared memory, ls - 1 tiles ahead (sm_90 registers / shared KB with the g hand-over,
-        # Triton 3.6: kernel_resources.py)
-        (64, 256, 8, False, 2),  # 255 / 133: the default (H100 sweep, 2026-11-25)
-        (64, 256, 8, False, 3),  # 255 / 218
-        (32, 256, 8, False, 2),  # 172 / 79
-        (32, 256, 8, False, 3),  # 184 / 121
-        (32, 256, 8, False, 4),  # 196 / 164
-        (16, 256, 4, False, 3),  # 251 / 79, two programs an SM
-        (32, 128, 4, False, 3),  # 176 / 67, two programs an SM
-    ]
-]  # fmt: skip
-
-
-POST_FWD_CANDIDATES = [
-    dict(post_fwd_block_c=bc, post_fwd_tile_values=v, post_fwd_warps=w, post_fwd_loop_stages=ls)
-    for bc, v, w, ls in [(512, 4096, 4, None), (512, 4096, 4, 2), (512, 4096, 4, 3), (256, 4096, 4, 2),
-                         (256, 2048, 4, 3), (512, 8192, 8, 2), (1024, 8192, 8, 2), (256, 4096, 4, 3)]
-]  # fmt: skip
-POST_BWD_CANDIDATES = [
-    dict(post_bwd_block_c=bc, post_bwd_tile_values=v, post_bwd_warps=w, post_bwd_loop_stages=ls)
-    for bc, v, w, ls in [(256, 8192, 8, None), (256, 8192, 8, 2), (256, 8192, 8, 3), (512, 8192, 8, 2),
-                         (128, 4096, 4, 3), (256, 4096, 4, 2), (128, 8192, 8, 3), (256, 16384, 8, 2)]
-]  # fmt: skip
-
-
-@contextlib.contextmanager
-def tuning(overrides: dict):
-    """Run with ``TUNING`` updated by ``overrides`` (an A/B run, a sweep point); restored on exit."""
-    unknown = set(overrides) - set(TUNING)
-    if unknown:
-        raise KeyError(f"unknown tuning keys {sorted(unknown)}; known: {sorted(TUNING)}")
-    saved = dict(TUNING)
-    TUNING.update(overrides)
-    try:
-        yield
-    finally:
-        TUNING.clear()
-        TUNING.update(saved)

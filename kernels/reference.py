@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of every mHC op (DESIGN.md §4): the twin each fused kernel is tested against.
+"""Plain-PyTorch reference of every mHC op (docs/DESIGN.md §4): the twin each fused kernel is tested against.
 
 Dtype-generic: run it in float64 for ground truth. The small mappings, the norm
 and Sinkhorn compute in at least float32 whatever the stream dtype (the paper's

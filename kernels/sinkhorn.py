@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp on-chip, forward and backward, for a block of tokens (DESIGN.md §4).
+"""Sinkhorn-Knopp on-chip, forward and backward, for a block of tokens (docs/DESIGN.md §4).
 
 Reference twin: :func:`kernels.reference.sinkhorn` (T_c then T_r, ``iters`` rounds,
 max-shifted exp). These are ``@triton.jit`` helpers called from the mHC pre kernels;

@@ -1,6 +1,6 @@
 """Schedules as data: IR, builders, validator, cost model, simulator, planner, trace export.
 
-Imports no torch (DESIGN.md §2): planning a 64-rank cluster happens on a laptop.
+Imports no torch (docs/DESIGN.md §2): planning a 64-rank cluster happens on a laptop.
 
     from dualpipe_mhc.scheduler import build_schedule, validate, simulate, Costs
     sched = build_schedule("dualpipev", ranks=4, microbatches=10)

@@ -24,6 +24,8 @@ A stage's output crossing to the next rank is T x n x C x b bytes.
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass
 
 from .costs import Costs
@@ -41,9 +43,9 @@ class MhcTraffic:
         return self.reads[0] * n + self.reads[1] + self.writes[0] * n + self.writes[1]
 
 
-# DESIGN.md §4: unfused HC-style code reads ~(5n+1)C and writes ~(3n+1)C; fused kernels cut
+# docs/DESIGN.md §4: unfused HC-style code reads ~(5n+1)C and writes ~(3n+1)C; fused kernels cut
 # the reads to ~(n+1)C. At n = 4, fused, forward + 2x backward this is ~45C elements (90C
-# bytes) per sublayer over a plain residual's, near DESIGN §6's ~78C-byte floor.
+# bytes) per sublayer over a plain residual's, near docs/DESIGN.md §6's ~78C-byte floor.
 TRAFFIC = {
     "fused": MhcTraffic("fused", (1.0, 1.0), (3.0, 1.0)),
     "unfused": MhcTraffic("unfused", (5.0, 1.0), (3.0, 1.0)),
@@ -80,6 +82,12 @@ def split_layers(layers: int, stages: int) -> list[int]:
         raise ValueError(f"cannot split {layers} layers into {stages} stages; use model.layers>={stages} or fewer ranks")
     base, extra = divmod(layers, stages)
     return [base + (1 if s < extra else 0) for s in range(stages)]
+
+
+def layer_ranges(layers: int, stages: int) -> list[tuple[int, int]]:
+    """The same split as contiguous ``[start, end)`` layer ranges, one per stage (the runtime's chunks)."""
+    ends = list(itertools.accumulate(split_layers(layers, stages)))
+    return list(zip([0] + ends[:-1], ends))
 
 
 def kept_block_inputs(first_layer: int, count: int, block_layers: int) -> int:

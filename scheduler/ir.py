@@ -1,5 +1,5 @@
 """The schedule IR: per-rank ordered action lists, plain data shared by the validator,
-the simulator, the trace exporter and the runtime (DESIGN.md §5, STYLE.md practice 1).
+the simulator, the trace exporter and the runtime (docs/DESIGN.md §5 and §8).
 
 Vocabulary:
     stage       position of a model chunk along a micro-batch's path, 0 .. num_stages-1;

@@ -2,13 +2,13 @@
 
 Recomputing mHC's intermediates in blocks of L_r consecutive layers keeps only each
 block's input, n*C per token, and rebuilds the block's intermediates during its backward.
-DESIGN's L counts hyper-connected sublayers; a layer here (as in ``model.layers`` and
+docs/DESIGN.md's L counts hyper-connected sublayers; a layer here (as in ``model.layers`` and
 ``recompute.block_layers``) is an attention and an MLP sublayer, two of them. Per token
 and micro-batch, with L and L_r in layers, the paper's count is
 
     n*C*ceil(L/L_r) + 2*(n+2)*C*L_r,   minimised at   L_r* = sqrt(n*L/(2*(n+2)))
 
-which is DESIGN's sqrt(n*L/(n+2)) in sublayers, halved back into layers (the closed
+which is docs/DESIGN.md's sqrt(n*L/(n+2)) in sublayers, halved back into layers (the closed
 form). A pipeline rank holds several micro-batches at once, though, and only what F keeps
 multiplies with them, while blocks are cut at stage boundaries; so the planner then
 searches every L_r with the cost model: for each, the worst rank's peak (what F keeps for
@@ -120,7 +120,7 @@ class PlanResult:
 
 
 def closed_form(streams: int, layers: int) -> float:
-    """L_r* in layers: DESIGN's sqrt(n*L/(n+2)) over sublayers, i.e. sqrt(n*L/(2(n+2))) over layers,
+    """L_r* in layers: docs/DESIGN.md's sqrt(n*L/(n+2)) over sublayers, i.e. sqrt(n*L/(2(n+2))) over layers,
     the minimum of n*C*L/L_r + 2*(n+2)*C*L_r."""
     sublayers = SUBLAYERS_PER_LAYER * layers
     return math.sqrt(streams * sublayers / (streams + 2)) / SUBLAYERS_PER_LAYER

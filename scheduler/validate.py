@@ -1,4 +1,4 @@
-"""Prove a schedule sound before anything runs (DESIGN.md §5).
+"""Prove a schedule sound before anything runs (docs/DESIGN.md §5).
 
 Checks, each failing with a :class:`ScheduleError` that names the offending action:
 every action sits where the paths put it; each micro-batch gets exactly one F and one B

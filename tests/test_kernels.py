@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from dualpipe_mhc.kernels import reference as ref
+from dualpipe_mhc.kernels.settings import launch_settings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 2e-2)}  # (forward, backward)
 ITERS = 20
@@ -270,19 +274,23 @@ def test_fused_dphi_variant_cpu(fused_cpu):
     want = x.reshape(t, -1).double().T @ draw.double()
     dxs = []
     # fp32 dots (the interpreter's tf32) to ~1e-7; the bf16 hi + lo pair of draw to ~2^-17 per product
-    with mhc_pre.tuning({"apply_dphi_lo": True}):
-        for bf16, tol in ((False, 1e-5), (True, 1e-4)):
-            for fuse in (True, False):
-                dx, dphi = mhc_pre.pre_backward_apply(x, phi, h_pre, du, draw, coef, fuse_dphi=fuse, dphi_bf16=bf16)
-                assert rel_err(dphi, want) < tol, (bf16, fuse)
-                dxs.append(dx)
+    lo = launch_settings(x.device, x.dtype, n, c, {"apply_dphi_lo": True})
+    for bf16, tol in ((False, 1e-5), (True, 1e-4)):
+        for fuse in (True, False):
+            dx, dphi = mhc_pre.pre_backward_apply(
+                x, phi, h_pre, du, draw, coef, fuse_dphi=fuse, dphi_bf16=bf16, settings=lo
+            )
+            assert rel_err(dphi, want) < tol, (bf16, fuse)
+            dxs.append(dx)
     assert all(torch.equal(dx, dxs[0]) for dx in dxs)
     # draw rounded to bf16 (one dot, apply_dphi_lo=False, the default): bf16 rounding, ~2^-9 an element
-    with mhc_pre.tuning({"apply_dphi_lo": False}):
-        for fuse in (True, False):
-            dx, dphi = mhc_pre.pre_backward_apply(x, phi, h_pre, du, draw, coef, fuse_dphi=fuse, dphi_bf16=True)
-            assert 1e-5 < rel_err(dphi, want) < 5e-3, fuse
-            assert torch.equal(dx, dxs[0])
+    hi_only = launch_settings(x.device, x.dtype, n, c, {"apply_dphi_lo": False})
+    for fuse in (True, False):
+        dx, dphi = mhc_pre.pre_backward_apply(
+            x, phi, h_pre, du, draw, coef, fuse_dphi=fuse, dphi_bf16=True, settings=hi_only
+        )
+        assert 1e-5 < rel_err(dphi, want) < 5e-3, fuse
+        assert torch.equal(dx, dxs[0])
 
 
 @pytest.mark.parametrize("n, dtype", [(4, torch.bfloat16), (3, torch.float32)])
@@ -324,13 +332,66 @@ def test_sublayer_backward_writes_one_dx_cpu(fused_cpu, monkeypatch):
     assert calls == [False]
 
 
-def test_apply_defaults_fit_shared_memory_cpu(fused_cpu):
-    """The tuned apply sizes (bf16, n <= 4) are not used where they ran out of shared memory on H100."""
-    from dualpipe_mhc.kernels import mhc_pre
+def test_apply_defaults_fit_shared_memory():
+    """The tuned apply sizes (bf16, n <= 4) are not used where they ran out of shared memory on H100;
+    only the apply fields change, and a device missing from the table takes the default entry."""
+    from dualpipe_mhc.kernels.settings import APPLY_FIELDS, DEFAULT, FIELDS, TABLE
 
-    assert mhc_pre.apply_tuning(torch.bfloat16, 4) is mhc_pre.TUNING
+    entry = TABLE[DEFAULT]
+    cpu = torch.device("cpu")
+    assert launch_settings(cpu, torch.bfloat16, 4, 2048) == entry.narrow
+    assert launch_settings("NVIDIA H100 80GB HBM3", torch.bfloat16, 4, 2048) == TABLE["NVIDIA H100 80GB HBM3"].narrow
+    assert launch_settings("a GPU nobody swept", torch.bfloat16, 4, 2048) == entry.narrow
     for dtype, n in ((torch.float32, 4), (torch.float32, 1), (torch.bfloat16, 8), (torch.float16, 2)):
-        assert mhc_pre.apply_tuning(dtype, n) is mhc_pre.WIDE_APPLY_TUNING
+        got = launch_settings(cpu, dtype, n, 1000)
+        assert all(getattr(got, f) == getattr(entry.wide_apply, f) for f in APPLY_FIELDS), (dtype, n)
+        assert all(getattr(got, f) == getattr(entry.narrow, f) for f in FIELDS if f not in APPLY_FIELDS)
+        assert got.apply_block_t == 16 != entry.narrow.apply_block_t
+
+
+def test_launch_settings_override_is_explicit_and_per_thread():
+    """An explicit override wins over an :func:`overriding` block, which wins over the table; the block
+    reaches only its own thread (a worker's status thread sees the table), and unknown names fail at once."""
+    import threading
+
+    from dualpipe_mhc.kernels.settings import overriding
+
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    table = launch_settings(cpu, bf16, 4, 64)
+    assert launch_settings(cpu, bf16, 4, 64, {"apply_block_t": 32}).apply_block_t == 32
+    assert launch_settings(cpu, bf16, 4, 64, table) is table
+    seen = {}
+    with overriding({"apply_block_t": 16, "fwd_split": False}):
+        inside = launch_settings(cpu, bf16, 4, 64, {"apply_block_t": 32})
+        worker = threading.Thread(target=lambda: seen.update(other=launch_settings(cpu, bf16, 4, 64)))
+        worker.start()
+        worker.join()
+    assert (inside.apply_block_t, inside.fwd_split) == (32, False)
+    assert seen["other"] == table and launch_settings(cpu, bf16, 4, 64) == table
+    with pytest.raises(KeyError, match="unknown launch settings"):
+        launch_settings(cpu, bf16, 4, 64, {"apply_blok_t": 32})
+    with pytest.raises(KeyError, match="unknown launch settings"), overriding({"nope": 1}):
+        pass
+
+
+def test_forward_settings_reach_the_backward_cpu(fused_cpu, monkeypatch):
+    """The op resolves its settings in the forward and the backward uses those, wherever it runs."""
+    from dualpipe_mhc.kernels.settings import overriding
+
+    seen = []
+    real = fused_cpu.pre_backward
+
+    def spy(*args, settings=None, **kwargs):
+        seen.append(settings)
+        return real(*args, settings=settings, **kwargs)
+
+    monkeypatch.setattr(fused_cpu, "pre_backward", spy)
+    x, phi, alpha, bias = make_inputs(9, 4, 64, torch.float32, "cpu")
+    x.requires_grad_()
+    with overriding({"apply_block_t": 8}):
+        u, h_post, h_res = fused_cpu.mhc_pre(x, phi, alpha, bias, ITERS)
+    (u.sum() + h_post.sum() + h_res.sum()).backward()  # outside the block
+    assert len(seen) == 1 and seen[0].apply_block_t == 8
 
 
 def test_wave_splits():
@@ -346,6 +407,7 @@ def test_wave_splits():
 def test_split_forward_variant_cpu(fused_cpu):
     """The K-split bf16 hi/lo forward equals the single-kernel forward (proj to ~2^-17, the rest to rounding)."""
     from dualpipe_mhc.kernels import mhc_pre
+    from dualpipe_mhc.kernels.settings import overriding
 
     torch.manual_seed(9)
     x, phi, alpha, bias = make_inputs(150, 4, 200, torch.bfloat16, "cpu")
@@ -354,7 +416,7 @@ def test_split_forward_variant_cpu(fused_cpu):
         two = mhc_pre.pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, split=True, block_t=64, k_splits=k_splits)
         for name, a, b in zip(("u", "h_pre", "h_post", "h_res", "proj", "rstd"), one, two):
             assert rel_err(b, a) < (1e-2 if name == "u" else 1e-4), (name, k_splits)
-    with mhc_pre.tuning({"fwd_split": True}):  # and the whole layer, every gradient, through it
+    with overriding({"fwd_split": True}):  # and the whole layer, every gradient, through it
         assert_close(check_layer(fused_cpu, 37, 4, 96, torch.bfloat16, "cpu"), torch.bfloat16)
 
 
@@ -481,13 +543,16 @@ def test_ops_alone_gpu(fused_gpu, n, dtype):
 @pytest.mark.parametrize("which", range(44))
 def test_tuning_candidates_gpu(fused_gpu, which):
     """Every configuration the sweep may pick computes the same function (bf16, n = 4 and 8)."""
-    from dualpipe_mhc.kernels import mhc_pre
+    import sys
 
-    cands = (mhc_pre.FWD_CANDIDATES + mhc_pre.APPLY_CANDIDATES + mhc_pre.REDUCE_CANDIDATES
-             + mhc_pre.POST_FWD_CANDIDATES + mhc_pre.POST_BWD_CANDIDATES + [mhc_pre.V2_TUNING])  # fmt: skip
+    from dualpipe_mhc.kernels.settings import overriding
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from kernel_candidates import ALL as cands
+
     if which >= len(cands):
         pytest.skip(f"only {len(cands)} candidates")
-    with mhc_pre.tuning(cands[which]):
+    with overriding(cands[which]):
         for t, n, c in ((1537, 4, 2048), (77, 8, 1000)):
             torch.manual_seed(which + n)
             assert_close(check_layer(fused_gpu, t, n, c, torch.bfloat16, "cuda"), torch.bfloat16)

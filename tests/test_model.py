@@ -92,7 +92,7 @@ def test_split_errors_are_one_line():
 
 @pytest.mark.parametrize("kind", ["hc", "mhc"])
 def test_initial_mappings_are_close_to_a_residual_block(kind):
-    """At step 0: H_pre ~ 1/n (F sees the stream mean), H_post ~ 1, H_res ~ I (DESIGN.md §4 init)."""
+    """At step 0: H_pre ~ 1/n (F sees the stream mean), H_post ~ 1, H_res ~ I (docs/DESIGN.md §4 init)."""
     n, c = 4, 32
     layer = HyperConnection(torch.nn.Identity(), width=c, streams=n, kind=kind).double()
     x = torch.randn(64, n, c, dtype=F64)

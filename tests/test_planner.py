@@ -13,14 +13,14 @@ from dualpipe_mhc.scheduler.planner import InfeasiblePlan, closed_form, closed_f
 
 
 def _per_token_memory(n: int, layers: int, lr: int) -> float:
-    """DESIGN.md §4, in units of C: kept block inputs + one block's intermediates, (n+2)*C for each
+    """docs/DESIGN.md §4, in units of C: kept block inputs + one block's intermediates, (n+2)*C for each
     of a layer's two mHC sublayers."""
     return n * math.ceil(layers / lr) + 2 * (n + 2) * lr
 
 
 @pytest.mark.parametrize("n, layers", [(4, 24), (4, 48), (4, 56), (4, 61), (2, 32), (8, 40), (1, 12)])
 def test_closed_form_is_sqrt_nl_over_n_plus_2_and_near_the_discrete_optimum(n, layers):
-    # DESIGN's sqrt(nL/(n+2)) counts mHC sublayers; two per layer, so in layers it is halved.
+    # docs/DESIGN.md's sqrt(nL/(n+2)) counts mHC sublayers; two per layer, so in layers it is halved.
     assert closed_form(n, layers) == pytest.approx(math.sqrt(n * 2 * layers / (n + 2)) / 2)
     assert closed_form(n, layers) == pytest.approx(math.sqrt(n * layers / (2 * (n + 2))))
     block = closed_form_block(n, layers)

@@ -1,4 +1,4 @@
-"""The float64 reference of the mHC ops (DESIGN.md §4): Sinkhorn accuracy, gradients, ranges, identity."""
+"""The float64 reference of the mHC ops (docs/DESIGN.md §4): Sinkhorn accuracy, gradients, ranges, identity."""
 
 from __future__ import annotations
 

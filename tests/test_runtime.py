@@ -1,4 +1,4 @@
-"""The pipeline proves itself against one process (STYLE.md practice 4).
+"""The pipeline proves itself against one process (docs/DESIGN.md §8).
 
 For every schedule on 2 and 4 ranks: the loss and every parameter gradient after one
 step equal the single-process model's on the same micro-batches (fp32), and three
@@ -144,7 +144,7 @@ def test_resume_without_checkpoint_fails_before_launch(tmp_path):
 
 def test_every_worker_runs_with_nvlink_multicast_off(pipeline2):
     """NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 must be
-    set in each worker's own process (KINDS.md), not only in the driver's environment."""
+    set in each worker's own process (docs/DESIGN.md §6), not only in the driver's environment."""
     import os
 
     import ray

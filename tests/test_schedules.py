@@ -1,4 +1,4 @@
-"""Builders, the validator and explicit transfers (DESIGN.md §5, issue 3)."""
+"""Builders, the validator and explicit transfers (docs/DESIGN.md §5, issue 3)."""
 
 from __future__ import annotations
 

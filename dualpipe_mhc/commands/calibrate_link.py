@@ -89,7 +89,7 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     data = dump_config(cfg)
     data["pipeline"].update(ranks=2, schedule="1f1b", microbatches=2)
     two = config_from_dict(data)
-    started = connect(cfg.cluster.address)
+    started = connect(cfg.cluster.address, cfg.run.timeout_s)
     group = None
     try:
         use_gpu, backend = resolve_placement(two)

@@ -1,6 +1,6 @@
 """``dualpipe-mhc plan``: choose the mHC recomputation block size L_r under a per-GPU memory budget.
 
-Prints the closed form sqrt(n*L/(2(n+2))) (DESIGN's sqrt(n*L/(n+2)) over sublayers, in layers), then every searched L_r with the fullest rank's
+Prints the closed form sqrt(n*L/(2(n+2))) (docs/DESIGN.md's sqrt(n*L/(n+2)) over sublayers, in layers), then every searched L_r with the fullest rank's
 activation and total memory, the recomputation time and the simulated step time, and the
 choice; the runtime takes ``block_layers`` from the JSON (or ``plan_recompute(cfg)``).
 """

@@ -1,0 +1,162 @@
+"""Launch settings of the fused mHC kernels: block sizes, warps and pipelining, looked up per call.
+
+    s = launch_settings(x.device, x.dtype, n, C)                # the device's swept table entry
+    s = launch_settings(x.device, x.dtype, n, C, {"apply_block_t": 32})  # explicit override wins
+    s.apply_block_t, s.fwd_split, ...                          # a frozen LaunchSettings
+
+Nothing here is mutated at run time: a worker actor runs its step and its status thread at
+once, so settings are values resolved per call and handed down. The fused autograd ops resolve
+them in the forward and keep them for the backward (which may run on autograd's device thread).
+A benchmark that times a whole model under other settings wraps it in :func:`overriding`, a
+context variable: it reaches only the forwards started in that thread and context.
+
+The table is keyed by device name (``torch.cuda.get_device_name``), with ``"default"`` for any
+device not listed. Today's defaults come from the H100 sweep (benchmarks/NOTES_kernels.md,
+benchmarks/results/kernels_sweep_*); an H200 entry is added from
+``python benchmarks/bench_kernels.py --sweep --write-tuning best.json`` run on one.
+The sweep's candidate lists live in ``benchmarks/kernel_candidates.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """Every launch knob of the pre op (``fwd_*``, ``apply_*``, ``reduce_*``) and the post/res op
+    (``post_fwd_*``, ``post_bwd_*``); ``None`` leaves a choice to the launcher or Triton."""
+
+    # bf16 x: the K-split pair (bf16 hi/lo dots, then finish + aggregate) when True; the single tf32
+    # mapping kernel + aggregate kernel (v2) when False
+    fwd_split: bool = True
+    fwd_block_t: int = 64
+    fwd_block_k: int = 64
+    fwd_warps: int = 4
+    fwd_stages: int = 4
+    fwd_k_splits: int | None = None
+    apply_dphi_bf16: bool = True  # bf16 x: dphi = x^T (draw_hi + draw_lo) in bf16 dots (v4); else tf32 (v2)
+    # with apply_dphi_bf16: also the draw_lo dot (draw to ~2^-17); False: draw rounded to bf16, as cuBLAS
+    # rounds dY for a bf16 Linear's weight gradient (3.5 % faster apply at C = 4096, H100 sweep of 2026-11-25)
+    apply_dphi_lo: bool = False
+    apply_block_t: int = 64
+    apply_block_q: int | None = 256
+    apply_warps: int = 8
+    apply_stages: int | None = None
+    apply_fuse_dphi: bool = True
+    # apply's token loop as tl.range(num_stages=...): every load of a tile is issued (cp.async) a tile
+    # ahead; None leaves the loop to the pipeliner's defaults, which stage only the dots' operands
+    apply_loop_stages: int | None = 2
+    reduce_block_t: int = 4
+    reduce_block_c: int = 256
+    reduce_warps: int = 4
+    reduce_loop_stages: int | None = None
+    # the post/res op (kernels.mhc_post): [BT, n, BC] tiles of about tile_values fp32 values
+    post_fwd_block_c: int = 1024
+    post_fwd_tile_values: int = 8192
+    post_fwd_warps: int = 8
+    post_fwd_loop_stages: int | None = 2
+    post_bwd_block_c: int = 256
+    post_bwd_tile_values: int = 4096
+    post_bwd_warps: int = 4
+    post_bwd_loop_stages: int | None = 2
+
+    def replace(self, overrides: Mapping[str, Any] | None = None, **more: Any) -> LaunchSettings:
+        """A copy with ``overrides`` (and ``more``) applied; a name that is no setting is a KeyError."""
+        changes = {**(overrides or {}), **more}
+        unknown = set(changes) - set(FIELDS)
+        if unknown:
+            raise KeyError(f"unknown launch settings {sorted(unknown)}; known: {sorted(FIELDS)}")
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(LaunchSettings))
+APPLY_FIELDS = tuple(f for f in FIELDS if f.startswith("apply_"))
+
+
+@dataclass(frozen=True)
+class DeviceTuning:
+    """One device's measured settings: ``narrow`` for bf16 streams with n <= 4 (what the sweeps
+    time), ``wide_apply`` for the apply kernel's fields otherwise."""
+
+    narrow: LaunchSettings
+    wide_apply: LaunchSettings
+
+
+# H100 sweep of 2026-11-25 (benchmarks/NOTES_kernels.md): the class defaults above.
+H100 = LaunchSettings()
+# The apply kernel for fp32 / fp16 streams and for n = 8: fp32 tiles and n = 8's [128, q] dphi tile
+# ran out of shared memory at block_t = 64 on H100 (262-524 KB asked, 227 KB there) and spilled
+# registers at block_t = 32. 16-token tiles are the largest that compile for sm_90 without spilling
+# (fp32 n = 8 still spills some) and fit shared memory (benchmarks/kernel_resources.py); the loads
+# staged through shared memory (loop stages 2), without which the fp32 tile spilled under Triton 3.9.
+H100_WIDE_APPLY = H100.replace(
+    apply_dphi_bf16=False, apply_dphi_lo=True, apply_block_t=16, apply_block_q=None, apply_warps=8,
+    apply_stages=None, apply_fuse_dphi=True, apply_loop_stages=2,
+)
+DEFAULT = "default"
+TABLE: dict[str, DeviceTuning] = {
+    DEFAULT: DeviceTuning(H100, H100_WIDE_APPLY),
+    "NVIDIA H100 80GB HBM3": DeviceTuning(H100, H100_WIDE_APPLY),
+    # "NVIDIA H200": DeviceTuning(H100.replace(**<bench_kernels.py --sweep --write-tuning on an H200>), ...),
+}
+
+_override: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("mhc_launch_override", default={})
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device: torch.device | str) -> str:
+    """The table key of ``device``: the CUDA device's name, else its type (``cpu``); a string is
+    taken as the name itself (compiling for a device that is not here: benchmarks/kernel_resources.py)."""
+    if isinstance(device, str):
+        return device
+    if device.type == "cuda":
+        return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+    return device.type
+
+
+def wide_apply(dtype: torch.dtype, n: int) -> bool:
+    """Whether the apply kernel takes the device's ``wide_apply`` sizes: the swept ones are for bf16
+    streams and n <= 4 (2n + n^2 <= 32 mapping columns)."""
+    return dtype != torch.bfloat16 or 2 * n + n * n > 32
+
+
+def launch_settings(
+    device: torch.device | str, dtype: torch.dtype, n: int, c: int,
+    override: LaunchSettings | Mapping[str, Any] | None = None,
+) -> LaunchSettings:  # fmt: skip
+    """The settings for one launch on ``x [T, n, C]`` of ``dtype`` on ``device``: the device's table
+    entry (or ``"default"``), the wide apply sizes where :func:`wide_apply` says, then any
+    :func:`overriding` in this context, then ``override`` (a LaunchSettings is taken as is).
+    ``c`` is part of the key so that a table entry can later depend on the width; none does yet."""
+    if isinstance(override, LaunchSettings):
+        return override
+    entry = TABLE.get(device_name(device), TABLE[DEFAULT])
+    settings = entry.narrow
+    if wide_apply(dtype, n):
+        settings = settings.replace({f: getattr(entry.wide_apply, f) for f in APPLY_FIELDS})
+    return settings.replace(_override.get()).replace(override)
+
+
+@contextlib.contextmanager
+def overriding(overrides: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block, launches resolved in this thread and context take ``overrides`` (a whole-model
+    A/B run in a benchmark). Names are checked at once; nothing outside the block or thread sees it."""
+    LaunchSettings().replace(overrides)  # a KeyError for an unknown name, before anything runs
+    token = _override.set({**_override.get(), **overrides})
+    try:
+        yield
+    finally:
+        _override.reset(token)
