@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dualpipe-mhc {args.command}: error: --out {args.out} is a file; name a directory", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config or getattr(mod, "DEFAULT_CONFIG", None), args.overrides)
+        # A command that sweeps schedules checks each one it runs, not pipeline.schedule's rules.
+        rules = not getattr(mod, "SWEEPS_SCHEDULES", False)
+        cfg = load_config(args.config or getattr(mod, "DEFAULT_CONFIG", None), args.overrides, schedule_rules=rules)
         report = mod.main(cfg, args)
     except (ConfigError, ValueError) as exc:
         # A command that reached an answer before failing (an infeasible plan, say) attaches it

@@ -45,7 +45,15 @@ Location = tuple[int, int]  # (rank, chunk)
 
 
 class ScheduleError(ValueError):
-    """A schedule is invalid or cannot be built; the message names the rule or the action."""
+    """A schedule is invalid or cannot be built; the message names the rule or the action.
+
+    ``field`` names the argument a builder refused (``"ranks"`` or ``"microbatches"``), so a
+    config can point at its own field; None when the fault is in the schedule itself.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ from typing import Any
 
 HELP = "simulate 1F1B / ZB1P / DualPipe / DualPipeV at n = 1 and the config's n: step time, bubble, exposed comm, memory"
 DEFAULT_CONFIG = "paper-27b"
+# Each schedule swept or asked for is checked by run_sweep, so pipeline.schedule's own rules
+# (a count DualPipeV cannot take, say) do not refuse a run of 1F1B (cli.py reads this).
+SWEEPS_SCHEDULES = True
 GIB = 2**30
 
 
@@ -68,11 +71,11 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
     results = {}
     ranks, microbatches = cfg.pipeline.ranks, cfg.pipeline.microbatches
     measured = Costs.from_profile(profile, cfg.link.bandwidth, cfg.link.latency) if profile is not None else None
-    for name in schedules:
+    scheds = []
+    for name in schedules:  # every schedule checked before any is simulated
         try:
             sched = build_schedule(name, ranks, microbatches)
-            # The config checks layers against its own schedule's stages only, and a profile
-            # was measured on one stage count: a swept schedule may need more or other stages.
+            # A profile was measured on one stage count: a swept schedule may need other stages.
             if measured is not None and measured.num_stages != sched.num_stages:
                 raise ScheduleError(
                     f"profile {profile} has {measured.num_stages} stages but {name} on {ranks} ranks has "
@@ -88,6 +91,8 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
                 raise
             notes.append(f"{name} skipped: {exc}")
             continue
+        scheds.append((name, sched))
+    for name, sched in scheds:
         validate(sched)
         base_step = None
         for n in (streams if measured is None else [None]):
