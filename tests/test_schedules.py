@@ -195,3 +195,23 @@ def test_ir_round_trips_through_json():
     again = Schedule.from_dict(__import__("json").loads(sched.to_json()))
     assert again.actions == sched.actions and again.paths == sched.paths
     assert sched.deferred_weights() == again.deferred_weights()
+
+
+def test_the_ir_message_rule_f_feeds_the_next_stage_b_the_previous():
+    sched = build_schedule("dualpipev", 2, 4)  # stages 0, 1 on ranks 0, 1 (chunk 0); 2, 3 on ranks 1, 0 (chunk 1)
+    f1 = Action("F", 1, 1, 0, 2)
+    out = sched.message_out(f1)
+    assert (out.key, out.src, out.dst, out.remote, out.consumer_stage) == (("F", 1, 2), 1, 1, False, 2)  # the V's turn
+    f2 = Action("F", 1, 2, 1, 2)
+    assert sched.message_in(f2) == out
+    b2 = Action("B", 1, 2, 1, 2)
+    assert sched.message_in(b2).key == ("B", 3, 2) and sched.message_in(b2).src == 0
+    assert sched.prerequisites(b2) == [("F", 2, 2), ("B", 3, 2)]
+    assert sched.prerequisites(Action("W", 1, 2, 1, 2)) == [("B", 2, 2)]
+    assert sched.message_out(Action("F", 0, 3, 1, 0)) is None  # the last stage outputs the loss
+    assert sched.message_in(Action("F", 0, 0, 0, 0)) is None and sched.message_out(Action("B", 0, 0, 0, 0)) is None
+    for action in add_comms(sched):  # SEND/RECV actions and messages convert both ways
+        if action.kind.startswith("SEND"):
+            assert sched.send_action(sched.transfer_message(action)) == action
+        elif action.kind.startswith("RECV"):
+            assert sched.recv_action(sched.transfer_message(action)) == action
