@@ -107,7 +107,14 @@ class ModelConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    """How the model is cut and scheduled. ``microbatch_size`` counts sequences."""
+    """How the model is cut and scheduled. ``microbatch_size`` counts sequences.
+
+    The schedule's own rules (``scheduler.builders.check_schedule_args``): DualPipe needs an
+    even number of ranks and an even ``microbatches`` >= 2 x ranks, DualPipeV any count >=
+    2 x ranks. ``simulate`` refuses a schedule of more than 1,000,000 compute actions
+    (``scheduler.simulate.MAX_SIMULATED_HALVES``; 2 x stages x microbatches, 3 x for ZB1P;
+    stages = ranks, 2 x ranks for DualPipeV), e.g. microbatches <= 31250 for DualPipeV on 8 ranks.
+    """
 
     schedule: ScheduleName = "dualpipev"
     ranks: int = 2

@@ -240,6 +240,18 @@ def check_schedule_args(name: str, ranks: int, microbatches: int) -> None:
         )
 
 
+def stage_count(name: str, ranks: int) -> int:
+    """Model stages a micro-batch passes through: 2 x ranks for DualPipeV's V, else ranks."""
+    return 2 * ranks if _known(name) == "dualpipev" else ranks
+
+
+def compute_halves(name: str, ranks: int, microbatches: int) -> int:
+    """Compute halves (F, B and W; an F&B pair counts two) the schedule will hold, before
+    building it: an F and a B per stage and micro-batch, and ZB1P's W for each of them.
+    DualPipe(V)'s few W's (O(ranks^2), not growing with the micro-batches) are left out."""
+    return stage_count(name, ranks) * microbatches * (3 if _known(name) == "zb1p" else 2)
+
+
 def _known(name: str) -> str:
     """The registry key of ``name`` (``DualPipe-V`` -> ``dualpipev``); unknown names are refused."""
     key = name.lower().replace("-", "").replace("_", "")

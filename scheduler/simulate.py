@@ -18,10 +18,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .builders import DISPLAY_NAMES, compute_halves
 from .costs import Costs
 from .ir import Action, Schedule, ScheduleError
 
 COMPUTE_STREAM = "compute"
+
+# The largest schedule the CLI simulates. Time and memory grow linearly with the compute
+# halves (F, B, W; builds, validation and simulation alike); benchmarks/bench_simulator_scaling.py
+# measured at most ~42 us and ~1.1 kB per half on the 2-core CPU box (2026-12-01), so a
+# schedule at the bound takes about a minute and a GiB, and a sweep of four a few of each.
+MAX_SIMULATED_HALVES = 1_000_000
+
+
+def check_simulation_size(name: str, ranks: int, microbatches: int) -> None:
+    """Raise :class:`ScheduleError` (field ``microbatches``) before any work if schedule ``name``
+    at this size is over :data:`MAX_SIMULATED_HALVES`; the message says the largest count that fits."""
+    halves = compute_halves(name, ranks, microbatches)
+    if halves <= MAX_SIMULATED_HALVES:
+        return
+    per_mb = compute_halves(name, ranks, 1)
+    shown = DISPLAY_NAMES.get(name, name)
+    raise ScheduleError(
+        f"{shown} on {ranks} ranks x {microbatches} micro-batches is {halves:,} compute actions, over the "
+        f"simulator's bound of {MAX_SIMULATED_HALVES:,} per schedule (time and memory grow linearly); "
+        f"use microbatches<={MAX_SIMULATED_HALVES // per_mb} or fewer ranks",
+        "microbatches",
+    )
 
 
 @dataclass(slots=True)

@@ -73,3 +73,56 @@ def test_a_count_the_schedule_cannot_take_is_one_line_before_any_work(argv, line
     captured = capsys.readouterr()
     assert captured.err == line + "\n"
     assert "Traceback" not in captured.out + captured.err
+
+
+SIZE = [
+    (["simulate", "--set", "pipeline.microbatches=1000000"],
+     "dualpipe-mhc simulate: error: nothing to simulate: 1f1b skipped: 1F1B on 8 ranks x 1000000 micro-batches is "
+     "16,000,000 compute actions, over the simulator's bound of 1,000,000 per schedule"),
+    (["simulate", "--schedule", "dualpipev", "--set", "pipeline.microbatches=31251"],
+     "dualpipe-mhc simulate: error: DualPipeV on 8 ranks x 31251 micro-batches is 1,000,032 compute actions, over "
+     "the simulator's bound of 1,000,000 per schedule (time and memory grow linearly); use microbatches<=31250 "
+     "or fewer ranks"),
+]
+
+
+@pytest.mark.parametrize("argv, start", SIZE, ids=[" ".join(a) for a, _ in SIZE])
+def test_a_size_that_would_not_finish_is_refused_in_one_line_before_any_work(argv, start, capsys, monkeypatch):
+    import dualpipe_mhc.scheduler as scheduler
+
+    def no_work(*_a, **_k):
+        raise AssertionError("built a schedule before refusing")
+
+    monkeypatch.setattr(scheduler, "build_schedule", no_work)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(start) and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_sweep_skips_only_the_schedules_over_the_size_bound(monkeypatch):
+    # 40000 micro-batches on 8 ranks: DualPipeV's 16 stages make 1.28 M actions, 1F1B's 8 fit.
+    import dualpipe_mhc.scheduler as scheduler
+    from dualpipe_mhc.commands.simulate import run_sweep
+    from dualpipe_mhc.config import load_config
+
+    cfg = load_config("paper-27b", ["pipeline.microbatches=40000"], schedule_rules=False)
+    built = []
+
+    def record(name, ranks, mb):  # stands in for the build, which would take seconds
+        built.append(name)
+        raise scheduler.ScheduleError("not built in this test")
+
+    monkeypatch.setattr(scheduler, "build_schedule", record)
+    with pytest.raises(scheduler.ScheduleError) as err:
+        run_sweep(cfg, ["1f1b", "dualpipev"], [1], strict=False)
+    assert built == ["1f1b"]
+    assert "dualpipev skipped: DualPipeV on 8 ranks x 40000 micro-batches is 1,280,000 compute actions" in str(err.value)
+
+
+def test_a_long_simulation_prints_a_line_per_phase(capsys):
+    assert main(["simulate", "--schedule", "1f1b", "--set", "pipeline.microbatches=2048"]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("simulate: ")]
+    assert [ln.split(" (")[0] for ln in lines] == [
+        "simulate: building 1f1b", "simulate: validating 1f1b", "simulate: simulating 1f1b n=1",
+        "simulate: simulating 1f1b n=4",
+    ]

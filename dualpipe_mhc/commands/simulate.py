@@ -65,6 +65,9 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
     """Simulate every (schedule, n); returns rows, notes about skipped schedules, and results by key."""
     from dualpipe_mhc.scheduler import Costs, ScheduleError, build_schedule, simulate, validate
     from dualpipe_mhc.scheduler.analytic import costs_from_config
+    from dualpipe_mhc.scheduler.simulate import check_simulation_size
+
+    progress = progress or (lambda _phase: None)
 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -74,6 +77,8 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
     scheds = []
     for name in schedules:  # every schedule checked before any is simulated
         try:
+            check_simulation_size(name, ranks, microbatches)  # before building: the build is linear too
+            progress(f"building {name}")
             sched = build_schedule(name, ranks, microbatches)
             # A profile was measured on one stage count: a swept schedule may need other stages.
             if measured is not None and measured.num_stages != sched.num_stages:
@@ -92,7 +97,10 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
             notes.append(f"{name} skipped: {exc}")
             continue
         scheds.append((name, sched))
+    if not scheds and notes:  # nothing left to simulate: refuse, naming every reason
+        raise ScheduleError("nothing to simulate: " + "; ".join(notes))
     for name, sched in scheds:
+        progress(f"validating {name}")
         validate(sched)
         base_step = None
         for n in (streams if measured is None else [None]):
@@ -100,13 +108,12 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
                 costs = measured
             else:
                 costs = costs_from_config(cfg, sched.num_stages, streams=n, traffic=traffic)
+            progress(f"simulating {name}" + (f" n={n}" if n is not None else ""))
             result = simulate(sched, costs)
             results[(name, n)] = result
             if n == 1:
                 base_step = result.step_time
             rows.append(_row(name, n, result, base_step))
-            if progress is not None:
-                progress()
     return rows, notes, results
 
 
@@ -162,21 +169,34 @@ def print_table(rows: list[dict[str, Any]], cfg, notes: list[str], source: str) 
         console.print(f"[yellow]{note}[/yellow]")
 
 
-def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
-    from rich.progress import Progress
+def _progress(cfg, schedules: list[str], streams: list[int], profile: str | None):
+    """A line per phase on stderr where the sweep is long enough to watch (a few seconds and
+    up: 100k compute halves, benchmarks/bench_simulator_scaling.py), else nothing."""
+    import time
 
+    from dualpipe_mhc.scheduler.builders import compute_halves
+
+    p = cfg.pipeline
+    sims = 1 if profile else len(streams)
+    work = sum(compute_halves(n, p.ranks, p.microbatches) * (2 + sims) for n in schedules)  # build, validate, sims
+    if work < 100_000:
+        return None
+    start = time.perf_counter()
+
+    def line(phase: str) -> None:
+        print(f"simulate: {phase} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+    return line
+
+
+def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     schedules, strict = _schedules(args)
     streams = _streams(cfg, args)
     profile = getattr(args, "profile", None)
     traffic = getattr(args, "traffic", "fused") or "fused"
-    total = len(schedules) * (1 if profile else len(streams))
-    # A progress bar only where the sweep is long enough to be worth watching.
-    big = cfg.pipeline.ranks * cfg.pipeline.microbatches * total > 20000
-    with Progress(transient=True, disable=not big or not sys.stderr.isatty()) as bar:
-        task = bar.add_task("simulating", total=total)
-        rows, notes, results = run_sweep(
-            cfg, schedules, streams, strict, profile, traffic, progress=lambda: bar.advance(task)
-        )
+    rows, notes, results = run_sweep(
+        cfg, schedules, streams, strict, profile, traffic, progress=_progress(cfg, schedules, streams, profile)
+    )
     source = "profile" if profile else "analytic"
     print_table(rows, cfg, notes, source)
     files: dict[str, dict[str, str]] = {}
