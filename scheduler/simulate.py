@@ -6,7 +6,9 @@ when its action ends (for an F&B pair: when the pair ends, as in DeepSeek's refe
 over the directed link (src -> dst), which carries one message at a time in the order the
 sender produced them: a message takes bytes / bandwidth on the link plus the latency.
 Sends never block the sender, so communication overlaps compute unless the receiver has
-nothing else to run; that waiting is the *exposed* communication.
+nothing else to run. A rank's *input wait* is all of its waiting for inputs; the part after
+every input's producer had finished is the *exposed* communication (the rest is upstream
+compute, i.e. bubble). ``scheduler.measured`` applies the same two definitions to measured steps.
 
 Every directed link is fed by a single rank whose outputs appear in program order, so the
 simulation needs no global event queue: each rank runs ahead until an input is missing,
@@ -75,6 +77,9 @@ class SimResult:
     comm_time: list[float]  # transfer time of the messages each rank sent
     peak_activation_bytes: list[float]
     peak_inflight: list[int]  # micro-batch chunks held (F done, B not done)
+    # all of the time a rank waited for inputs, upstream compute included (exposed_comm is the
+    # part after the producers had finished); the same definitions as scheduler.measured
+    input_wait: list[float] = field(default_factory=list)
     # Raw (rank, start, end, action) and (src, dst, start, end, key) tuples; turned into
     # Event objects only when someone asks, which halves the cost of a large simulation.
     _compute: list = field(default_factory=list, repr=False)
@@ -111,6 +116,7 @@ class SimResult:
             "bubble_fraction": self.bubble_fraction,
             "bubble_s": self.bubble,
             "exposed_comm_s": self.exposed_comm,
+            "input_wait_s": self.input_wait,
             "comm_s": self.comm_time,
             "peak_activation_bytes": self.peak_activation_bytes,
             "peak_inflight": self.peak_inflight,
@@ -141,6 +147,7 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
     clock = [0.0] * ranks
     busy = [0.0] * ranks
     exposed = [0.0] * ranks
+    wait = [0.0] * ranks
     comm = [0.0] * ranks
     waiting: dict[int, int] = {}
     compute_events: list[tuple[int, float, float, Action]] = []
@@ -166,6 +173,7 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
             if blocked:
                 break
             exposed[r] += start - produced
+            wait[r] += start - t
             end = start + dur
             busy[r] += dur
             if record_events:
@@ -209,6 +217,7 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
         busy=busy,
         bubble=[step - b for b in busy],
         exposed_comm=exposed,
+        input_wait=wait,
         comm_time=comm,
         peak_activation_bytes=peak_bytes,
         peak_inflight=peak_count,

@@ -114,8 +114,7 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compare_and_write(cfg, sched, outcome, out: Path, args):
-    from dualpipe_mhc.cluster.measure import measured_costs, measured_result
-    from dualpipe_mhc.cluster.profile import incoming_transfer_seconds
+    from dualpipe_mhc.cluster.measure import incoming_transfer_seconds, measured_costs, measured_result, step_times
     from dualpipe_mhc.scheduler import simulate
     from dualpipe_mhc.scheduler.trace import write_chrome_trace, write_timeline_png
 
@@ -139,9 +138,9 @@ def _compare_and_write(cfg, sched, outcome, out: Path, args):
     if not args.no_plot:
         files["png"] = str(write_timeline_png(measured_result(sched, typical), out / "timeline.png", title))
     # Medians throughout, and the bubble from them, so the table's rows add up.
-    measured.busy = [statistics.median(col) for col in zip(*[r.busy() for r in kept])]
-    measured.bubble = [max(0.0, median_time - b) for b in measured.busy]
-    measured.exposed_comm = [statistics.median(col) for col in zip(*[r.waiting() for r in kept])]
+    typical_times = step_times(sched, kept)
+    measured.busy, measured.bubble = typical_times.busy, typical_times.bubble
+    measured.input_wait, measured.exposed_comm = typical_times.input_wait, typical_times.exposed_comm
     return files, measured, predicted, costs
 
 
@@ -161,8 +160,8 @@ def _print_comparison(console, measured, predicted, cfg) -> None:
                   f"{100 * (predicted.bubble_fraction - measured.bubble_fraction):+.1f} pt")
     for r in range(measured.ranks):
         row(f"rank {r} compute", measured.busy[r], predicted.busy[r], "ms", 1e3)
-        table.add_row(f"rank {r} input wait / exposed comm", f"{measured.exposed_comm[r] * 1e3:.2f} ms",
-                      f"{predicted.exposed_comm[r] * 1e3:.2f} ms", "")
+        row(f"rank {r} input wait", measured.input_wait[r], predicted.input_wait[r], "ms", 1e3)
+        row(f"rank {r} exposed comm", measured.exposed_comm[r], predicted.exposed_comm[r], "ms", 1e3)
     console.print(table)
     console.print(f"link in the simulation: {cfg.link.bandwidth / 1e9:g} GB/s one way, {cfg.link.latency * 1e6:g} us "
                   f"({'shaped' if cfg.link.shape else 'the config preset; the run was not shaped'})")
@@ -181,12 +180,13 @@ def _report(cfg, sched, outcome, state, measured, predicted, costs, files, warmu
         "warmup_steps": warmup, "files": files, "config": dump_config(cfg),
     }
     if measured is not None:
-        hidden = [1.0 - min(w, c) / c if c else 1.0 for w, c in zip(measured.exposed_comm, measured.comm_time)]
+        hidden = [1.0 - min(e, c) / c if c else 1.0 for e, c in zip(measured.exposed_comm, measured.comm_time)]
         report["measured"] = {"step_time_s": measured.step_time, "bubble_fraction": measured.bubble_fraction,
-                              "busy_s": measured.busy, "input_wait_s": measured.exposed_comm,
+                              "busy_s": measured.busy, "input_wait_s": measured.input_wait,
+                              "exposed_comm_s": measured.exposed_comm,
                               "modelled_comm_s": measured.comm_time, "hidden_comm_fraction": hidden}
         report["simulated"] = {"step_time_s": predicted.step_time, "bubble_fraction": predicted.bubble_fraction,
-                               "exposed_comm_s": predicted.exposed_comm}
+                               "input_wait_s": predicted.input_wait, "exposed_comm_s": predicted.exposed_comm}
         report["sim_error_pct"] = 100 * (predicted.step_time / measured.step_time - 1) if measured.step_time else None
         report["costs"] = {"f_s": costs.f, "b_s": costs.b, "w_s": costs.w, "fb_overlap": costs.fb_overlap}
     return report
