@@ -301,7 +301,7 @@ class PipelineRunner:
         if pipe is not None:
             self._start_nvml(len(pipe.group.actors))
 
-    def __call__(self, cfg: Any) -> dict[str, Any]:
+    def __call__(self, cfg: RunConfig) -> dict[str, Any]:
         """Train ``cfg`` for ``run.steps`` steps exactly as ``dualpipe-mhc run`` would; the run report."""
         from .runtime import Pipeline
         from .train import pipeline_schedule, train
