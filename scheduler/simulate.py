@@ -39,14 +39,18 @@ def check_simulation_size(name: str, ranks: int, microbatches: int) -> None:
     halves = compute_halves(name, ranks, microbatches)
     if halves <= MAX_SIMULATED_HALVES:
         return
-    per_mb = compute_halves(name, ranks, 1)
     shown = DISPLAY_NAMES.get(name, name)
     raise ScheduleError(
         f"{shown} on {ranks} ranks x {microbatches} micro-batches is {halves:,} compute actions, over the "
         f"simulator's bound of {MAX_SIMULATED_HALVES:,} per schedule (time and memory grow linearly); "
-        f"use microbatches<={MAX_SIMULATED_HALVES // per_mb} or fewer ranks",
+        f"use microbatches<={largest_simulated_microbatches(name, ranks)} or fewer ranks",
         "microbatches",
     )
+
+
+def largest_simulated_microbatches(name: str, ranks: int) -> int:
+    """The most micro-batches schedule ``name`` on ``ranks`` ranks may have within the bound."""
+    return MAX_SIMULATED_HALVES // compute_halves(name, ranks, 1)
 
 
 @dataclass(slots=True)

@@ -77,8 +77,10 @@ def test_a_count_the_schedule_cannot_take_is_one_line_before_any_work(argv, line
 
 SIZE = [
     (["simulate", "--set", "pipeline.microbatches=1000000"],
-     "dualpipe-mhc simulate: error: nothing to simulate: 1f1b skipped: 1F1B on 8 ranks x 1000000 micro-batches is "
-     "16,000,000 compute actions, over the simulator's bound of 1,000,000 per schedule"),
+     "dualpipe-mhc simulate: error: 1F1B on 8 ranks x 1000000 micro-batches is 16,000,000 compute actions, over "
+     "the simulator's bound of 1,000,000 per schedule (time and memory grow linearly); use microbatches<=62500"),
+    (["simulate", "--schedule", "zb1p,dualpipev", "--set", "pipeline.ranks=4", "--set", "pipeline.microbatches=70000"],
+     "dualpipe-mhc simulate: error: DualPipeV on 4 ranks x 70000 micro-batches is 1,120,000 compute actions"),
     (["simulate", "--schedule", "dualpipev", "--set", "pipeline.microbatches=31251"],
      "dualpipe-mhc simulate: error: DualPipeV on 8 ranks x 31251 micro-batches is 1,000,032 compute actions, over "
      "the simulator's bound of 1,000,000 per schedule (time and memory grow linearly); use microbatches<=31250 "

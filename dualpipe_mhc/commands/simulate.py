@@ -65,7 +65,7 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
     """Simulate every (schedule, n); returns rows, notes about skipped schedules, and results by key."""
     from dualpipe_mhc.scheduler import Costs, ScheduleError, build_schedule, simulate, validate
     from dualpipe_mhc.scheduler.analytic import costs_from_config
-    from dualpipe_mhc.scheduler.simulate import check_simulation_size
+    from dualpipe_mhc.scheduler.simulate import check_simulation_size, largest_simulated_microbatches
 
     progress = progress or (lambda _phase: None)
 
@@ -74,10 +74,20 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
     results = {}
     ranks, microbatches = cfg.pipeline.ranks, cfg.pipeline.microbatches
     measured = Costs.from_profile(profile, cfg.link.bandwidth, cfg.link.latency) if profile is not None else None
+    too_big = {}
+    for name in schedules:  # sizes first: building is linear in the size too
+        try:
+            check_simulation_size(name, ranks, microbatches)
+        except ScheduleError as exc:
+            too_big[name] = exc
+    if too_big and (strict or len(too_big) == len(schedules)):
+        # Nothing to sweep: one line, naming the schedule that fits the most micro-batches.
+        raise too_big[max(too_big, key=lambda n: largest_simulated_microbatches(n, ranks))]
     scheds = []
     for name in schedules:  # every schedule checked before any is simulated
         try:
-            check_simulation_size(name, ranks, microbatches)  # before building: the build is linear too
+            if name in too_big:
+                raise too_big[name]
             progress(f"building {name}")
             sched = build_schedule(name, ranks, microbatches)
             # A profile was measured on one stage count: a swept schedule may need other stages.
