@@ -138,7 +138,9 @@ class PipelineConfig(_Section):
     def stages(self) -> int:
         """Model stages a micro-batch passes through: 2 x ranks for DualPipeV's V; ranks otherwise
         (DualPipe holds two stages per rank, but one per direction's path)."""
-        return self.ranks * (2 if self.schedule == "dualpipev" else 1)
+        from dualpipe_mhc.scheduler.builders import stage_count
+
+        return stage_count(self.schedule, self.ranks)
 
 
 LINK_PRESETS: dict[str, tuple[float, float]] = {
