@@ -56,6 +56,8 @@ def test_dualpipe_bubbles_match_the_formula_when_f_equals_the_input_backward(pp,
     for mb in (2 * pp, 2 * pp + 6, 4 * pp):
         assert _bubble("dualpipe", pp, mb, f, b, w, overlap) == pytest.approx(expected)
         assert _bubble("dualpipev", pp // 2, mb, f, b, w, overlap) == pytest.approx(expected)
+        # DualPipeV takes odd counts too (all micro-batches enter at rank 0): the same bubble
+        assert _bubble("dualpipev", pp // 2, mb + 1, f, b, w, overlap) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
