@@ -215,19 +215,24 @@ class Schedule:
 
     def transfer_message(self, action: Action) -> Message:
         """The message a SEND_*/RECV_* action moves (each names the stage on its own rank)."""
-        kind = action.kind[-1]
+        kind, peer = action.kind[-1], action.peer
+        assert peer is not None, f"{action} names no peer"
         if action.kind.startswith("SEND"):
-            return Message(kind, action.stage, action.microbatch, action.rank, action.peer)  # type: ignore[arg-type]
-        return Message(kind, action.stage - STAGE_STEP[kind], action.microbatch, action.peer, action.rank)  # type: ignore[arg-type]
+            return Message(kind, action.stage, action.microbatch, action.rank, peer)
+        return Message(kind, action.stage - STAGE_STEP[kind], action.microbatch, peer, action.rank)
 
     def send_action(self, message: Message) -> Action:
+        """The SEND_F/SEND_B action that moves ``message`` (on the producer's rank and chunk)."""
         chunk = self.location(message.microbatch, message.stage)[1]
-        return Action(f"SEND_{message.kind}", message.src, message.stage, chunk, message.microbatch, peer=message.dst)  # type: ignore[arg-type]
+        kind: ActionKind = "SEND_F" if message.kind == "F" else "SEND_B"
+        return Action(kind, message.src, message.stage, chunk, message.microbatch, peer=message.dst)
 
     def recv_action(self, message: Message) -> Action:
+        """The RECV_F/RECV_B action that takes ``message`` (named by the consumer's stage and chunk)."""
         stage = message.consumer_stage
         chunk = self.location(message.microbatch, stage)[1]
-        return Action(f"RECV_{message.kind}", message.dst, stage, chunk, message.microbatch, peer=message.src)  # type: ignore[arg-type]
+        kind: ActionKind = "RECV_F" if message.kind == "F" else "RECV_B"
+        return Action(kind, message.dst, stage, chunk, message.microbatch, peer=message.src)
 
     def has_transfers(self) -> bool:
         """Whether the lists carry explicit SEND_*/RECV_* actions (``add_comms``)."""
