@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, NamedTuple
 
 ActionKind = Literal["F", "B", "W", "FB", "SEND_F", "RECV_F", "SEND_B", "RECV_B"]
 COMPUTE_KINDS = ("F", "B", "W", "FB")
@@ -97,10 +97,17 @@ class Action:
 
     def halves(self) -> tuple[Action, ...]:
         """The compute actions this one stands for: (F, B) for FB, else (self,)."""
-        if self.kind == "FB":
+        if self.kind != "FB":
+            return (self,)
+        # Built once per pair: the validator and simulator ask for the halves of every action
+        # several times, and a frozen dataclass is slow to construct. Not a field: equality,
+        # hashing and to_dict see only the fields.
+        halves = self.__dict__.get("_halves")
+        if halves is None:
             assert self.pair is not None
-            return (Action("F", self.rank, self.stage, self.chunk, self.microbatch), self.pair)
-        return (self,)
+            halves = (Action("F", self.rank, self.stage, self.chunk, self.microbatch), self.pair)
+            object.__setattr__(self, "_halves", halves)
+        return halves
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if v is not None and k != "pair"}
@@ -114,10 +121,10 @@ class Action:
         return Action(d["kind"], d["rank"], d["stage"], d["chunk"], d["microbatch"], d.get("peer"), pair)
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One tensor crossing between stages: produced by ``kind``(``stage``, ``microbatch``) on
-    rank ``src``, consumed on rank ``dst`` by the same kind at stage ``stage + STAGE_STEP[kind]``."""
+    rank ``src``, consumed on rank ``dst`` by the same kind at stage ``stage + STAGE_STEP[kind]``.
+    (A named tuple: the validator and simulator make one per action of a large schedule.)"""
 
     kind: str  # "F": an activation, "B": an input gradient
     stage: int
@@ -179,15 +186,21 @@ class Schedule:
 
     def prerequisites(self, half: Action) -> list[tuple[str, int, int]]:
         """(kind, stage, microbatch) of the compute halves that must finish before ``half`` can
-        run: its input message's producer, and for B its own F, for W its own B."""
-        s, mb = half.stage, half.microbatch
-        if half.kind == "W":
-            return [("B", s, mb)]
-        needs = [("F", s, mb)] if half.kind == "B" else []
+        run: those on its own rank (:meth:`local_prerequisites`), then its input message's producer."""
+        needs = self.local_prerequisites(half)
         message = self.message_in(half)
         if message is not None:
             needs.append(message.key)
         return needs
+
+    @staticmethod
+    def local_prerequisites(half: Action) -> list[tuple[str, int, int]]:
+        """The same-stage halves ``half`` needs, on its own rank by construction: B its F, W its B."""
+        if half.kind == "B":
+            return [("F", half.stage, half.microbatch)]
+        if half.kind == "W":
+            return [("B", half.stage, half.microbatch)]
+        return []
 
     def message_in(self, half: Action) -> Message | None:
         """The message compute half F/B consumes (None: F of stage 0 reads data, B of the

@@ -103,13 +103,11 @@ def _needs(sched: Schedule, action: Action, explicit: bool) -> list[tuple]:
         return [("done", *message.key)] if action.kind.startswith("SEND") else [("sent", *message.key)]
     needs = []
     for half in action.halves():
+        needs.extend(("done", *need) for need in sched.local_prerequisites(half))
         message = sched.message_in(half)
-        for need in sched.prerequisites(half):
+        if message is not None:
             # With explicit transfers a remote input is usable once its RECV has run.
-            if explicit and message is not None and message.remote and need == message.key:
-                needs.append(("recv", *need))
-            else:
-                needs.append(("done", *need))
+            needs.append(("recv" if explicit and message.remote else "done", *message.key))
     return needs
 
 
