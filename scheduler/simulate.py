@@ -27,9 +27,10 @@ from .ir import Action, Schedule, ScheduleError
 COMPUTE_STREAM = "compute"
 
 # The largest schedule the CLI simulates. Time and memory grow linearly with the compute
-# halves (F, B, W; builds, validation and simulation alike); benchmarks/bench_simulator_scaling.py
-# measured at most ~42 us and ~1.1 kB per half on the 2-core CPU box (2026-12-01), so a
-# schedule at the bound takes about a minute and a GiB, and a sweep of four a few of each.
+# halves (F, B, W; build, validation and simulation alike): benchmarks/bench_simulator_scaling.py
+# measured 20-40 us and 1.0-1.2 kB per half on the shared 2-core CPU box (its results file), so
+# a schedule at the bound takes under a minute and about a GiB there (DualPipeV, 8 ranks x 31250
+# through the CLI: 47 s, 0.9 GB peak), and a sweep of four schedules a few minutes and GiB.
 MAX_SIMULATED_HALVES = 1_000_000
 
 
