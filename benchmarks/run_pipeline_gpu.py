@@ -158,8 +158,7 @@ def grad_check(pipe, args) -> list[dict]:
 
 
 def bench(pipe, args) -> list[dict]:
-    from dualpipe_mhc.cluster.measure import measured_costs
-    from dualpipe_mhc.cluster.profile import incoming_transfer_seconds
+    from dualpipe_mhc.cluster.measure import incoming_transfer_seconds, measured_costs, step_times
     from dualpipe_mhc.cluster.train import pipeline_schedule, train
     from dualpipe_mhc.scheduler import simulate
 
@@ -170,20 +169,20 @@ def bench(pipe, args) -> list[dict]:
             sched = pipeline_schedule(cfg)
             outcome = train(cfg, pipe=pipe)
             kept = outcome.results[args.warmup:] or outcome.results
-            step = statistics.median(r.step_time for r in kept)
-            wait = [statistics.median(c) for c in zip(*[r.waiting() for r in kept])]
-            busy = [statistics.median(c) for c in zip(*[r.busy() for r in kept])]
+            times = step_times(sched, kept)  # per-rank medians (scheduler.measured's definitions)
+            step, busy, wait, exposed = times.step_time, times.busy, times.input_wait, times.exposed_comm
             costs = measured_costs(cfg, sched, outcome.results, warmup=args.warmup)
             sim = simulate(sched, costs)
             act = costs.act_bytes[0]
             comm = incoming_transfer_seconds(cfg, sched)
-            hidden = [1 - min(w, c) / c if c else 1.0 for w, c in zip(wait, comm)]
+            hidden = [1 - min(e, c) / c if c else 1.0 for e, c in zip(exposed, comm)]
             peak = [max((rk.get("peak_memory_bytes") or 0) for rk in [r.ranks[i] for r in kept]) for i in range(sched.ranks)]
             row = {
                 "schedule": schedule, "link": link, "bandwidth_gbps": cfg.link.bandwidth / 1e9, "shaped": cfg.link.shape,
                 "step_time_s": step, "step_times_s": [r.step_time for r in outcome.results],
                 "bubble_fraction": sum(step - b for b in busy) / (len(busy) * step),
-                "busy_s": busy, "input_wait_s": wait, "modelled_comm_s": comm, "hidden_comm_fraction": hidden,
+                "busy_s": busy, "input_wait_s": wait, "exposed_comm_s": exposed, "modelled_comm_s": comm,
+                "hidden_comm_fraction": hidden,
                 "simulated_step_s": sim.step_time, "sim_error_pct": 100 * (sim.step_time / step - 1),
                 "costs": {"f_s": costs.f, "b_s": costs.b, "w_s": costs.w, "fb_overlap": costs.fb_overlap},
                 "act_bytes": act, "peak_memory_bytes": peak, "final_loss": outcome.results[-1].loss,

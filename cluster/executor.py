@@ -40,7 +40,7 @@ except ImportError as exc:
 
 from dualpipe_mhc.scheduler.ir import Action, Schedule
 
-from .plan import Key, MessagePlan, build_plan, comm_key, has_comms, key_label
+from .plan import Key, MessagePlan, build_plan, key_label
 from .timing import StepClock
 from .transport import RecvHandle, SendHandle, TransferError, TransferTimeout, Transport
 
@@ -104,7 +104,7 @@ class StepExecutor:
         self.plan: MessagePlan = build_plan(sched, rank)
         self.deferred = sched.deferred_weights()
         self.actions = list(sched.actions[rank])
-        self.explicit_comms = has_comms(sched)
+        self.explicit_comms = sched.has_transfers()
         self.clock = StepClock(device)
         self.fault: tuple[int, int, str] | None = None  # (step, action index, mode): tests inject failures
         self.current: tuple[int, str] = (-1, "idle")  # read by the actor's status() from another thread
@@ -147,7 +147,7 @@ class StepExecutor:
                 self._maybe_fault(i)
                 self._post_receives(i)
                 if action.kind in ("SEND_F", "SEND_B"):
-                    key = comm_key(action)
+                    key = self.sched.transfer_message(action).key
                     self.sends.append(self.transport.isend(self.parked.pop(key), action.peer, key_label(key)))
                     continue
                 if action.kind in ("RECV_F", "RECV_B"):
@@ -218,7 +218,7 @@ class StepExecutor:
             return
         for action in self.actions[i : i + 1 + self.recv_ahead]:
             if action.kind in ("RECV_F", "RECV_B"):
-                wanted = [comm_key(action)]
+                wanted = [self.sched.transfer_message(action).key]
             elif action.kind in ("F", "B", "FB"):
                 wanted = [k for half in action.halves() for k in self.plan.remote_inputs(half)]
             else:

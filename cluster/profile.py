@@ -16,7 +16,15 @@ per-rank lists are kept per rank.
 from __future__ import annotations
 
 import statistics
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+from dualpipe_mhc.scheduler.measured import analyse_step, incoming_transfer_seconds
+
+if TYPE_CHECKING:
+    from dualpipe_mhc.config import RunConfig
+    from dualpipe_mhc.scheduler.ir import Schedule
+
+    from .runtime import StepResult
 
 PAPER_OVERHEAD_PCT = 6.7  # mHC n = 4 over the plain residual, training time (arXiv 2512.24880)
 STRETCH_OVERHEAD_PCT = 5.0  # the issue's stretch goal
@@ -24,10 +32,10 @@ UNAVAILABLE = "unavailable"
 
 WORKER_NVML_NOTE = "sampled by each worker on its own GPU, exact step edges"
 
-Runner = Callable[[Any], dict[str, Any]]  # a config -> its run report (see run_report)
+Runner = Callable[["RunConfig"], dict[str, Any]]  # a config -> its run report (see run_report)
 
 
-def variant_configs(cfg: Any, with_hc: bool = False) -> dict[str, Any]:
+def variant_configs(cfg: RunConfig, with_hc: bool = False) -> dict[str, RunConfig]:
     """``{"mhc": cfg', "plain": cfg'', ["hc": ...]}``: the config with only the residual kind and n changed.
 
     mHC and HC take the config's n when it asks for a hyper-connected residual, else 4 (the paper's).
@@ -201,7 +209,7 @@ def verdict(overhead_pct: float, streams: int, setting: str, on_gpu: bool) -> st
 
 
 def profile(
-    cfg: Any,
+    cfg: RunConfig,
     with_hc: bool = False,
     runner: Runner | None = None,
     warmup_steps: int = 1,
@@ -258,66 +266,26 @@ def profile(
     }
 
 
-def incoming_transfer_seconds(cfg: Any, sched: Any) -> list[float]:
-    """Per rank, the modelled transfer time of the messages it receives in one step:
-    remote messages x (activation bytes / one-way bandwidth + latency) on the config's link."""
-    from .measure import activation_bytes
-    from .plan import build_plan
-
-    per_message = activation_bytes(cfg) / cfg.link.bandwidth + cfg.link.latency
-    return [
-        sum(1 for src in build_plan(sched, r).src_of.values() if src != r) * per_message for r in range(sched.ranks)
-    ]
-
-
-def exposed_comm_seconds(sched: Any, ranks: list[dict[str, Any]]) -> list[float]:
-    """Per rank, the time spent waiting for inputs *after* their producer had finished them.
-
-    The workers start each step behind a barrier, so their timelines share an origin (up to
-    the barrier's exit skew). A wait before the producing half ends is pipeline bubble;
-    the rest of it is communication the schedule failed to hide.
-    """
-    produced: dict[tuple[str, int, int], float] = {}
-    for rec in ranks:
-        for a in rec["actions"]:
-            t = a["start"]
-            for h in a["halves"]:
-                t += h["seconds"]
-                produced[(h["kind"], h["stage"], h["microbatch"])] = t
-    from .plan import build_plan
-
-    out = []
-    for r, rec in enumerate(ranks):
-        plan = build_plan(sched, r)  # which message each half consumes, and from which rank
-        exposed = 0.0
-        for a in rec["actions"]:
-            ready = a["wait_start"]
-            for h in a["halves"]:
-                key = plan.inputs.get((h["kind"], h["stage"], h["microbatch"]))
-                if key is not None and plan.src_of[key] != r and key in produced:
-                    ready = max(ready, produced[key])
-            exposed += max(0.0, a["start"] - ready)
-        out.append(exposed)
-    return out
-
-
-def run_report(cfg: Any, sched: Any, results: list[Any], nvml: list[dict[str, Any]], device: str) -> dict[str, Any]:
-    """One variant's run as :func:`measurement` reads it, per step and per rank:
+def run_report(cfg: RunConfig, sched: Schedule, results: list[StepResult], nvml: list[dict[str, Any]],
+               device: str) -> dict[str, Any]:
+    """One variant's run as :func:`measurement` reads it, per step and per rank, with the
+    definitions of :mod:`dualpipe_mhc.scheduler.measured`:
 
     bubble_s        step time (slowest rank) - the rank's compute
     input_wait_s    time blocked on receives: upstream compute still running, or transfers
-    exposed_comm_s  the part of that wait after the producer had finished (:func:`exposed_comm_seconds`)
+    exposed_comm_s  the part of that wait after every input's producer had finished
     comm_s          the modelled transfer time of the messages the rank receives (the link's figures)
     """
     comm = incoming_transfer_seconds(cfg, sched)
     steps = []
     for res in results:
+        times = analyse_step(sched, res.ranks, res.step_time)
         peaks = [r.get("peak_memory_bytes") for r in res.ranks]
         steps.append({
             "step_time_s": res.step_time,
-            "bubble_s": [max(0.0, res.step_time - b) for b in res.busy()],
-            "input_wait_s": res.waiting(),
-            "exposed_comm_s": exposed_comm_seconds(sched, res.ranks),
+            "bubble_s": times.bubble,
+            "input_wait_s": times.input_wait,
+            "exposed_comm_s": times.exposed_comm,
             "comm_s": comm,
             "peak_memory_bytes": peaks if all(isinstance(p, (int, float)) for p in peaks) else UNAVAILABLE,
             "loss": res.loss,
@@ -332,7 +300,7 @@ def run_report(cfg: Any, sched: Any, results: list[Any], nvml: list[dict[str, An
             "simulated": simulated_from_measured(cfg, sched, results)}
 
 
-def simulated_from_measured(cfg: Any, sched: Any, results: list[Any]) -> dict[str, Any]:
+def simulated_from_measured(cfg: RunConfig, sched: Schedule, results: list[StepResult]) -> dict[str, Any]:
     """The simulator fed this run's median per-stage costs, on the config's link model: what the
     schedule should take with these op times, to set beside the measured step."""
     from dualpipe_mhc.scheduler import simulate
@@ -340,7 +308,8 @@ def simulated_from_measured(cfg: Any, sched: Any, results: list[Any]) -> dict[st
     from .measure import measured_costs
 
     sim = simulate(sched, measured_costs(cfg, sched, results), record_events=False)
-    return {"step_time_s": sim.step_time, "bubble_s": sim.bubble, "exposed_comm_s": sim.exposed_comm}
+    return {"step_time_s": sim.step_time, "bubble_s": sim.bubble, "input_wait_s": sim.input_wait,
+            "exposed_comm_s": sim.exposed_comm}
 
 
 def local_gpus(count: int) -> list[int | str]:
@@ -375,7 +344,7 @@ class PipelineRunner:
         if pipe is not None:
             self._start_nvml(len(pipe.group.actors))
 
-    def __call__(self, cfg: Any) -> dict[str, Any]:
+    def __call__(self, cfg: RunConfig) -> dict[str, Any]:
         """Train ``cfg`` for ``run.steps`` steps exactly as ``dualpipe-mhc run`` would; the run report."""
         from .runtime import Pipeline
         from .train import pipeline_schedule, train

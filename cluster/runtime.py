@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dualpipe_mhc.config import RunConfig, dump_config
+from dualpipe_mhc.scheduler import measured
 from dualpipe_mhc.scheduler.ir import Schedule
 
 from .launch import WorkerGroup, connect, gpus_available
@@ -42,11 +43,14 @@ class StepResult:
     ranks: list[dict[str, Any]] = field(default_factory=list)  # per-rank records from the workers
 
     def busy(self) -> list[float]:
-        return [sum(a["end"] - a["start"] for a in r["actions"]) for r in self.ranks]
+        """Compute seconds per rank."""
+        return measured.busy(self.ranks)
 
     def waiting(self) -> list[float]:
-        """Seconds each rank spent waiting for inputs (exposed communication)."""
-        return [sum(a["start"] - a["wait_start"] for a in r["actions"]) for r in self.ranks]
+        """Input wait per rank: all the time spent waiting for inputs (upstream compute and
+        transfers; the exposed communication is only its part after the producers finished,
+        see :mod:`dualpipe_mhc.scheduler.measured`)."""
+        return measured.input_wait(self.ranks)
 
     @property
     def bubble_fraction(self) -> float:

@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config or spec.preset, args.overrides)
+        # A command that sweeps schedules checks each one it runs, not pipeline.schedule's rules.
+        rules = not getattr(mod, "SWEEPS_SCHEDULES", False)
+        cfg = load_config(args.config or spec.preset, args.overrides, schedule_rules=rules)
         # Output places before any work: a bad one is found before minutes of training, not after.
         if args.json:
             check_output_file(args.json, "--json")

@@ -133,7 +133,14 @@ class ModelConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    """How the model is cut and scheduled. ``microbatch_size`` counts sequences."""
+    """How the model is cut and scheduled. ``microbatch_size`` counts sequences.
+
+    The schedule's own rules (``scheduler.builders.check_schedule_args``): DualPipe needs an
+    even number of ranks and an even ``microbatches`` >= 2 x ranks, DualPipeV any count >=
+    2 x ranks. ``simulate`` refuses a schedule of more than 1,000,000 compute actions
+    (``scheduler.simulate.MAX_SIMULATED_HALVES``; 2 x stages x microbatches, 3 x for ZB1P;
+    stages = ranks, 2 x ranks for DualPipeV), e.g. microbatches <= 31250 for DualPipeV on 8 ranks.
+    """
 
     schedule: ScheduleName = "dualpipev"
     ranks: int = 2
@@ -141,26 +148,25 @@ class PipelineConfig(_Section):
     microbatch_size: int = 1
 
     @model_validator(mode="after")
-    def _check(self) -> PipelineConfig:
+    def _check(self, info: ValidationInfo) -> PipelineConfig:
         _positive(self, "pipeline", "ranks", "microbatches", "microbatch_size")
-        if self.schedule == "dualpipe" and self.ranks % 2:
-            raise ConfigError(
-                f"pipeline.ranks={self.ranks}: DualPipe needs an even number of ranks; "
-                f"use 1f1b, zb1p or dualpipev, or ranks={self.ranks + 1}"
-            )
-        if self.schedule in ("dualpipe", "dualpipev"):
-            need = 2 * self.ranks
-            if self.microbatches < need or self.microbatches % 2:
-                raise ConfigError(
-                    f"pipeline.microbatches={self.microbatches}: {self.schedule} needs an even count "
-                    f">= 2*ranks={need}; use microbatches={max(need, self.microbatches + self.microbatches % 2)}"
-                )
+        if _schedule_rules(info):
+            from dualpipe_mhc.scheduler.builders import check_schedule_args
+            from dualpipe_mhc.scheduler.ir import ScheduleError
+
+            try:  # the builders own the rules; the config only points at its own field
+                check_schedule_args(self.schedule, self.ranks, self.microbatches)
+            except ScheduleError as exc:
+                field = exc.field or "schedule"
+                raise ConfigError(f"pipeline.{field}={getattr(self, field)}: {exc}") from None
         return self
 
     def stages(self) -> int:
         """Model stages a micro-batch passes through: 2 x ranks for DualPipeV's V; ranks otherwise
         (DualPipe holds two stages per rank, but one per direction's path)."""
-        return self.ranks * (2 if self.schedule == "dualpipev" else 1)
+        from dualpipe_mhc.scheduler.builders import stage_count
+
+        return stage_count(self.schedule, self.ranks)
 
 
 LINK_PRESETS: dict[str, tuple[float, float]] = {
@@ -320,9 +326,9 @@ class RunConfig(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> RunConfig:
+    def _check(self, info: ValidationInfo) -> RunConfig:
         stages = self.pipeline.stages()
-        if self.model.layers < stages:
+        if _schedule_rules(info) and self.model.layers < stages:
             raise ConfigError(
                 f"model.layers={self.model.layers} is fewer than the {stages} pipeline stages of "
                 f"{self.pipeline.schedule} on {self.pipeline.ranks} ranks; use model.layers>={stages} or fewer ranks"
@@ -414,10 +420,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return out
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Validate a plain dict into a RunConfig, turning pydantic's report into one line."""
+def _schedule_rules(info: ValidationInfo) -> bool:
+    """Whether ``pipeline.schedule``'s own rules apply: not for a command that sweeps the
+    schedules it is asked for and checks each of those itself (``simulate``)."""
+    return (info.context or {}).get("schedule_rules", True)
+
+
+def config_from_dict(data: dict[str, Any], schedule_rules: bool = True) -> RunConfig:
+    """Validate a plain dict into a RunConfig, turning pydantic's report into one line.
+
+    ``schedule_rules=False`` leaves out the rules of ``pipeline.schedule`` (micro-batch count
+    and ranks it can take, layers per stage) for a caller that checks the schedules it runs.
+    """
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context={"schedule_rules": schedule_rules})
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
 
@@ -439,13 +455,16 @@ def _one_line(exc: ValidationError) -> str:
     return f"{loc}={err.get('input')!r} is invalid: {err['msg'].removeprefix('Value error, ')}"
 
 
-def load_config(source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(
+    source: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), schedule_rules: bool = True
+) -> RunConfig:
     """File (or bundled preset name) + ``section.field=value`` overrides -> validated RunConfig.
 
     With ``source=None`` the defaults apply: a tiny mHC model that trains on a CPU.
+    ``schedule_rules``: see :func:`config_from_dict`.
     """
     data = _read_file(source) if source is not None else {}
-    return config_from_dict(apply_overrides(data, overrides))
+    return config_from_dict(apply_overrides(data, overrides), schedule_rules)
 
 
 def dump_config(cfg: RunConfig) -> dict[str, Any]:

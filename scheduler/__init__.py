@@ -1,4 +1,5 @@
-"""Schedules as data: IR, builders, validator, cost model, simulator, planner, trace export.
+"""Schedules as data: IR, builders, validator, cost model, simulator, planner, trace export,
+and the analysis of measured steps in the same terms (``scheduler.measured``).
 
 Imports no torch (docs/DESIGN.md §2): planning a 64-rank cluster happens on a laptop.
 

@@ -66,7 +66,7 @@ class _Program:
 
 def one_f_one_b(ranks: int, microbatches: int) -> Schedule:
     """Classic 1F1B: P-1-r warm-up forwards, then alternate F and (full) B."""
-    _check_common("1F1B", ranks, microbatches)
+    check_schedule_args("1f1b", ranks, microbatches)
     sched = _single_path_schedule("1f1b", ranks, microbatches, split_backward=False)
     for r in range(ranks):
         prog = _Program(r, {0: (0, r, 0)})
@@ -89,7 +89,7 @@ def zb1p(ranks: int, microbatches: int) -> Schedule:
     after their B, so the last rank ends with P deferred W's that fill the cool-down
     while the gradients travel back; in-flight activations stay those of 1F1B.
     """
-    _check_common("ZB1P", ranks, microbatches)
+    check_schedule_args("zb1p", ranks, microbatches)
     sched = _single_path_schedule("zb1p", ranks, microbatches, split_backward=True)
     for r in range(ranks):
         prog = _Program(r, {0: (0, r, 0)})
@@ -164,12 +164,7 @@ def _dualpipe_steps(prog: _Program, ranks: int, rank: int, microbatches: int, la
 def dualpipe(ranks: int, microbatches: int) -> Schedule:
     """Bidirectional DualPipe: rank i holds stage i of direction 0 and stage P-1-i of
     direction 1; micro-batches 0..M/2-1 enter at rank 0, M/2..M-1 at rank P-1."""
-    if ranks < 2 or ranks % 2:
-        raise ScheduleError(
-            f"DualPipe needs an even number of ranks, got {ranks}; use 1F1B, ZB1P or DualPipeV, "
-            f"or {max(2, ranks + 1)} ranks"
-        )
-    _check_bidirectional("DualPipe", ranks, microbatches)
+    check_schedule_args("dualpipe", ranks, microbatches)
     half_mb, half_ranks = microbatches // 2, ranks // 2
     paths = [[(s, 0) for s in range(ranks)], [(ranks - 1 - s, 1) for s in range(ranks)]]
     sched = Schedule("dualpipe", ranks, microbatches, ranks, paths, [0] * half_mb + [1] * half_mb, [], True)
@@ -188,9 +183,7 @@ def dualpipe(ranks: int, microbatches: int) -> Schedule:
 def dualpipev(ranks: int, microbatches: int) -> Schedule:
     """DualPipeV ("cut-in-half"): 2P stages in a V, rank r holds stages r and 2P-1-r;
     every micro-batch enters and leaves at rank 0."""
-    if ranks < 1:
-        raise ScheduleError(f"DualPipeV needs at least 1 rank, got {ranks}")
-    _check_bidirectional("DualPipeV", ranks, microbatches)
+    check_schedule_args("dualpipev", ranks, microbatches)
     path = [(s, 0) for s in range(ranks)] + [(ranks - 1 - k, 1) for k in range(ranks)]
     sched = Schedule("dualpipev", ranks, microbatches, 2 * ranks, [path], [0] * microbatches, [], True)
     for r in range(ranks):
@@ -206,28 +199,62 @@ DISPLAY_NAMES = {"1f1b": "1F1B", "zb1p": "ZB1P", "dualpipe": "DualPipe", "dualpi
 
 def build_schedule(name: str, ranks: int, microbatches: int) -> Schedule:
     """Build a registered schedule (``1f1b``, ``zb1p``, ``dualpipe``, ``dualpipev``)."""
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in SCHEDULES:
-        raise ScheduleError(f"unknown schedule {name!r}; use one of {sorted(SCHEDULES)}")
-    return SCHEDULES[key](ranks, microbatches)
+    return SCHEDULES[_known(name)](ranks, microbatches)
 
 
 def _single_path_schedule(name: str, ranks: int, microbatches: int, split_backward: bool) -> Schedule:
     return Schedule(name, ranks, microbatches, ranks, [[(s, 0) for s in range(ranks)]], [0] * microbatches, [], split_backward)
 
 
-def _check_common(name: str, ranks: int, microbatches: int) -> None:
+def check_schedule_args(name: str, ranks: int, microbatches: int) -> None:
+    """Raise :class:`ScheduleError` (with ``field``) if schedule ``name`` cannot take this size.
+
+    The one home of the per-schedule rules: the builders call it, and a config calls it for
+    the schedule it names only (a sweep checks each schedule it is asked for).
+    DualPipe: an even number of ranks and an even count >= 2 * ranks, half entering from
+    each end. DualPipeV: any count >= 2 * ranks (DeepSeek's ``dualpipev.py`` and torch's
+    ``ScheduleDualPipeV`` take odd counts too: all micro-batches enter at rank 0).
+    """
+    key = _known(name)
+    shown = DISPLAY_NAMES[key]
     if ranks < 1:
-        raise ScheduleError(f"{name} needs at least 1 rank, got {ranks}")
-    if microbatches < 1:
-        raise ScheduleError(f"{name} needs at least 1 micro-batch, got {microbatches}; use microbatches>={ranks}")
-
-
-def _check_bidirectional(name: str, ranks: int, microbatches: int) -> None:
-    need = 2 * ranks
-    if microbatches < need or microbatches % 2:
-        nearest = max(need, microbatches + microbatches % 2)
+        raise ScheduleError(f"{shown} needs at least 1 rank, got {ranks}", "ranks")
+    if key == "dualpipe" and ranks % 2:
         raise ScheduleError(
-            f"{name} needs an even number of micro-batches >= 2*ranks={need}, got {microbatches}; "
-            f"use microbatches={nearest}"
+            f"DualPipe needs an even number of ranks, got {ranks}; use 1F1B, ZB1P or DualPipeV, or {ranks + 1} ranks",
+            "ranks",
         )
+    if key in ("dualpipe", "dualpipev"):
+        need = 2 * ranks
+        even = key == "dualpipe"
+        if microbatches < need or (even and microbatches % 2):
+            nearest = max(need, microbatches + microbatches % 2 if even else microbatches)
+            rule = "an even number of micro-batches" if even else "a micro-batch count"
+            raise ScheduleError(
+                f"{shown} needs {rule} >= 2*ranks={need}, got {microbatches}; use microbatches={nearest}",
+                "microbatches",
+            )
+    elif microbatches < 1:
+        raise ScheduleError(
+            f"{shown} needs at least 1 micro-batch, got {microbatches}; use microbatches>={ranks}", "microbatches"
+        )
+
+
+def stage_count(name: str, ranks: int) -> int:
+    """Model stages a micro-batch passes through: 2 x ranks for DualPipeV's V, else ranks."""
+    return 2 * ranks if _known(name) == "dualpipev" else ranks
+
+
+def compute_halves(name: str, ranks: int, microbatches: int) -> int:
+    """Compute halves (F, B and W; an F&B pair counts two) the schedule will hold, before
+    building it: an F and a B per stage and micro-batch, and ZB1P's W for each of them.
+    DualPipe(V)'s few W's (O(ranks^2), not growing with the micro-batches) are left out."""
+    return stage_count(name, ranks) * microbatches * (3 if _known(name) == "zb1p" else 2)
+
+
+def _known(name: str) -> str:
+    """The registry key of ``name`` (``DualPipe-V`` -> ``dualpipev``); unknown names are refused."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in SCHEDULES:
+        raise ScheduleError(f"unknown schedule {name!r}; use one of {sorted(SCHEDULES)}")
+    return key

@@ -25,6 +25,16 @@ Action kinds:
             matches RECV_F(s+1) on the peer; SEND_B(s) carries B(s)'s input gradient and
             matches RECV_B(s-1). Sends are buffered (non-blocking), receives block.
 
+Messages: the one definition of what crosses between stages (used by ``add_comms``, the
+validator, the simulator and the runtime's message plan). A message is keyed
+``(kind, stage, microbatch)`` by the half that produces it: ``("F", s, mb)`` is F(s)'s output
+activation, consumed by F(s+1); ``("B", s, mb)`` is B(s)'s input gradient, consumed by
+B(s-1). :meth:`Schedule.message_in` / :meth:`Schedule.message_out` give a compute half's
+message with both ranks (equal ranks: a local hand-off, as at DualPipeV's turn);
+:meth:`Schedule.prerequisites` adds the same-stage dependencies (B after its F, W after its B);
+:meth:`Schedule.transfer_message` reads a SEND_*/RECV_* action, :meth:`Schedule.send_action` /
+:meth:`Schedule.recv_action` write them.
+
 Full or split backward: a B whose (stage, microbatch) has a W action anywhere in the
 schedule queues its weight gradients for that W; a B without one computes them in place
 (a "full" backward, DeepSeek's ``enable_zb=False``). :meth:`Schedule.deferred_weights`
@@ -35,17 +45,29 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, NamedTuple
 
 ActionKind = Literal["F", "B", "W", "FB", "SEND_F", "RECV_F", "SEND_B", "RECV_B"]
 COMPUTE_KINDS = ("F", "B", "W", "FB")
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
 
 Location = tuple[int, int]  # (rank, chunk)
+MessageKey = tuple[str, int, int]  # (kind "F"/"B" of the producing half, its stage, microbatch)
+
+# Which way each message kind travels along a path: F(s) feeds F(s+1), B(s) feeds B(s-1).
+STAGE_STEP = {"F": 1, "B": -1}
 
 
 class ScheduleError(ValueError):
-    """A schedule is invalid or cannot be built; the message names the rule or the action."""
+    """A schedule is invalid or cannot be built; the message names the rule or the action.
+
+    ``field`` names the argument a builder refused (``"ranks"`` or ``"microbatches"``), so a
+    config can point at its own field; None when the fault is in the schedule itself.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -75,10 +97,17 @@ class Action:
 
     def halves(self) -> tuple[Action, ...]:
         """The compute actions this one stands for: (F, B) for FB, else (self,)."""
-        if self.kind == "FB":
+        if self.kind != "FB":
+            return (self,)
+        # Built once per pair: the validator and simulator ask for the halves of every action
+        # several times, and a frozen dataclass is slow to construct. Not a field: equality,
+        # hashing and to_dict see only the fields.
+        halves = self.__dict__.get("_halves")
+        if halves is None:
             assert self.pair is not None
-            return (Action("F", self.rank, self.stage, self.chunk, self.microbatch), self.pair)
-        return (self,)
+            halves = (Action("F", self.rank, self.stage, self.chunk, self.microbatch), self.pair)
+            object.__setattr__(self, "_halves", halves)
+        return halves
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if v is not None and k != "pair"}
@@ -90,6 +119,40 @@ class Action:
     def from_dict(d: dict[str, Any]) -> Action:
         pair = Action.from_dict(d["pair"]) if d.get("pair") else None
         return Action(d["kind"], d["rank"], d["stage"], d["chunk"], d["microbatch"], d.get("peer"), pair)
+
+
+class Message(NamedTuple):
+    """One tensor crossing between stages: produced by ``kind``(``stage``, ``microbatch``) on
+    rank ``src``, consumed on rank ``dst`` by the same kind at stage ``stage + STAGE_STEP[kind]``.
+    (A named tuple: the validator and simulator make one per action of a large schedule.)"""
+
+    kind: str  # "F": an activation, "B": an input gradient
+    stage: int
+    microbatch: int
+    src: int
+    dst: int
+
+    @property
+    def key(self) -> MessageKey:
+        return (self.kind, self.stage, self.microbatch)
+
+    @property
+    def remote(self) -> bool:
+        return self.src != self.dst
+
+    @property
+    def consumer_stage(self) -> int:
+        return self.stage + STAGE_STEP[self.kind]
+
+    @property
+    def label(self) -> str:
+        return key_label(self.key)
+
+
+def key_label(key: MessageKey) -> str:
+    """Human name of a message, e.g. ``activation F3.s1`` (for transfer and error messages)."""
+    kind, stage, mb = key
+    return f"{'activation' if kind == 'F' else 'gradient'} {kind}{mb}.s{stage}"
 
 
 @dataclass
@@ -120,6 +183,77 @@ class Schedule:
                 if r == rank:
                     held.setdefault(c, stage)
         return held
+
+    def prerequisites(self, half: Action) -> list[tuple[str, int, int]]:
+        """(kind, stage, microbatch) of the compute halves that must finish before ``half`` can
+        run: those on its own rank (:meth:`local_prerequisites`), then its input message's producer."""
+        needs = self.local_prerequisites(half)
+        message = self.message_in(half)
+        if message is not None:
+            needs.append(message.key)
+        return needs
+
+    @staticmethod
+    def local_prerequisites(half: Action) -> list[tuple[str, int, int]]:
+        """The same-stage halves ``half`` needs, on its own rank by construction: B its F, W its B."""
+        if half.kind == "B":
+            return [("F", half.stage, half.microbatch)]
+        if half.kind == "W":
+            return [("B", half.stage, half.microbatch)]
+        return []
+
+    def message_in(self, half: Action) -> Message | None:
+        """The message compute half F/B consumes (None: F of stage 0 reads data, B of the
+        last stage starts from the loss, W consumes no message)."""
+        step = STAGE_STEP.get(half.kind)
+        if step is None:
+            return None
+        src_stage = half.stage - step
+        if not 0 <= src_stage < self.num_stages:
+            return None
+        src = self.location(half.microbatch, src_stage)[0]
+        return Message(half.kind, src_stage, half.microbatch, src, half.rank)
+
+    def message_out(self, half: Action) -> Message | None:
+        """The message compute half F/B produces (None: the last F outputs the loss, B of
+        stage 0 has no input to send a gradient to)."""
+        step = STAGE_STEP.get(half.kind)
+        if step is None:
+            return None
+        dst_stage = half.stage + step
+        if not 0 <= dst_stage < self.num_stages:
+            return None
+        dst = self.location(half.microbatch, dst_stage)[0]
+        return Message(half.kind, half.stage, half.microbatch, half.rank, dst)
+
+    def transfer_message(self, action: Action) -> Message:
+        """The message a SEND_*/RECV_* action moves (each names the stage on its own rank)."""
+        kind, peer = action.kind[-1], action.peer
+        assert peer is not None, f"{action} names no peer"
+        if action.kind.startswith("SEND"):
+            return Message(kind, action.stage, action.microbatch, action.rank, peer)
+        return Message(kind, action.stage - STAGE_STEP[kind], action.microbatch, peer, action.rank)
+
+    def send_action(self, message: Message) -> Action:
+        """The SEND_F/SEND_B action that moves ``message`` (on the producer's rank and chunk)."""
+        chunk = self.location(message.microbatch, message.stage)[1]
+        kind: ActionKind = "SEND_F" if message.kind == "F" else "SEND_B"
+        return Action(kind, message.src, message.stage, chunk, message.microbatch, peer=message.dst)
+
+    def recv_action(self, message: Message) -> Action:
+        """The RECV_F/RECV_B action that takes ``message`` (named by the consumer's stage and chunk)."""
+        stage = message.consumer_stage
+        chunk = self.location(message.microbatch, stage)[1]
+        kind: ActionKind = "RECV_F" if message.kind == "F" else "RECV_B"
+        return Action(kind, message.dst, stage, chunk, message.microbatch, peer=message.src)
+
+    def has_transfers(self) -> bool:
+        """Whether the lists carry explicit SEND_*/RECV_* actions (``add_comms``)."""
+        return any(a.kind in COMM_KINDS for a in self)
+
+    def compute_halves(self, rank: int) -> list[Action]:
+        """``rank``'s F/B/W halves in execution order (an FB pair is its F, then its B)."""
+        return [h for a in self.actions[rank] if a.kind in COMPUTE_KINDS for h in a.halves()]
 
     def __iter__(self) -> Iterator[Action]:
         for rank_actions in self.actions:

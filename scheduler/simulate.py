@@ -6,7 +6,9 @@ when its action ends (for an F&B pair: when the pair ends, as in DeepSeek's refe
 over the directed link (src -> dst), which carries one message at a time in the order the
 sender produced them: a message takes bytes / bandwidth on the link plus the latency.
 Sends never block the sender, so communication overlaps compute unless the receiver has
-nothing else to run; that waiting is the *exposed* communication.
+nothing else to run. A rank's *input wait* is all of its waiting for inputs; the part after
+every input's producer had finished is the *exposed* communication (the rest is upstream
+compute, i.e. bubble). ``scheduler.measured`` applies the same two definitions to measured steps.
 
 Every directed link is fed by a single rank whose outputs appear in program order, so the
 simulation needs no global event queue: each rank runs ahead until an input is missing,
@@ -18,10 +20,38 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .builders import DISPLAY_NAMES, compute_halves
 from .costs import Costs
 from .ir import Action, Schedule, ScheduleError
 
 COMPUTE_STREAM = "compute"
+
+# The largest schedule the CLI simulates. Time and memory grow linearly with the compute
+# halves (F, B, W; build, validation and simulation alike): benchmarks/bench_simulator_scaling.py
+# measured 20-40 us and 1.0-1.2 kB per half on the shared 2-core CPU box (its results file), so
+# a schedule at the bound takes under a minute and about a GiB there (DualPipeV, 8 ranks x 31250
+# through the CLI: 47 s, 0.9 GB peak), and a sweep of four schedules a few minutes and GiB.
+MAX_SIMULATED_HALVES = 1_000_000
+
+
+def check_simulation_size(name: str, ranks: int, microbatches: int) -> None:
+    """Raise :class:`ScheduleError` (field ``microbatches``) before any work if schedule ``name``
+    at this size is over :data:`MAX_SIMULATED_HALVES`; the message says the largest count that fits."""
+    halves = compute_halves(name, ranks, microbatches)
+    if halves <= MAX_SIMULATED_HALVES:
+        return
+    shown = DISPLAY_NAMES.get(name, name)
+    raise ScheduleError(
+        f"{shown} on {ranks} ranks x {microbatches} micro-batches is {halves:,} compute actions, over the "
+        f"simulator's bound of {MAX_SIMULATED_HALVES:,} per schedule (time and memory grow linearly); "
+        f"use microbatches<={largest_simulated_microbatches(name, ranks)} or fewer ranks",
+        "microbatches",
+    )
+
+
+def largest_simulated_microbatches(name: str, ranks: int) -> int:
+    """The most micro-batches schedule ``name`` on ``ranks`` ranks may have within the bound."""
+    return MAX_SIMULATED_HALVES // compute_halves(name, ranks, 1)
 
 
 @dataclass(slots=True)
@@ -52,6 +82,9 @@ class SimResult:
     comm_time: list[float]  # transfer time of the messages each rank sent
     peak_activation_bytes: list[float]
     peak_inflight: list[int]  # micro-batch chunks held (F done, B not done)
+    # all of the time a rank waited for inputs, upstream compute included (exposed_comm is the
+    # part after the producers had finished); the same definitions as scheduler.measured
+    input_wait: list[float] = field(default_factory=list)
     # Raw (rank, start, end, action) and (src, dst, start, end, key) tuples; turned into
     # Event objects only when someone asks, which halves the cost of a large simulation.
     _compute: list = field(default_factory=list, repr=False)
@@ -88,6 +121,7 @@ class SimResult:
             "bubble_fraction": self.bubble_fraction,
             "bubble_s": self.bubble,
             "exposed_comm_s": self.exposed_comm,
+            "input_wait_s": self.input_wait,
             "comm_s": self.comm_time,
             "peak_activation_bytes": self.peak_activation_bytes,
             "peak_inflight": self.peak_inflight,
@@ -105,12 +139,12 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
     num_stages, num_mb, ranks = sched.num_stages, sched.microbatches, sched.ranks
     deferred = sched.deferred_weights()
     # Output keys: F(s, mb) -> 2*(s*M + mb), B(s, mb) -> 2*(s*M + mb) + 1.
-    dest_rank = _destinations(sched)
     nkeys = 2 * num_stages * num_mb
     # ready[k]: when output k is usable by its consumer (after the transfer, if any);
     # ready[nkeys + k]: when it was produced, for a consumer on the producing rank.
     ready = [-1.0] * (2 * nkeys)
-    programs = [_compile(sched, r, costs, deferred, num_mb, nkeys) for r in range(ranks)]
+    rules = _rules(sched)
+    programs = [_compile(sched, r, costs, deferred, num_mb, nkeys, rules) for r in range(ranks)]
     link_free: dict[tuple[int, int], float] = {}
     link_of = {}  # (src, dst) -> (bandwidth, latency), looked up once per pair
 
@@ -118,6 +152,7 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
     clock = [0.0] * ranks
     busy = [0.0] * ranks
     exposed = [0.0] * ranks
+    wait = [0.0] * ranks
     comm = [0.0] * ranks
     waiting: dict[int, int] = {}
     compute_events: list[tuple[int, float, float, Action]] = []
@@ -143,13 +178,13 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
             if blocked:
                 break
             exposed[r] += start - produced
+            wait[r] += start - t
             end = start + dur
             busy[r] += dur
             if record_events:
                 compute_events.append((r, start, end, action))
-            for k, nbytes in outputs:
+            for k, nbytes, dst in outputs:
                 ready[nkeys + k] = end
-                dst = dest_rank[k]
                 if dst < 0 or dst == r:
                     ready[k] = end
                 else:
@@ -187,6 +222,7 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
         busy=busy,
         bubble=[step - b for b in busy],
         exposed_comm=exposed,
+        input_wait=wait,
         comm_time=comm,
         peak_activation_bytes=peak_bytes,
         peak_inflight=peak_count,
@@ -195,25 +231,38 @@ def simulate(sched: Schedule, costs: Costs, record_events: bool = True) -> SimRe
     )
 
 
-def _destinations(sched: Schedule) -> list[int]:
-    """Rank that consumes each output key: the next stage for F, the previous for B; -1: none."""
-    num_stages, num_mb = sched.num_stages, sched.microbatches
-    dest = [-1] * (2 * num_stages * num_mb)
-    for mb in range(num_mb):
-        path = sched.paths[sched.directions[mb]]
-        for s in range(num_stages):
-            base = 2 * (s * num_mb + mb)
-            if s + 1 < num_stages:
-                dest[base] = path[s + 1][0]
-            if s > 0:
-                dest[base + 1] = path[s - 1][0]
-    return dest
+def _rules(sched: Schedule) -> dict[tuple[int, str, int], tuple[list[tuple[str, int, bool]], int]]:
+    """The IR's message rule, read once per (direction, kind, stage): the prerequisites as
+    (kind, stage, is the input message) and the rank the output goes to (-1: none).
+
+    A rule depends on the micro-batch only through its direction (``Schedule.location``), so
+    asking the IR for one micro-batch of each direction covers all of them; that keeps the
+    per-action work of a 64-rank, 512-micro-batch compile to table look-ups."""
+    first_of: dict[int, int] = {}
+    for mb, d in enumerate(sched.directions):
+        first_of.setdefault(d, mb)
+    rules = {}
+    for d, mb in first_of.items():
+        for s in range(sched.num_stages):
+            rank, chunk = sched.location(mb, s)
+            for kind in ("F", "B", "W"):
+                half = Action(kind, rank, s, chunk, mb)  # type: ignore[arg-type]
+                message = sched.message_in(half)
+                needs = [(k, st, message is not None and (k, st, m) == message.key)
+                         for k, st, m in sched.prerequisites(half)]
+                sent = sched.message_out(half)
+                rules[(d, kind, s)] = (needs, sent.dst if sent is not None else -1)
+    return rules
 
 
-def _compile(sched: Schedule, rank: int, costs: Costs, deferred: set, num_mb: int, nkeys: int) -> list[tuple]:
-    """(duration, input keys, [(output key, bytes)], action) per compute action of ``rank``.
-    An input produced on this rank by design (a B's own F, a W's B) is keyed ``nkeys + key``."""
-    last = sched.num_stages - 1
+def _compile(sched: Schedule, rank: int, costs: Costs, deferred: set, num_mb: int, nkeys: int,
+             rules: dict | None = None) -> list[tuple]:
+    """(duration, input keys, [(output key, bytes, consumer rank or -1)], action) per compute
+    action of ``rank``. An input that is a message is keyed by its output key (usable once it
+    has arrived); one produced on this rank by design (a B's own F, a W's B) by ``nkeys + key``
+    (usable once produced)."""
+    rules = rules if rules is not None else _rules(sched)
+    directions = sched.directions
     out = []
     for action in sched.actions[rank]:
         kind = action.kind
@@ -221,23 +270,21 @@ def _compile(sched: Schedule, rank: int, costs: Costs, deferred: set, num_mb: in
             continue
         dur = 0.0
         needs: list[int] = []
-        outputs: list[tuple[int, float]] = []
+        outputs: list[tuple[int, float, int]] = []
         for half_kind, s, mb in _parts(action):
+            prereqs, dst = rules[(directions[mb], half_kind, s)]
+            for k, st, is_message in prereqs:
+                key = 2 * (st * num_mb + mb) + (k == "B")
+                needs.append(key if is_message else nkeys + key)
             key = 2 * (s * num_mb + mb)
             if half_kind == "F":
                 dur += costs.f[s]
-                if s > 0:
-                    needs.append(key - 2 * num_mb)
-                outputs.append((key, costs.act_bytes[s]))
+                outputs.append((key, costs.act_bytes[s], dst))
             elif half_kind == "B":
                 dur += costs.b[s] + (0.0 if (s, mb) in deferred else costs.w[s])
-                needs.append(nkeys + key)  # this stage's own forward
-                if s < last:
-                    needs.append(key + 2 * num_mb + 1)
-                outputs.append((key + 1, costs.act_bytes[s - 1] if s > 0 else 0.0))
+                outputs.append((key + 1, costs.act_bytes[s - 1] if s > 0 else 0.0, dst))
             else:
                 dur += costs.w[s]
-                needs.append(nkeys + key + 1)
         if kind == "FB":
             dur *= costs.fb_overlap
         out.append((dur, needs, outputs, action))

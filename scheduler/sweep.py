@@ -9,7 +9,7 @@ from .analytic import costs_from_config
 from .builders import build_schedule
 from .costs import Costs
 from .ir import ScheduleError
-from .simulate import simulate
+from .simulate import check_simulation_size, largest_simulated_microbatches, simulate
 from .validate import validate
 
 GIB = 2**30
@@ -19,17 +19,34 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
               traffic: str = "fused", progress=None, recompute_block: int | None = None,
               ) -> tuple[list[dict[str, Any]], list[str], dict]:
     """Simulate every (schedule, n); returns rows, notes about skipped schedules, and results by key.
-    ``recompute_block``: the run's L_r (``planner.resolve_block_layers(cfg)``), None for none."""
+
+    Every schedule is checked (size, the builder's rules, the stage count) before any is simulated;
+    with ``strict`` (schedules asked for by name) a failing one raises, otherwise it is skipped and
+    noted. ``progress(phase)`` is told each phase. ``recompute_block``: the run's L_r
+    (``planner.resolve_block_layers(cfg)``), None for none."""
+    progress = progress or (lambda _phase: None)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     results = {}
     ranks, microbatches = cfg.pipeline.ranks, cfg.pipeline.microbatches
     measured = Costs.from_profile(profile, cfg.link.bandwidth, cfg.link.latency) if profile is not None else None
+    too_big = {}
+    for name in schedules:  # sizes first: building is linear in the size too
+        try:
+            check_simulation_size(name, ranks, microbatches)
+        except ScheduleError as exc:
+            too_big[name] = exc
+    if too_big and (strict or len(too_big) == len(schedules)):
+        # Nothing to sweep: one line, naming the schedule that fits the most micro-batches.
+        raise too_big[max(too_big, key=lambda n: largest_simulated_microbatches(n, ranks))]
+    scheds = []
     for name in schedules:
         try:
+            if name in too_big:
+                raise too_big[name]
+            progress(f"building {name}")
             sched = build_schedule(name, ranks, microbatches)
-            # The config checks layers against its own schedule's stages only, and a profile
-            # was measured on one stage count: a swept schedule may need more or other stages.
+            # A profile was measured on one stage count: a swept schedule may need other stages.
             if measured is not None and measured.num_stages != sched.num_stages:
                 raise ScheduleError(
                     f"profile {profile} has {measured.num_stages} stages but {name} on {ranks} ranks has "
@@ -45,22 +62,23 @@ def run_sweep(cfg, schedules: list[str], streams: list[int], strict: bool, profi
                 raise
             notes.append(f"{name} skipped: {exc}")
             continue
+        scheds.append((name, sched))
+    if not scheds:
+        raise ScheduleError(_nothing_to_simulate(measured, profile, schedules, ranks, microbatches, notes))
+    for name, sched in scheds:
+        progress(f"validating {name}")
         validate(sched)
         base_step = None
         for n in (streams if measured is None else [None]):
-            if measured is not None:
-                costs = measured
-            else:
-                costs = costs_from_config(cfg, sched.num_stages, n, traffic, recompute_block)
+            costs = measured if measured is not None else costs_from_config(
+                cfg, sched.num_stages, n, traffic, recompute_block
+            )
+            progress(f"simulating {name}" + (f" n={n}" if n is not None else ""))
             result = simulate(sched, costs)
             results[(name, n)] = result
             if n == 1:
                 base_step = result.step_time
             rows.append(_row(name, n, result, base_step))
-            if progress is not None:
-                progress()
-    if not rows:
-        raise ScheduleError(_nothing_to_simulate(measured, profile, schedules, ranks, microbatches, notes))
     return rows, notes, results
 
 

@@ -13,10 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from .comms import has_comms
-from .ir import COMM_KINDS, COMPUTE_KINDS, Action, Schedule, ScheduleError
-
-_MATCH = {"SEND_F": ("RECV_F", 1), "SEND_B": ("RECV_B", -1)}  # receiver kind, stage offset
+from .ir import COMM_KINDS, COMPUTE_KINDS, STAGE_STEP, Action, Schedule, ScheduleError
 
 
 @dataclass
@@ -34,7 +31,7 @@ def validate(sched: Schedule) -> ValidationReport:
         raise ScheduleError(f"{sched.name}: {len(sched.directions)} directions for {sched.microbatches} micro-batches")
     _check_placement(sched)
     _check_counts_and_order(sched)
-    explicit = has_comms(sched)
+    explicit = sched.has_transfers()
     if explicit:
         _check_matching(sched)
     _execute(sched, explicit)
@@ -85,64 +82,46 @@ def _check_matching(sched: Schedule) -> None:
     recvs: Counter = Counter()
     by_key: dict[tuple, Action] = {}
     for action in sched:
-        if action.kind in _MATCH:
-            recv_kind, offset = _MATCH[action.kind]
-            key = (recv_kind, action.peer, action.rank, action.stage + offset, action.microbatch)
-            sends[key] += 1
-            by_key[key] = action
-        elif action.kind in ("RECV_F", "RECV_B"):
-            key = (action.kind, action.rank, action.peer, action.stage, action.microbatch)
-            recvs[key] += 1
+        if action.kind in COMM_KINDS:
+            message = sched.transfer_message(action)
+            key = (message.key, message.src, message.dst)
+            (sends if action.kind.startswith("SEND") else recvs)[key] += 1
             by_key[key] = action
     for key in sends.keys() | recvs.keys():
         if sends[key] != recvs[key]:
             action = by_key[key]
             if action.kind.startswith("SEND"):
-                raise ScheduleError(f"{action} has no matching {key[0]} on rank {action.peer}")
+                raise ScheduleError(f"{action} has no matching RECV_{action.kind[-1]} on rank {action.peer}")
             raise ScheduleError(f"{action} has no matching send on rank {action.peer}")
 
 
 def _needs(sched: Schedule, action: Action, explicit: bool) -> list[tuple]:
-    """Tokens an action waits for; ("done", kind, stage, mb) are produced by compute actions,
-    ("sent"/"recv", kind, stage, mb) by transfers."""
-    if action.kind in ("SEND_F", "SEND_B"):
-        return [("done", action.kind[-1], action.stage, action.microbatch)]
-    if action.kind in ("RECV_F", "RECV_B"):
-        src_stage = action.stage - 1 if action.kind == "RECV_F" else action.stage + 1
-        return [("sent", action.kind[-1], src_stage, action.microbatch)]
+    """Tokens an action waits for: ("done", kind, stage, mb) are produced by compute halves,
+    ("sent", *message key) by SEND actions, ("recv", *message key) by RECV actions."""
+    if action.kind in COMM_KINDS:
+        message = sched.transfer_message(action)
+        return [("done", *message.key)] if action.kind.startswith("SEND") else [("sent", *message.key)]
     needs = []
-    last = sched.num_stages - 1
     for half in action.halves():
-        s, mb, rank = half.stage, half.microbatch, half.rank
-        if half.kind == "F" and s > 0:
-            needs.append(_input_token(sched, "F", s - 1, s, mb, rank, explicit))
-        elif half.kind == "B":
-            needs.append(("done", "F", s, mb))
-            if s < last:
-                needs.append(_input_token(sched, "B", s + 1, s, mb, rank, explicit))
-        elif half.kind == "W":
-            needs.append(("done", "B", s, mb))
+        needs.extend(("done", *need) for need in sched.local_prerequisites(half))
+        message = sched.message_in(half)
+        if message is not None:
+            # With explicit transfers a remote input is usable once its RECV has run.
+            needs.append(("recv" if explicit and message.remote else "done", *message.key))
     return needs
 
 
-def _input_token(sched: Schedule, kind: str, src_stage: int, stage: int, mb: int, rank: int, explicit: bool) -> tuple:
-    if explicit and sched.location(mb, src_stage)[0] != rank:
-        return ("recv", kind, stage, mb)
-    return ("done", kind, src_stage, mb)
-
-
-def _produces(action: Action) -> list[tuple]:
-    if action.kind in ("SEND_F", "SEND_B"):
-        return [("sent", action.kind[-1], action.stage, action.microbatch)]
-    if action.kind in ("RECV_F", "RECV_B"):
-        return [("recv", action.kind[-1], action.stage, action.microbatch)]
+def _produces(sched: Schedule, action: Action) -> list[tuple]:
+    if action.kind in COMM_KINDS:
+        what = "sent" if action.kind.startswith("SEND") else "recv"
+        return [(what, *sched.transfer_message(action).key)]
     return [("done", h.kind, h.stage, h.microbatch) for h in action.halves()]
 
 
 def _execute(sched: Schedule, explicit: bool) -> None:
     """Run every rank's list with blocking waits; fail on a rank that can never proceed."""
     programs = [[(a, _needs(sched, a, explicit)) for a in acts] for acts in sched.actions]
-    producer_rank = {tok: r for r, acts in enumerate(sched.actions) for a in acts for tok in _produces(a)}
+    producer_rank = {tok: r for r, acts in enumerate(sched.actions) for a in acts for tok in _produces(sched, a)}
     have: set[tuple] = set()
     ptr = [0] * sched.ranks
     waiting: dict[tuple, list[int]] = {}
@@ -164,7 +143,7 @@ def _execute(sched: Schedule, explicit: bool) -> None:
                 blocked_on[r] = missing
                 break
             blocked_on.pop(r, None)
-            for tok in _produces(action):
+            for tok in _produces(sched, action):
                 have.add(tok)
                 runnable.extend(waiting.pop(tok, ()))
             i += 1
@@ -180,6 +159,8 @@ def _execute(sched: Schedule, explicit: bool) -> None:
 
 def _name(token: tuple) -> str:
     what, kind, stage, mb = token
-    label = {"done": f"{kind}{mb}.s{stage}", "sent": f"SEND_{kind}{mb}.s{stage}", "recv": f"RECV_{kind}{mb}.s{stage}"}
+    # A RECV is named, as in the IR, by the stage on its own (the consumer's) rank.
+    label = {"done": f"{kind}{mb}.s{stage}", "sent": f"SEND_{kind}{mb}.s{stage}",
+             "recv": f"RECV_{kind}{mb}.s{stage + STAGE_STEP[kind]}"}
     return label[what]
 

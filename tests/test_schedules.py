@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dualpipe_mhc.scheduler import Action, Schedule, ScheduleError, add_comms, build_schedule, validate
+from dualpipe_mhc.scheduler.builders import check_schedule_args
 
 GRID = [(r, m) for r in (1, 2, 3, 4, 5, 8) for m in (1, 2, 3, 4, 7, 8, 10, 16, 17, 24)]
 
@@ -13,7 +14,7 @@ def _buildable(name: str, ranks: int, mb: int) -> bool:
     if name == "dualpipe":
         return ranks % 2 == 0 and mb % 2 == 0 and mb >= 2 * ranks
     if name == "dualpipev":
-        return mb % 2 == 0 and mb >= 2 * ranks
+        return mb >= 2 * ranks  # any parity, as DeepSeek's and torch's DualPipeV
     return True
 
 
@@ -65,7 +66,8 @@ def test_dualpipe_layout_follows_deepseek():
     [
         ("dualpipe", 3, 8, "DualPipe needs an even number of ranks, got 3; use 1F1B, ZB1P or DualPipeV, or 4 ranks"),
         ("dualpipe", 4, 6, "use microbatches=8"),
-        ("dualpipev", 4, 9, "use microbatches=10"),
+        ("dualpipev", 4, 7, "DualPipeV needs a micro-batch count >= 2*ranks=8, got 7; use microbatches=8"),
+        ("dualpipe", 4, 9, "DualPipe needs an even number of micro-batches >= 2*ranks=8, got 9; use microbatches=10"),
         ("1f1b", 4, 0, "at least 1 micro-batch"),
         ("gpipe", 4, 8, "unknown schedule 'gpipe'"),
     ],
@@ -75,6 +77,46 @@ def test_invalid_combinations_say_the_rule_and_the_fix(name, ranks, mb, needle):
         build_schedule(name, ranks, mb)
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, ranks, mb, field",
+    [("dualpipe", 3, 8, "ranks"), ("dualpipe", 4, 7, "microbatches"), ("dualpipev", 4, 7, "microbatches"),
+     ("zb1p", 0, 4, "ranks"), ("1f1b", 2, 0, "microbatches")],
+)
+def test_the_rule_names_the_argument_it_refuses(name, ranks, mb, field):
+    with pytest.raises(ScheduleError) as err:
+        check_schedule_args(name, ranks, mb)
+    assert err.value.field == field
+
+
+def _torch_order(ops) -> list[tuple[str, int, int]]:
+    """(kind, stage, microbatch) per compute op of one rank of torch's schedule; I = deferred-W backward."""
+    return [
+        (x.computation_type.value, x.stage_index, x.microbatch_index)
+        for op in ops if op is not None for x in (op.sub_actions or [op])
+    ]
+
+
+def _our_order(sched: Schedule, rank: int) -> list[tuple[str, int, int]]:
+    deferred = sched.deferred_weights()
+    return [
+        ("I" if h.kind == "B" and (h.stage, h.microbatch) in deferred else h.kind, h.stage, h.microbatch)
+        for a in sched.actions[rank] for h in a.halves()
+    ]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4, 5])
+def test_dualpipev_matches_torch_for_even_and_odd_counts(ranks):
+    """Per rank, the F / I (input backward, W deferred) / B (full) / W order of torch's
+    ScheduleDualPipeV (a port of DeepSeek's), for every count from 2P to 2P + 5."""
+    visualizer = pytest.importorskip("torch.distributed.pipelining._schedule_visualizer")
+    for mb in range(2 * ranks, 2 * ranks + 6):
+        sched = build_schedule("dualpipev", ranks, mb)
+        validate(add_comms(sched))
+        ops = visualizer.get_schedule_ops("DualPipeV", ranks, mb, num_stages_per_rank=2)
+        for rank in range(ranks):
+            assert _our_order(sched, rank) == _torch_order(ops[rank]), (ranks, mb, rank)
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8])
@@ -153,3 +195,23 @@ def test_ir_round_trips_through_json():
     again = Schedule.from_dict(__import__("json").loads(sched.to_json()))
     assert again.actions == sched.actions and again.paths == sched.paths
     assert sched.deferred_weights() == again.deferred_weights()
+
+
+def test_the_ir_message_rule_f_feeds_the_next_stage_b_the_previous():
+    sched = build_schedule("dualpipev", 2, 4)  # stages 0, 1 on ranks 0, 1 (chunk 0); 2, 3 on ranks 1, 0 (chunk 1)
+    f1 = Action("F", 1, 1, 0, 2)
+    out = sched.message_out(f1)
+    assert (out.key, out.src, out.dst, out.remote, out.consumer_stage) == (("F", 1, 2), 1, 1, False, 2)  # the V's turn
+    f2 = Action("F", 1, 2, 1, 2)
+    assert sched.message_in(f2) == out
+    b2 = Action("B", 1, 2, 1, 2)
+    assert sched.message_in(b2).key == ("B", 3, 2) and sched.message_in(b2).src == 0
+    assert sched.prerequisites(b2) == [("F", 2, 2), ("B", 3, 2)]
+    assert sched.prerequisites(Action("W", 1, 2, 1, 2)) == [("B", 2, 2)]
+    assert sched.message_out(Action("F", 0, 3, 1, 0)) is None  # the last stage outputs the loss
+    assert sched.message_in(Action("F", 0, 0, 0, 0)) is None and sched.message_out(Action("B", 0, 0, 0, 0)) is None
+    for action in add_comms(sched):  # SEND/RECV actions and messages convert both ways
+        if action.kind.startswith("SEND"):
+            assert sched.send_action(sched.transfer_message(action)) == action
+        elif action.kind.startswith("RECV"):
+            assert sched.recv_action(sched.transfer_message(action)) == action

@@ -115,8 +115,7 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _compare_and_write(cfg, sched, outcome, out: Path, args):
-    from dualpipe_mhc.cluster.measure import measured_costs, measured_result
-    from dualpipe_mhc.cluster.profile import incoming_transfer_seconds
+    from dualpipe_mhc.cluster.measure import incoming_transfer_seconds, measured_costs, measured_result, step_times
     from dualpipe_mhc.scheduler import simulate
     from dualpipe_mhc.scheduler.trace import write_chrome_trace, write_timeline_png
 
@@ -140,9 +139,9 @@ def _compare_and_write(cfg, sched, outcome, out: Path, args):
     if not args.no_plot:
         files["png"] = str(write_timeline_png(measured_result(sched, typical), out / "timeline.png", title))
     # Medians throughout, and the bubble from them, so the table's rows add up.
-    measured.busy = [statistics.median(col) for col in zip(*[r.busy() for r in kept])]
-    measured.bubble = [max(0.0, median_time - b) for b in measured.busy]
-    measured.exposed_comm = [statistics.median(col) for col in zip(*[r.waiting() for r in kept])]
+    typical_times = step_times(sched, kept)
+    measured.busy, measured.bubble = typical_times.busy, typical_times.bubble
+    measured.input_wait, measured.exposed_comm = typical_times.input_wait, typical_times.exposed_comm
     return files, measured, predicted, costs
 
 
@@ -152,7 +151,8 @@ def comparison_table(report: dict[str, Any]):
 
     meas, sim = report["measured"], report["simulated"]
     table = Table(title="measured vs simulated (simulator fed this run's measured action costs)",
-                  caption="input wait: measured time blocked on receives; exposed: the simulator's comm wait",
+                  caption="input wait: all time blocked on receives; exposed comm: the part after every "
+                          "input's producer had finished",
                   title_style="bold")
     for col in ("", "measured", "simulated", "sim - meas, % of meas"):
         table.add_column(col, justify="right" if col else "left", overflow="fold")
@@ -164,10 +164,10 @@ def comparison_table(report: dict[str, Any]):
     row("step time", meas["step_time_s"], sim["step_time_s"])
     table.add_row("bubble", f"{100 * meas['bubble_fraction']:.1f} %", f"{100 * sim['bubble_fraction']:.1f} %",
                   f"{100 * (sim['bubble_fraction'] - meas['bubble_fraction']):+.1f} pt")
-    for r, (busy, wait) in enumerate(zip(meas["busy_s"], meas["input_wait_s"])):
+    for r, busy in enumerate(meas["busy_s"]):
         row(f"rank {r} compute", busy, sim["busy_s"][r])
-        table.add_row(f"rank {r} input wait / exposed", f"{wait * 1e3:.2f} ms",
-                      f"{sim['exposed_comm_s'][r] * 1e3:.2f} ms", "")
+        row(f"rank {r} input wait", meas["input_wait_s"][r], sim["input_wait_s"][r])
+        row(f"rank {r} exposed comm", meas["exposed_comm_s"][r], sim["exposed_comm_s"][r])
     return table
 
 
@@ -184,12 +184,14 @@ def _report(cfg, sched, outcome, state, measured, predicted, costs, files, warmu
         "warmup_steps": warmup, "files": files, "config": dump_config(cfg),
     }
     if measured is not None:
-        hidden = [1.0 - min(w, c) / c if c else 1.0 for w, c in zip(measured.exposed_comm, measured.comm_time)]
+        hidden = [1.0 - min(e, c) / c if c else 1.0 for e, c in zip(measured.exposed_comm, measured.comm_time)]
         report["measured"] = {"step_time_s": measured.step_time, "bubble_fraction": measured.bubble_fraction,
-                              "busy_s": measured.busy, "input_wait_s": measured.exposed_comm,
+                              "busy_s": measured.busy, "input_wait_s": measured.input_wait,
+                              "exposed_comm_s": measured.exposed_comm,
                               "modelled_comm_s": measured.comm_time, "hidden_comm_fraction": hidden}
         report["simulated"] = {"step_time_s": predicted.step_time, "bubble_fraction": predicted.bubble_fraction,
-                               "busy_s": predicted.busy, "exposed_comm_s": predicted.exposed_comm}
+                               "busy_s": predicted.busy, "input_wait_s": predicted.input_wait,
+                               "exposed_comm_s": predicted.exposed_comm}
         report["sim_error_pct"] = 100 * (predicted.step_time / measured.step_time - 1) if measured.step_time else None
         report["costs"] = {"f_s": costs.f, "b_s": costs.b, "w_s": costs.w, "fb_overlap": costs.fb_overlap}
     return report

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# Each schedule swept or asked for is checked by run_sweep, so pipeline.schedule's own rules
+# (a count DualPipeV cannot take, say) do not refuse a run of 1F1B (cli.py reads this).
+SWEEPS_SCHEDULES = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,9 +88,28 @@ def table(report: dict[str, Any]):
     return out
 
 
+def _progress(cfg, schedules: list[str], streams: list[int], profile: str | None):
+    """A line per phase on stderr where the sweep is long enough to watch (a few seconds and
+    up: 100k compute halves, benchmarks/bench_simulator_scaling.py), else nothing."""
+    import time
+
+    from dualpipe_mhc.scheduler.builders import compute_halves
+
+    p = cfg.pipeline
+    sims = 1 if profile else len(streams)
+    work = sum(compute_halves(n, p.ranks, p.microbatches) * (2 + sims) for n in schedules)  # build, validate, sims
+    if work < 100_000:
+        return None
+    start = time.perf_counter()
+
+    def line(phase: str) -> None:
+        print(f"simulate: {phase} ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+    return line
+
+
 def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
-    from rich.progress import Progress
 
     from dualpipe_mhc.scheduler.planner import resolve_block_layers
     from dualpipe_mhc.scheduler.sweep import run_sweep
@@ -96,23 +118,10 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     streams = _streams(cfg, args)
     profile = getattr(args, "profile", None)
     traffic = getattr(args, "traffic", "fused") or "fused"
-    total = len(schedules) * (1 if profile else len(streams))
-    # Progress only where the sweep is long enough to be worth watching: a bar on a terminal,
-    # a line per simulated run in a log.
-    big = cfg.pipeline.ranks * cfg.pipeline.microbatches * total > 20000
-    lines = big and not sys.stderr.isatty()
-    done = [0]
-
-    def line() -> None:
-        done[0] += 1
-        print(f"simulated {done[0]} of {total}", file=sys.stderr, flush=True)
-
-    with Progress(transient=True, disable=not big or lines) as bar:
-        task = bar.add_task("simulating", total=total)
-        rows, notes, results = run_sweep(
-            cfg, schedules, streams, strict, profile, traffic, progress=line if lines else lambda: bar.advance(task),
-            recompute_block=resolve_block_layers(cfg),
-        )
+    rows, notes, results = run_sweep(
+        cfg, schedules, streams, strict, profile, traffic, progress=_progress(cfg, schedules, streams, profile),
+        recompute_block=resolve_block_layers(cfg),
+    )
     report = {
         "command": "simulate",
         "costs": "profile" if profile else "analytic",
