@@ -184,7 +184,7 @@ def test_calibrate_link_report_and_table(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr(calibration, "calibrate", fake_calibrate)
-    monkeypatch.setattr(launch, "connect", lambda address: False)
+    monkeypatch.setattr(launch, "connect", lambda address, timeout_s=60.0: False)
     monkeypatch.setattr(launch.WorkerGroup, "launch", staticmethod(lambda *a, **k: Group()))
     monkeypatch.setattr(runtime, "resolve_placement", lambda cfg: (False, "gloo"))
     monkeypatch.setattr(ray, "get", lambda refs, timeout=None: [])
@@ -204,9 +204,9 @@ def test_run_comparison_table_fits_80_columns():
     ranks = 4
     report = {
         "measured": {"step_time_s": 0.1516, "bubble_fraction": 0.234, "busy_s": [0.1234] * ranks,
-                     "input_wait_s": [0.0145] * ranks},
+                     "input_wait_s": [0.0145] * ranks, "exposed_comm_s": [0.0011] * ranks},
         "simulated": {"step_time_s": 0.1543, "bubble_fraction": 0.21, "busy_s": [0.12] * ranks,
-                      "exposed_comm_s": [0.0008] * ranks},
+                      "input_wait_s": [0.0009] * ranks, "exposed_comm_s": [0.0008] * ranks},
     }
     text = _render(comparison_table(report))
     assert "…" not in text and "sim - meas" in text and "+1.8 %" in text

@@ -104,8 +104,8 @@ def test_a_size_that_would_not_finish_is_refused_in_one_line_before_any_work(arg
 def test_a_sweep_skips_only_the_schedules_over_the_size_bound(monkeypatch):
     # 40000 micro-batches on 8 ranks: DualPipeV's 16 stages make 1.28 M actions, 1F1B's 8 fit.
     import dualpipe_mhc.scheduler as scheduler
-    from dualpipe_mhc.commands.simulate import run_sweep
     from dualpipe_mhc.config import load_config
+    from dualpipe_mhc.scheduler import sweep
 
     cfg = load_config("paper-27b", ["pipeline.microbatches=40000"], schedule_rules=False)
     built = []
@@ -114,9 +114,9 @@ def test_a_sweep_skips_only_the_schedules_over_the_size_bound(monkeypatch):
         built.append(name)
         raise scheduler.ScheduleError("not built in this test")
 
-    monkeypatch.setattr(scheduler, "build_schedule", record)
+    monkeypatch.setattr(sweep, "build_schedule", record)
     with pytest.raises(scheduler.ScheduleError) as err:
-        run_sweep(cfg, ["1f1b", "dualpipev"], [1], strict=False)
+        sweep.run_sweep(cfg, ["1f1b", "dualpipev"], [1], strict=False)
     assert built == ["1f1b"]
     assert "dualpipev skipped: DualPipeV on 8 ranks x 40000 micro-batches is 1,280,000 compute actions" in str(err.value)
 
