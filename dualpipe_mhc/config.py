@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 ResidualKind = Literal["plain", "hc", "mhc"]
 ScheduleName = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
 MlpKind = Literal["gelu", "swiglu"]
+SplitMode = Literal["even", "balanced"]
 
 
 class ConfigError(ValueError):
@@ -60,6 +61,9 @@ class ModelConfig(_Section):
     seq_len: int = 64
     sinkhorn_iters: int = 20
     tie_embeddings: bool = False  # kept so dumped configs load; only False is implemented
+    # Layers per pipeline stage: "even" (sizes differ by at most one) or "balanced" (fewer layers
+    # on the stages that also carry the embedding or the head; see scheduler/split.py).
+    split: SplitMode = "balanced"
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
