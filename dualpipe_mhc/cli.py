@@ -12,7 +12,7 @@ from pathlib import Path
 # Optional dependencies and the extra that brings each.
 _EXTRAS = {"ray": "cluster", "pynvml": "cluster", "triton": "kernels"}
 
-COMMANDS = ("simulate", "run", "profile", "plan", "stability", "calibrate-link")
+COMMANDS = ("simulate", "run", "profile", "profile-stages", "plan", "stability", "calibrate-link")
 
 
 def _module(command: str):

@@ -1,0 +1,387 @@
+"""Measured stage costs on one device, placed on the cluster by the simulator (issue 12).
+
+    report = profile_stages(cfg, repeats=5)           # builds and times each distinct stage
+    report["variants"]["mhc"]["profiles"][16]         # dualpipe-mhc-profile/1 object, 16 stages
+
+For the plain residual (n = 1) and the configured residual at n (:func:`.profile.variant_configs`),
+and for every stage count the swept schedules need (DualPipeV cuts 2 x ranks stages, the others
+ranks), each *distinct* stage is built alone on the local device (:func:`dualpipe_mhc.model.build_stage`:
+the kernels, dtype and recomputation ``run`` would use) and timed per micro-batch:
+
+    f        forward
+    b        backward for the input gradient (torch's ``stage_backward_input``, as the runtime's split B)
+    w        the deferred weight gradients (``stage_backward_weight``; the embedding's own backward)
+    full_b   one unsplit backward (what a B with no W costs; compare with b + w)
+    fb_pair  F of one micro-batch then B of another, issued together as the runtime's FB does
+    recompute  the part of b spent replaying mHC intermediates: b - (b with recomputation off)
+    kept     bytes allocated by F and held until B (CUDA allocator; the saved-tensor meter on CPU)
+    peak_b   bytes above that baseline at the peak of B (CUDA only)
+
+Stages are identical when they hold the same number of layers and the same ends (embedding,
+head); where recomputation is on, the stage's recompute-block phase is ignored (its time and
+memory differ by at most one kept block input). Timing: CUDA events around each piece after
+``warmup`` untimed rounds, median over ``repeats``; ``perf_counter`` on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from dualpipe_mhc.config import RunConfig, dump_config
+from dualpipe_mhc.model import build_stage, stage_layer_ranges
+from dualpipe_mhc.recompute import SavedTensorMeter
+from dualpipe_mhc.scheduler import Costs, build_schedule, simulate, validate
+from dualpipe_mhc.scheduler.analytic import costs_from_config, shape_from_config, stage_params
+
+from .profile import variant_configs
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+GIB = 2**30
+# Planned device memory per stage: parameters and their gradients, and this many micro-batches
+# of the analytic model's kept activations (two in flight in the F&B round, plus B's peak; the
+# analytic figure runs low on real layers, DESIGN.md §6).
+ACTIVATION_MARGIN = 4.0
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """What makes two stages cost the same: their layer count and whether they hold the ends."""
+
+    layers: int
+    first: bool
+    last: bool
+
+    @property
+    def label(self) -> str:
+        ends = [e for e, on in (("embedding", self.first), ("head", self.last)) if on]
+        return f"{self.layers} layers" + (" + " + " + ".join(ends) if ends else "")
+
+
+def stage_kinds(model_cfg: Any, num_stages: int) -> list[tuple[StageKind, int]]:
+    """Each stage's kind and, for each, the index of a stage of that kind to build."""
+    ranges = stage_layer_ranges(model_cfg, num_stages)
+    kinds = [StageKind(b - a, s == 0, s == num_stages - 1) for s, (a, b) in enumerate(ranges)]
+    first_of = {}
+    for s, kind in enumerate(kinds):
+        first_of.setdefault(kind, s)
+    return [(kind, first_of[kind]) for kind in kinds]
+
+
+def stage_counts(cfg: RunConfig, schedules: list[str]) -> tuple[dict[int, list[str]], list[str]]:
+    """Stage count -> the schedules that cut the model into it; and notes on schedules skipped."""
+    counts: dict[int, list[str]] = {}
+    notes = []
+    for name in schedules:
+        sched = build_schedule(name, cfg.pipeline.ranks, cfg.pipeline.microbatches)
+        if sched.num_stages > cfg.model.layers:
+            notes.append(f"{name} skipped: {sched.num_stages} stages on {cfg.pipeline.ranks} ranks, "
+                         f"more than model.layers={cfg.model.layers}")
+            continue
+        counts.setdefault(sched.num_stages, []).append(name)
+    return counts, notes
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu or auto")
+    return torch.device("cuda", 0) if name == "cuda" else torch.device("cpu")
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(variants: dict[str, RunConfig], counts: list[int], device: torch.device) -> None:
+    """One-line ValueError, before anything is built, for a stage the device cannot hold."""
+    free = free_memory_bytes(device)
+    for name, vcfg in variants.items():
+        bytes_per = 2 if vcfg.run.dtype == "bfloat16" else 4
+        for num_stages in counts:
+            params = stage_params(shape_from_config(vcfg), num_stages)
+            kept = costs_from_config(vcfg, num_stages).act_mem_bytes
+            for (kind, s) in stage_kinds(vcfg.model, num_stages):
+                need = 2 * params[s] * bytes_per + ACTIVATION_MARGIN * kept[s]
+                if need > free:
+                    raise ValueError(
+                        f"stage {s} of {num_stages} ({kind.label}, {name}) needs about {need / GIB:.1f} GiB "
+                        f"(parameters, gradients, {ACTIVATION_MARGIN:g} micro-batches of activations) but {device} "
+                        f"has {free / GIB:.1f} GiB free; use more pipeline.ranks, a smaller pipeline.microbatch_size "
+                        "or recompute.enabled=true"
+                    )
+
+
+class _Timer:
+    """Seconds of one call: CUDA events on the current stream (synchronised), else perf_counter."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3, out
+        t0 = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t0, out
+
+
+class _StageRunner:
+    """F, split B / W and full B of one chunk on synthetic micro-batches, as the runtime's executor runs them."""
+
+    def __init__(self, chunk: torch.nn.Module, cfg: RunConfig, device: torch.device) -> None:
+        from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+        self._bwd_input, self._bwd_weight = stage_backward_input, stage_backward_weight
+        self.chunk, self.device = chunk, device
+        m, p = cfg.model, cfg.pipeline
+        self.tokens_shape = (p.microbatch_size, m.seq_len)
+        self.stream_shape = (p.microbatch_size, m.seq_len, m.streams, m.width)
+        self.vocab = m.vocab_size
+        self.dtype = DTYPES[cfg.run.dtype]
+        self._cut: list[torch.Tensor] = []
+        if chunk.embed is not None:
+            # As the executor: the first stage's B needs a differentiable input, so the chunk
+            # runs on a leaf copy of the embedding output and the embedding's backward is in W.
+            chunk.embed.register_forward_hook(self._cut_after_embed)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        self.tokens = torch.randint(0, self.vocab, self.tokens_shape, generator=gen).to(device)
+        self.targets = torch.randint(0, self.vocab, self.tokens_shape, generator=gen).to(device)
+
+    def _cut_after_embed(self, _module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        leaf = output.detach().requires_grad_()
+        self._cut = [output, leaf]
+        return leaf
+
+    def forward(self) -> dict[str, Any]:
+        chunk = self.chunk
+        if chunk.is_first:
+            out = chunk(self.tokens, self.targets if chunk.is_last else None)
+            embed_out, x_in = self._cut
+            self._cut = []
+        else:
+            x_in = torch.randn(self.stream_shape, device=self.device, dtype=self.dtype).requires_grad_()
+            embed_out = None
+            out = chunk(x_in, self.targets if chunk.is_last else None)
+        grad = torch.ones_like(out) if chunk.is_last else torch.randn_like(out)
+        return {"x": x_in, "out": out, "grad": grad, "embed_out": embed_out}
+
+    def backward_input(self, mb: dict[str, Any]) -> None:
+        dinputs, groups = self._bwd_input([mb["out"]], [mb["grad"]], [mb["x"]], self.chunk.parameters())
+        mb["groups"], mb["dx"] = groups, dinputs[0]
+        del mb["out"]
+
+    def backward_weight(self, mb: dict[str, Any]) -> None:
+        self._bwd_weight(self.chunk.parameters(), mb.pop("groups"))
+        if mb["embed_out"] is not None:
+            torch.autograd.backward([mb["embed_out"]], [mb["dx"]])
+
+    def backward_full(self, mb: dict[str, Any]) -> None:
+        torch.autograd.backward([mb["out"]], [mb["grad"]])
+        if mb["embed_out"] is not None:
+            torch.autograd.backward([mb["embed_out"]], [mb["x"].grad])
+
+
+def measure_stage(chunk: torch.nn.Module, cfg: RunConfig, device: torch.device, repeats: int, warmup: int) -> dict[str, Any]:
+    """The per-micro-batch figures of one built chunk (see the module docstring); seconds and bytes."""
+    run = _StageRunner(chunk, cfg, device)
+    timer = _Timer(device)
+    samples: dict[str, list[float]] = {k: [] for k in ("f", "b", "w", "full_b", "fb_pair")}
+
+    def one_round(record: bool) -> None:
+        t_f, mb = timer(run.forward)
+        t_b, _ = timer(lambda: run.backward_input(mb))
+        t_w, _ = timer(lambda: run.backward_weight(mb))
+        mb2 = run.forward()
+        t_full, _ = timer(lambda: run.backward_full(mb2))
+        mb3 = run.forward()
+
+        def pair() -> dict[str, Any]:  # the runtime's FB: F of one micro-batch, then B of another
+            nxt = run.forward()
+            run.backward_input(mb3)
+            return nxt
+
+        t_pair, mb4 = timer(pair)
+        run.backward_weight(mb3)
+        del mb4  # its graph goes with it
+        if record:
+            for key, value in (("f", t_f), ("b", t_b), ("w", t_w), ("full_b", t_full), ("fb_pair", t_pair)):
+                samples[key].append(value)
+
+    for _ in range(warmup):
+        one_round(False)
+    for _ in range(repeats):
+        one_round(True)
+    out = {key: statistics.median(v) for key, v in samples.items()}
+    out["fb_overlap"] = out["fb_pair"] / (out["f"] + out["b"])
+    out.update(_memory(run, cfg, device))
+    out["recompute"] = 0.0
+    if getattr(chunk, "recompute_layers", None) and cfg.model.residual != "plain":
+        block = chunk.recompute_layers
+        chunk.recompute_layers = None
+        try:
+            plain_b = []
+            for k in range(warmup + repeats):
+                mb = run.forward()
+                t_b, _ = timer(lambda: run.backward_input(mb))
+                run.backward_weight(mb)
+                if k >= warmup:
+                    plain_b.append(t_b)
+        finally:
+            chunk.recompute_layers = block
+        out["b_without_recompute"] = statistics.median(plain_b)
+        out["recompute"] = max(0.0, out["b"] - out["b_without_recompute"])
+    return out
+
+
+def _memory(run: _StageRunner, cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """Kept bytes after F and B's peak above the pre-F baseline, from one untimed round."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        mb = run.forward()
+        torch.cuda.synchronize(device)
+        kept = torch.cuda.memory_allocated(device) - base
+        torch.cuda.reset_peak_memory_stats(device)
+        run.backward_input(mb)
+        run.backward_weight(mb)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return {"kept_bytes": kept, "peak_b_bytes": peak, "memory_source": "cuda allocator"}
+    m = cfg.model
+    meter = SavedTensorMeter(m.streams, m.width, cfg.tokens_per_microbatch())
+    with meter:
+        mb = run.forward()
+    # The stage output is kept too (the runtime holds it for B); the meter counts what autograd saves.
+    kept = meter.kept_bytes() + mb["out"].untyped_storage().nbytes()
+    run.backward_full(mb)
+    return {"kept_bytes": kept, "peak_b_bytes": None, "memory_source": "saved-tensor meter"}
+
+
+def profile_stages(
+    cfg: RunConfig,
+    schedules: list[str],
+    repeats: int = 5,
+    warmup: int = 2,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Measure every distinct stage of every variant; returns the measurements and, per variant and
+    stage count, a ``dualpipe-mhc-profile/1`` object (link: the config's)."""
+    from dualpipe_mhc.cluster.worker import recompute_layers
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats={repeats}, warmup={warmup}: use repeats >= 1 and warmup >= 0")
+    dev = resolve_device(device)
+    counts, notes = stage_counts(cfg, schedules)
+    if not counts:
+        raise ValueError(f"no schedule of {schedules} fits model.layers={cfg.model.layers}; use more layers or fewer ranks")
+    variants = variant_configs(cfg)
+    variants = {"plain": variants["plain"], "mhc": variants["mhc"]}  # n = 1 first: the overhead's baseline
+    check_fits(variants, sorted(counts), dev)
+    say = progress or (lambda line: None)
+    todo = {(name, num_stages, kind): s for name, vcfg in variants.items() for num_stages in sorted(counts)
+            for kind, s in stage_kinds(vcfg.model, num_stages)}
+    jobs: dict[tuple[str, StageKind], tuple[int, int]] = {}
+    for (name, num_stages, kind), s in todo.items():
+        jobs.setdefault((name, kind), (num_stages, s))  # a kind seen under two stage counts is built once
+    measured: dict[tuple[str, StageKind], dict[str, Any]] = {}
+    for k, ((name, kind), (num_stages, s)) in enumerate(jobs.items(), 1):
+        vcfg = variants[name]
+        started = time.perf_counter()
+        chunk = build_stage(
+            vcfg.model, s, num_stages, vcfg.run.seed, vcfg.run.kernels, DTYPES[vcfg.run.dtype],
+            recompute_layers=recompute_layers(vcfg), device=dev,
+        )
+        m = measure_stage(chunk, vcfg, dev, repeats, warmup)
+        del chunk
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        m.update(variant=name, streams=vcfg.model.streams, stage_kind=kind.label, built_as=f"stage {s} of {num_stages}",
+                 seconds=time.perf_counter() - started)
+        measured[(name, kind)] = m
+        say(f"[{k}/{len(jobs)}] {name} n={vcfg.model.streams}, {kind.label}: F {1e3 * m['f']:.2f} ms, "
+            f"B {1e3 * m['b']:.2f} ms, W {1e3 * m['w']:.2f} ms, full B {1e3 * m['full_b']:.2f} ms, "
+            f"kept {m['kept_bytes'] / GIB:.3f} GiB ({m['seconds']:.1f} s)")
+    out_variants: dict[str, Any] = {}
+    for name, vcfg in variants.items():
+        profiles = {}
+        analytic = {}
+        for num_stages in sorted(counts):
+            costs = _costs(vcfg, num_stages, measured, name, dev)
+            profiles[num_stages] = costs.to_profile()
+            analytic[num_stages] = costs_from_config(vcfg, num_stages).to_profile()
+        out_variants[name] = {"streams": vcfg.model.streams, "residual": vcfg.model.residual,
+                              "profiles": profiles, "analytic": analytic}
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "repeats": repeats,
+        "warmup": warmup,
+        "stage_counts": {n: names for n, names in sorted(counts.items())},
+        "measurements": [m for m in measured.values()],
+        "variants": out_variants,
+        "skipped": notes,
+        "config": dump_config(cfg),
+    }
+
+
+def _costs(vcfg: RunConfig, num_stages: int, measured: dict, name: str, dev: torch.device) -> Costs:
+    m = vcfg.model
+    bytes_per = 2 if vcfg.run.dtype == "bfloat16" else 4
+    act = float(vcfg.tokens_per_microbatch() * m.streams * m.width * bytes_per)
+    rows = [measured[(name, kind)] for kind, _ in stage_kinds(m, num_stages)]
+    overlap = statistics.median(r["fb_overlap"] for r in rows)
+    return Costs(
+        f=[r["f"] for r in rows],
+        b=[r["b"] for r in rows],
+        w=[r["w"] for r in rows],
+        act_bytes=[act] * (num_stages - 1) + [0.0],
+        act_mem_bytes=[float(r["kept_bytes"]) for r in rows],
+        recompute=[r["recompute"] for r in rows],
+        link_bandwidth=vcfg.link.bandwidth,
+        link_latency=vcfg.link.latency,
+        fb_overlap=min(1.5, max(1e-3, overlap)),
+        meta={"source": "profile-stages", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "variant": name, "streams": m.streams, "split": m.split, "stages": num_stages,
+              "full_b": [r["full_b"] for r in rows], "peak_b_bytes": [r["peak_b_bytes"] for r in rows],
+              "date": time.strftime("%Y-%m-%d", time.gmtime())},
+    )
+
+
+def simulate_profiles(cfg: RunConfig, report: dict[str, Any]) -> tuple[list[dict[str, Any]], dict]:
+    """Every schedule from the measured profiles on the config's link: rows as ``simulate``'s, and results."""
+    from dualpipe_mhc.commands.simulate import _row
+
+    rows, results = [], {}
+    for num_stages, names in report["stage_counts"].items():
+        for name in names:
+            sched = build_schedule(name, cfg.pipeline.ranks, cfg.pipeline.microbatches)
+            validate(sched)
+            base = None
+            for variant in ("plain", "mhc"):
+                v = report["variants"][variant]
+                result = simulate(sched, Costs.from_profile(v["profiles"][num_stages]))
+                n = v["streams"]
+                results[(name, n)] = result
+                if variant == "plain":
+                    base = result.step_time
+                rows.append(_row(name, n, result, base))
+    order = {"1f1b": 0, "zb1p": 1, "dualpipe": 2, "dualpipev": 3}
+    rows.sort(key=lambda r: (order.get(r["schedule"], 9), r["streams"]))
+    return rows, results
