@@ -385,3 +385,25 @@ def simulate_profiles(cfg: RunConfig, report: dict[str, Any]) -> tuple[list[dict
     order = {"1f1b": 0, "zb1p": 1, "dualpipe": 2, "dualpipev": 3}
     rows.sort(key=lambda r: (order.get(r["schedule"], 9), r["streams"]))
     return rows, results
+
+
+def fit_hardware(cfg: RunConfig, report: dict[str, Any], name: str):
+    """A :class:`~dualpipe_mhc.scheduler.calibrate.Calibration` of the config's hardware preset to this
+    run's measurements (every variant and stage count), priced at the preset's rates."""
+    from dualpipe_mhc.cluster.worker import recompute_layers
+    from dualpipe_mhc.scheduler.analytic import Hardware
+    from dualpipe_mhc.scheduler.calibrate import Observation, fit_calibration
+
+    variants = variant_configs(cfg)
+    obs = []
+    for vname, variant in report["variants"].items():
+        vcfg = variants[vname]
+        for num_stages, profile in variant["profiles"].items():
+            obs.append(Observation(shape_from_config(vcfg), int(num_stages), Costs.from_profile(profile),
+                                   recompute_layers(vcfg)))
+    meta = {"device": report["device"], "torch": report["torch"], "fitted_from": "profile-stages",
+            "model": {"layers": cfg.model.layers, "width": cfg.model.width, "hidden": cfg.model.hidden,
+                      "heads": cfg.model.heads, "seq_len": cfg.model.seq_len, "vocab_size": cfg.model.vocab_size},
+            "tokens_per_microbatch": cfg.tokens_per_microbatch(), "dtype": cfg.run.dtype,
+            "preset": cfg.hardware.preset, "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    return fit_calibration(name, Hardware(cfg.hardware.flops, cfg.hardware.bandwidth), obs, meta)

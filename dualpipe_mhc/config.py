@@ -210,11 +210,21 @@ class HardwareConfig(_Section):
     matmul_tflops: float | None = None
     hbm_tbps: float | None = None
     memory_gib: float = 80.0
+    # A fitted hardware file or bundled fit's name (scheduler/calibrate.py, profile-stages --fit-hardware): the
+    # simulator then prices stages with its measured per-part efficiencies and its own rates.
+    calibration: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> HardwareConfig:
         if self.preset not in HARDWARE_PRESETS:
             raise ConfigError(f"hardware.preset={self.preset!r} is unknown; use one of {sorted(HARDWARE_PRESETS)}")
+        if self.calibration is not None:
+            from .scheduler.calibrate import read_calibration
+
+            try:
+                read_calibration(self.calibration)
+            except ValueError as exc:
+                raise ConfigError(f"hardware.calibration: {exc}") from None
         for name in ("matmul_tflops", "hbm_tbps", "memory_gib"):
             v = getattr(self, name)
             if v is not None and v <= 0:

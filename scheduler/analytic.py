@@ -255,5 +255,12 @@ def costs_from_config(
             from .planner import optimal_block_layers
 
             recompute_block = optimal_block_layers(cfg)
+    calibration = getattr(cfg.hardware, "calibration", None)
+    if calibration is not None:  # fitted to a device by profile-stages: measured per-part efficiencies
+        from .calibrate import calibrated_costs, read_calibration
+
+        cal = read_calibration(calibration)
+        costs = calibrated_costs(shape_from_config(cfg, streams), cal, num_stages, traffic, recompute_block)
+        return costs.with_link(cfg.link.bandwidth, cfg.link.latency)
     costs = analytic_costs(shape_from_config(cfg, streams), hw, num_stages, traffic, recompute_block)
     return costs.with_link(cfg.link.bandwidth, cfg.link.latency)

@@ -25,7 +25,7 @@ def test_identical_stages_are_measured_once():
 def test_profile_stages_on_tiny(tmp_path, capsys):
     out = tmp_path / "out"
     rc = cli.main(["profile-stages", "--config", "tiny", "--schedule", "dualpipev,1f1b", "--repeats", "1",
-                   "--warmup", "0", "--out", str(out), "--json", str(tmp_path / "r.json")])
+                   "--warmup", "0", "--out", str(out), "--json", str(tmp_path / "r.json"), "--fit-hardware", "cpu-tiny"])
     assert rc == 0
     err = capsys.readouterr().err
     # tiny on 2 ranks: 1F1B cuts 2 stages (2 kinds), DualPipeV 4 (3 kinds); twice (n = 1, n = 4).
@@ -49,6 +49,13 @@ def test_profile_stages_on_tiny(tmp_path, capsys):
     assert again.step_time == pytest.approx(row["step_time_s"])
     assert row["overhead_vs_n1"] is not None
     assert (out / "stage_costs.png").stat().st_size > 0 and (out / "timeline_dualpipev_n4.png").exists()
+    # The fitted preset loads as a config's hardware calibration and prices every stage count.
+    fitted = load_config("tiny", [f"hardware.calibration={out / 'hardware_cpu-tiny.json'}"])
+    from dualpipe_mhc.scheduler.analytic import costs_from_config
+
+    costs = costs_from_config(fitted, 4)
+    assert costs.meta["calibration"] == "cpu-tiny" and all(f > 0 for f in costs.f)
+    assert report["hardware_fit"]["fit"]["observations"] == 2 * (2 + 4)
 
 
 def test_a_stage_that_does_not_fit_fails_before_anything_is_built(monkeypatch, capsys):
@@ -69,3 +76,5 @@ def test_bad_arguments_are_one_line(capsys):
     assert "repeats=0" in capsys.readouterr().err
     assert cli.main(["profile-stages", "--config", "tiny", "--schedule", "gpipe"]) == 2
     assert "--schedule 'gpipe' is unknown" in capsys.readouterr().err
+    assert cli.main(["profile-stages", "--config", "tiny", "--fit-hardware", "../x"]) == 2
+    assert "--fit-hardware '../x' is invalid" in capsys.readouterr().err

@@ -32,14 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per stage, median taken (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to build and time (default: cuda if visible)")
+    parser.add_argument(
+        "--fit-hardware", metavar="NAME",
+        help="fit the analytic model's per-part efficiencies to these measurements; writes hardware_NAME.json "
+        "(use it with --set hardware.calibration=FILE)",
+    )
 
 
 def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
-    from dualpipe_mhc.cluster.stage_profile import profile_stages, simulate_profiles
+    from dualpipe_mhc.cluster.stage_profile import fit_hardware, profile_stages, simulate_profiles
 
     from .simulate import _schedules, _write_files, print_table
 
     schedules, _ = _schedules(args)
+    fit_name = getattr(args, "fit_hardware", None)
+    if fit_name is not None and (not fit_name or "/" in fit_name or fit_name.startswith(".")):
+        raise ValueError(f"--fit-hardware {fit_name!r} is invalid; give a plain name such as h200-fitted")
     out = Path(args.out or "profile-stages")
 
     def progress(line: str) -> None:
@@ -60,8 +68,17 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     files["stage_costs_png"] = str(plot_stage_costs(report, out / "stage_costs.png"))
     _write_table(out / "table.txt", rows, report)
     files["table"] = str(out / "table.txt")
+    fit = None
+    if fit_name:
+        cal = fit_hardware(cfg, report, fit_name)
+        files["hardware"] = str(cal.write(out / f"hardware_{fit_name}.json"))
+        fit = cal.to_dict()
+        errs = cal.fit["max_rel_error"]
+        before = cal.fit["max_rel_error_uncalibrated"]
+        print("fitted " + fit_name + ": worst stage error " + ", ".join(
+            f"{k.upper() if k != 'mem' else 'kept'} {100 * before[k]:.0f}% -> {100 * errs[k]:.1f}%" for k in errs))
     print(f"wrote {len(files['profiles'])} profiles, traces and pictures to {out}")
-    return {"command": "profile-stages", **report, "rows": rows, "files": files}
+    return {"command": "profile-stages", **report, "rows": rows, "hardware_fit": fit, "files": files}
 
 
 def _write_table(path: Path, rows: list[dict[str, Any]], report: dict[str, Any]) -> None:
