@@ -78,3 +78,19 @@ def test_bad_arguments_are_one_line(capsys):
     assert "--schedule 'gpipe' is unknown" in capsys.readouterr().err
     assert cli.main(["profile-stages", "--config", "tiny", "--fit-hardware", "../x"]) == 2
     assert "--fit-hardware '../x' is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_profile_stages_on_cuda_measures_allocator_memory(tmp_path):
+    """On the GPU: CUDA-event timing, fused kernels, bf16; kept and B-peak from the allocator."""
+    rc = cli.main(["profile-stages", "--config", "tiny", "--set", "run.dtype=bfloat16", "--schedule", "1f1b",
+                   "--device", "cuda", "--repeats", "3", "--warmup", "1", "--out", str(tmp_path),
+                   "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["device"] != "cpu"
+    for m in report["measurements"]:
+        assert m["memory_source"] == "cuda allocator"
+        assert 0 < m["kept_bytes"] <= m["peak_b_bytes"], m
+        assert all(m[k] > 0 for k in ("f", "b", "w", "full_b", "fb_pair"))

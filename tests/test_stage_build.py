@@ -79,3 +79,14 @@ def test_stage_ranges_follow_the_split():
 def test_bad_stage_index_is_one_line():
     with pytest.raises(ValueError, match="stage 2 is not in 0..1"):
         build_stage(load_config("tiny").model, 2, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stage_build_on_cuda_matches_the_whole_model_there():
+    cfg = load_config("tiny", ["model.layers=6"]).model
+    whole = build_model(cfg, seed=5, dtype=torch.bfloat16, kernels="auto", device="cuda")
+    for s, want in enumerate(whole.stage_chunks(3)):
+        got = build_stage(cfg, s, 3, seed=5, dtype=torch.bfloat16, kernels="auto", device="cuda")
+        for (name, p), (_, q) in zip(got.named_parameters(), want.named_parameters()):
+            assert p.is_cuda and torch.equal(p, q), f"stage {s} {name}"
