@@ -22,6 +22,8 @@ The numbers are unchanged, only what is held between forward and backward.
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -288,9 +290,12 @@ def build_stage(
     return chunk
 
 
-# Random draws go through float32 blocks of at most this many elements, so materialising a
-# 129k-vocabulary head in bf16 never holds its float32 copy whole.
+# Random draws happen on the CPU, so a seed gives the same weights on every device (CUDA's
+# generator depends on the launch grid, hence on the GPU model), in float32 blocks of at most
+# this many elements (a 129k-vocabulary head in bf16 never has its float32 copy whole), several
+# parameters at once: each has its own generator, so the order of the threads changes nothing.
 DRAW_BLOCK = 1 << 24
+DRAW_THREADS = 8
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -306,18 +311,22 @@ def _materialise(module: nn.Module, seed: int, dtype: torch.dtype, device: torch
     a parameter's value depends only on the seed and where it sits in the whole model.
     """
     module.to(dtype).to_empty(device=torch.device(device))
+    draws: list[tuple[Tensor, float, int]] = []  # (parameter, std, seed)
     with torch.no_grad():
         for mod_name, mod in module.named_modules():
             prefix = _global_name(mod_name, first_layer)
             if isinstance(mod, (nn.Linear, nn.Embedding)):
-                _normal_(mod.weight, 0.02, parameter_seed(seed, f"{prefix}.weight"))
+                draws.append((mod.weight, 0.02, parameter_seed(seed, f"{prefix}.weight")))
             elif isinstance(mod, RMSNorm):
                 mod.weight.fill_(1.0)
             elif isinstance(mod, HyperConnection) and mod.kind != "plain":
                 n, c = mod.streams, mod.width
-                _normal_(mod.phi, (n * c) ** -0.5, parameter_seed(seed, f"{prefix}.phi"))
+                draws.append((mod.phi, (n * c) ** -0.5, parameter_seed(seed, f"{prefix}.phi")))
                 mod.alpha.fill_(ALPHA_INIT)
                 mod.bias.copy_(HyperConnection.initial_bias(n, mod.kind, RES_INIT))
+    workers = max(1, min(DRAW_THREADS, os.cpu_count() or 1, len(draws)))
+    with ThreadPoolExecutor(workers) as pool:  # torch's CPU generator releases the GIL
+        list(pool.map(lambda d: _normal_(*d), draws))
     leftovers = [name for name, p in module.named_parameters() if p.is_meta]
     if leftovers:  # to_empty leaves no meta tensor; this guards a new module type with no init rule
         raise RuntimeError(f"no initialisation rule for {leftovers}")
@@ -331,9 +340,13 @@ def _global_name(local: str, first_layer: int) -> str:
 
 
 def _normal_(param: Tensor, std: float, seed: int) -> None:
-    """Fill ``param`` with N(0, std²) drawn in float32 from its own generator, row block by row block."""
-    gen = torch.Generator(device=param.device).manual_seed(seed)
-    flat = param.view(-1)
-    for start in range(0, flat.numel(), DRAW_BLOCK):
-        block = flat[start : start + DRAW_BLOCK]
-        block.copy_(torch.randn(block.numel(), generator=gen, device=param.device, dtype=torch.float32) * std)
+    """Fill ``param`` with N(0, std²) drawn in float32 on the CPU from its own generator, block by block."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = param.detach().view(-1)
+    buf = torch.empty(min(DRAW_BLOCK, flat.numel()), dtype=torch.float32)
+    with torch.no_grad():
+        for start in range(0, flat.numel(), DRAW_BLOCK):
+            block = flat[start : start + DRAW_BLOCK]
+            draw = buf[: block.numel()]
+            torch.randn(block.numel(), generator=gen, out=draw)
+            block.copy_(draw.mul_(std))

@@ -32,16 +32,11 @@ def stage_layers(
     # Only the two edge stages carry extra cost, so the middle ones split their rest evenly;
     # search the edge sizes (O(layers^2), a few thousand candidates at most).
     for first in range(1, layers - stages + 2):
-        for last in range(1, layers - first - (stages - 2) + 1):
+        # Every middle stage keeps at least one layer; two stages leave no middle at all.
+        lasts = [layers - first] if stages == 2 else range(1, layers - first - (stages - 2) + 1)
+        for last in lasts:
             rest = layers - first - last
-            if stages == 2:
-                if rest:
-                    continue
-                counts = [first, last]
-            else:
-                if rest < stages - 2:
-                    break
-                counts = [first, *_even(rest, stages - 2), last]
+            counts = [first, last] if stages == 2 else [first, *_even(rest, stages - 2), last]
             key = _key(counts, head_cost, embed_cost)
             if key < best_key:
                 best, best_key = counts, key
