@@ -36,7 +36,7 @@ import torch
 
 from dualpipe_mhc.config import RunConfig, dump_config
 from dualpipe_mhc.model import build_stage, stage_layer_ranges
-from dualpipe_mhc.scheduler import Costs, build_schedule, simulate, validate
+from dualpipe_mhc.scheduler import Costs, build_schedule
 from dualpipe_mhc.scheduler.analytic import costs_from_config, shape_from_config, stage_params
 
 from .profile import variant_configs
@@ -211,29 +211,6 @@ def _costs(vcfg: RunConfig, num_stages: int, measured: dict, name: str, dev: tor
               "full_b": [r["full_b"] for r in rows], "peak_b_bytes": [r["peak_b_bytes"] for r in rows],
               "date": time.strftime("%Y-%m-%d", time.gmtime())},
     )
-
-
-def simulate_profiles(cfg: RunConfig, report: dict[str, Any]) -> tuple[list[dict[str, Any]], dict]:
-    """Every schedule from the measured profiles on the config's link: rows as ``simulate``'s, and results."""
-    from dualpipe_mhc.commands.simulate import _row
-
-    rows, results = [], {}
-    for num_stages, names in report["stage_counts"].items():
-        for name in names:
-            sched = build_schedule(name, cfg.pipeline.ranks, cfg.pipeline.microbatches)
-            validate(sched)
-            base = None
-            for variant in ("plain", "mhc"):
-                v = report["variants"][variant]
-                result = simulate(sched, Costs.from_profile(v["profiles"][num_stages]))
-                n = v["streams"]
-                results[(name, n)] = result
-                if variant == "plain":
-                    base = result.step_time
-                rows.append(_row(name, n, result, base))
-    order = {"1f1b": 0, "zb1p": 1, "dualpipe": 2, "dualpipev": 3}
-    rows.sort(key=lambda r: (order.get(r["schedule"], 9), r["streams"]))
-    return rows, results
 
 
 def fit_hardware(cfg: RunConfig, report: dict[str, Any], name: str):
