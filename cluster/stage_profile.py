@@ -14,7 +14,8 @@ the kernels, dtype and recomputation ``run`` would use) and timed per micro-batc
     full_b   one unsplit backward (what a B with no W costs; compare with b + w)
     fb_pair  F of one micro-batch then B of another, issued together as the runtime's FB does
     recompute  the part of b spent replaying mHC intermediates: b - (b with recomputation off)
-    kept     bytes allocated by F and held until B (CUDA allocator; the saved-tensor meter on CPU)
+    kept     bytes F allocates and holds until B, its output included (the received input exists
+             before F and is not counted); CUDA allocator, the saved-tensor meter on CPU
     peak_b   bytes above that baseline at the peak of B (CUDA only)
 
 Stages are identical when they hold the same number of layers and the same ends (embedding,
