@@ -10,8 +10,8 @@ bytes over the preset's achieved rates:
     fixed   1 s per action: its multiplier is the per-action overhead in seconds (launches, the
             host), which dominates small shapes and is ~0 at a 27B-class stage
 
-and its kept memory into ``base`` (the layers' activations, the head's logits) and ``mhc`` (the
-n-stream intermediates, or the kept block inputs under recomputation). A calibration holds one
+and its kept memory into ``base`` (the layers' activations), ``head`` (the logits) and ``mhc``
+(the n-stream intermediates, or the kept block inputs under recomputation). A calibration holds one
 multiplier per (kind, part) -- ``f.layer``, ``b.mhc``, ``w.head``, ``mem.base`` ... -- fitted
 by least squares on relative error over every measured stage of a ``profile-stages`` run (both
 n = 1 and n), so calibrated costs are the analytic model with measured efficiencies:
@@ -42,7 +42,7 @@ from .costs import Costs
 HARDWARE_FORMAT = "dualpipe-mhc-hardware/1"
 KINDS = ("f", "b", "w")
 PARTS = ("layer", "mhc", "head", "embed", "fixed")
-MEM_PARTS = ("base", "mhc")
+MEM_PARTS = ("base", "head", "mhc")
 
 
 @dataclass
@@ -127,8 +127,9 @@ def stage_parts(
             head = getattr(full, k)[s] - getattr(headless, k)[s]
             embed = getattr(headless, k)[s] - lay - mhc
             parts[k] = {"layer": lay, "mhc": mhc, "head": head, "embed": embed, "fixed": 1.0}
-        base = count * layer.act_mem + (full.act_mem_bytes[s] - headless.act_mem_bytes[s])
-        parts["mem"] = {"base": base, "mhc": full.act_mem_bytes[s] - base}
+        base = count * layer.act_mem
+        head = full.act_mem_bytes[s] - headless.act_mem_bytes[s]
+        parts["mem"] = {"base": base, "head": head, "mhc": full.act_mem_bytes[s] - base - head}
         out.append(parts)
     return out
 

@@ -20,7 +20,7 @@ from dualpipe_mhc.scheduler.calibrate import (
 HW = Hardware(790e12, 4.27e12)
 TRUE = {"f.fixed": 2e-4, "b.fixed": 3e-4, "f.layer": 1.42, "f.mhc": 2.1, "f.head": 1.15, "f.embed": 3.0, "b.layer": 1.3, "b.mhc": 1.8,
         "b.head": 1.2, "b.embed": 2.0, "w.layer": 1.25, "w.head": 1.1, "w.embed": 1.5,
-        "mem.base": 1.62, "mem.mhc": 1.28}
+        "mem.base": 1.62, "mem.head": 1.3, "mem.mhc": 1.28}
 
 
 def _shapes(**over):
