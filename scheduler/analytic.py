@@ -103,12 +103,6 @@ def shape_stage_layers(shape: ModelShape, num_stages: int) -> list[int]:
     return stage_layers(shape.layers, num_stages, head_cost=head, embed_cost=embed, mode=shape.split)
 
 
-def split_layers(layers: int, stages: int) -> list[int]:
-    """Even layers per stage (sizes differing by at most one); the model-aware split is
-    :func:`shape_stage_layers`."""
-    return stage_layers(layers, stages, mode="even")
-
-
 def kept_block_inputs(first_layer: int, count: int, block_layers: int) -> int:
     """Recompute blocks are global (``layer // L_r``) and cut at stage boundaries, each piece
     keeping its own input (the runtime's ``recompute.block_segments``): how many a stage keeps."""
