@@ -1,9 +1,10 @@
 """The stage-worker actor: one per pipeline rank, holding its model chunk(s).
 
 A plain class; :mod:`dualpipe_mhc.cluster.launch` turns it into a Ray actor (threaded,
-so :meth:`StageWorker.status` answers while a step runs). Every rank builds the whole
-model from the run's seed and keeps the chunks ``schedule.chunks_of(rank)`` names, so
-the pipeline's parameters are exactly the single-process model's.
+so :meth:`StageWorker.status` answers while a step runs). Every rank builds only the
+chunks ``schedule.chunks_of(rank)`` names, straight on its device
+(:func:`dualpipe_mhc.model.build_stage`), whose parameters are exactly the same slice
+of the single-process model's: no process ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dualpipe_mhc.config import RunConfig
-from dualpipe_mhc.model import build_model
+from dualpipe_mhc.model import build_stage
 from dualpipe_mhc.scheduler.ir import Schedule
 
 from .data import step_microbatches
@@ -101,12 +102,14 @@ class StageWorker:
         sched = Schedule.from_dict(sched_data)
         self.cfg, self.sched = cfg, sched
         dtype = DTYPES[cfg.run.dtype]
-        model = build_model(cfg.model, cfg.run.seed, kernels=cfg.run.kernels, dtype=dtype,
-                            recompute_layers=recompute_layers(cfg))
-        all_chunks = model.stage_chunks(sched.num_stages)
         self.stage_of = sched.chunks_of(self.rank)  # chunk -> stage
-        self.chunks = {c: all_chunks[s].to(self.device) for c, s in self.stage_of.items()}
-        del model, all_chunks
+        # A reconfigure drops the old chunks (and what holds them) before building the new ones.
+        self.chunks, self.optimizer, self.executor = {}, None, None
+        self.chunks = {
+            c: build_stage(cfg.model, s, sched.num_stages, cfg.run.seed, cfg.run.kernels, dtype,
+                           recompute_layers=recompute_layers(cfg), device=self.device)
+            for c, s in self.stage_of.items()
+        }
         params = [p for c in sorted(self.chunks) for p in self.chunks[c].parameters()]
         self.optimizer = make_optimizer(params, cfg.run.lr)
         link = (cfg.link.bandwidth, cfg.link.latency) if cfg.link.shape else None

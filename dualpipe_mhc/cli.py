@@ -29,6 +29,8 @@ COMMANDS = {
     "plan": Command("choose the mHC recompute block L_r under a memory budget", "paper-27b", False),
     "run": Command("train on Ray stage workers; measured vs simulated step", "tiny", True),
     "profile": Command("mHC vs the plain residual on one pipeline: the overhead", "tiny", True),
+    "profile-stages": Command("measure each distinct stage on this device, simulate every schedule from it", "tiny",
+                              True),
     "stability": Command("plain / HC / mHC trained side by side: Amax gains", "tiny", True),
     "calibrate-link": Command("achieved one-way bandwidth between two workers", "tiny", True),
 }

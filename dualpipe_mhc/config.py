@@ -19,6 +19,7 @@ ResidualKind = Literal["plain", "hc", "mhc", "dsv4"]
 RESIDUALS: tuple[str, ...] = get_args(ResidualKind)  # the one list of residual kinds; others import it
 ScheduleName = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
 MlpKind = Literal["gelu", "swiglu"]
+SplitMode = Literal["even", "balanced"]
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,9 @@ class ModelConfig(_Section):
     seq_len: int = Field(64, description="tokens per sequence, 1 to 2^20")
     sinkhorn_iters: int = Field(20, description="Sinkhorn-Knopp rounds for H_res, 1 to 1000 (the paper: 20)")
     tie_embeddings: bool = Field(False, description="kept so dumped configs load; only false is implemented")
+    split: SplitMode = Field(
+        "balanced", description="layers per pipeline stage: even (sizes differ by at most one) or balanced (fewer "
+        "layers on the stages that also carry the embedding or the head; scheduler/split.py)")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -243,11 +247,21 @@ class HardwareConfig(_Section):
         None, description="achieved dense bf16 matmul TFLOP/s, above 0 and at most 1e5; overrides the preset")
     hbm_tbps: float | None = Field(None, description="achieved HBM TB/s, above 0 and at most 100; overrides the preset")
     memory_gib: float = Field(80.0, description="memory per GPU in GiB, above 0 and at most 4096")
+    calibration: str | None = Field(
+        None, description="a fitted hardware file, or a bundled fit's name (scheduler/calibrate.py, profile-stages "
+        "--fit-hardware): the simulator then prices stages with its measured per-part efficiencies and rates")
 
     @model_validator(mode="after")
     def _check(self) -> HardwareConfig:
         if self.preset not in HARDWARE_PRESETS:
             raise ConfigError(f"hardware.preset={self.preset!r} is unknown; use one of {sorted(HARDWARE_PRESETS)}")
+        if self.calibration is not None:
+            from .scheduler.calibrate import read_calibration
+
+            try:
+                read_calibration(self.calibration)
+            except ValueError as exc:
+                raise ConfigError(f"hardware.calibration: {exc}") from None
         for name in ("matmul_tflops", "hbm_tbps", "memory_gib"):
             v = getattr(self, name)
             if v is not None and v <= 0:

@@ -124,9 +124,15 @@ class HyperHead(nn.Module):
     def __init__(self, width: int, streams: int) -> None:
         super().__init__()
         n = streams
+        self.width, self.streams = width, n
         self.phi = nn.Parameter(torch.randn(n * width, n) / math.sqrt(n * width))  # [n*C, n]
         self.scale = nn.Parameter(torch.full((1,), ALPHA_INIT))
-        self.base = nn.Parameter(torch.full((n,), -math.log(n - 1) if n > 1 else 0.0))
+        self.base = nn.Parameter(self.initial_base(n))
+
+    @staticmethod
+    def initial_base(n: int) -> Tensor:
+        """sigmoid(base) = 1/n: every stream weighted as the mean (n = 1 takes 0, weight 1/2)."""
+        return torch.full((n,), -math.log(n - 1) if n > 1 else 0.0)
 
     def forward(self, x: Tensor) -> Tensor:
         return reference.hyper_head(x, self.phi, self.scale, self.base)

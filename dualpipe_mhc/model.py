@@ -5,9 +5,13 @@
       -> reduce (mean over streams; dsv4: the learned HyperHead) [B, S, C] -> RMSNorm -> head [B, S, V] -> loss
 
 A stage chunk is a contiguous slice of that: the first takes tokens, the last
-returns the loss, the rest map ``[B, S, n, C] -> [B, S, n, C]``. Every chunk
-holds the same parameter objects as the whole model, so splitting changes no
-arithmetic.
+returns the loss, the rest map ``[B, S, n, C] -> [B, S, n, C]``. Layers per stage
+come from :func:`dualpipe_mhc.scheduler.analytic.model_stage_layers` (``model.split``),
+the split the simulator prices. :meth:`MhcLM.stage_chunks` shares the whole model's
+parameter objects; :func:`build_stage` builds one chunk alone (on the meta device, then
+materialised), equal bit for bit to the same slice of :func:`build_model`'s model,
+because every parameter is drawn from its own generator seeded by (run seed, global
+parameter name), not from one stream whose position depends on what came before.
 
 Recomputation (``recompute_layers = L_r``, see :mod:`dualpipe_mhc.recompute`): the
 layers run in global blocks ``layer // L_r`` cut at chunk boundaries; each block
@@ -17,14 +21,19 @@ The numbers are unchanged, only what is held between forward and backward.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .mhc import HyperConnection, HyperHead
+from .mhc import ALPHA_INIT, RES_INIT, HyperConnection, HyperHead
 from .recompute import check_block_layers, run_blocks
-from .scheduler.analytic import layer_ranges
+from .scheduler.analytic import model_stage_layers
+from .scheduler.split import stage_ranges
 
 
 class RMSNorm(nn.Module):
@@ -182,10 +191,16 @@ class StageChunk(nn.Module):
         return lm_loss(self.head(x), targets)
 
 
+def stage_layer_ranges(cfg: ModelConfig, stages: int) -> list[tuple[int, int]]:
+    """Contiguous global ``[start, end)`` layer ranges of the ``stages`` chunks (``cfg.split``)."""
+    return stage_ranges(model_stage_layers(cfg, stages))
+
+
 class MhcLM(nn.Module):
     """The whole model: ``forward(tokens [B, S], targets [B, S]) -> loss``.
 
-    ``recompute_layers``: L_r for mHC recomputation, ``None`` for none; set it with
+    Constructed with uninitialised values (build it on the meta device); :func:`build_model`
+    draws the parameters. ``recompute_layers``: L_r for mHC recomputation, ``None`` for none; set it with
     :meth:`enable_recompute` (stage chunks built afterwards inherit it).
     """
 
@@ -197,7 +212,6 @@ class MhcLM(nn.Module):
         self.head = Head(cfg)
         self.recompute_layers: int | None = None
         self.recompute_replay_once = False
-        self.apply(_init_weights)
 
     def forward(self, tokens: Tensor, targets: Tensor) -> Tensor:
         x = run_blocks(self.blocks, self.embed(tokens), 0, self.recompute_layers, self.recompute_replay_once)
@@ -215,7 +229,7 @@ class MhcLM(nn.Module):
 
     def stage_chunks(self, stages: int) -> list[StageChunk]:
         """Split into ``stages`` contiguous chunks sharing this model's parameters (and recompute setting)."""
-        ranges = layer_ranges(len(self.blocks), stages)
+        ranges = stage_layer_ranges(self.cfg, stages)
         return [
             StageChunk(
                 self.embed if s == 0 else None,
@@ -233,13 +247,6 @@ class MhcLM(nn.Module):
         return [hc for block in self.blocks for hc in (block.attn, block.mlp)]
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=0.02)
-
-
 def build_model(
     cfg: ModelConfig,
     seed: int = 0,
@@ -247,16 +254,114 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     *,
     recompute_layers: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> MhcLM:
     """The model for ``cfg`` with parameters drawn from ``seed``: the same seed gives the same weights everywhere.
 
     ``recompute_layers``: L_r for mHC recomputation (``None``: off); resolve a config's
     ``recompute.block_layers='auto'`` with the planner before passing it here.
     """
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = MhcLM(cfg, kernels).to(dtype)
-    finally:
-        torch.random.set_rng_state(gen_state)
+    with torch.device("meta"):
+        model = MhcLM(cfg, kernels)
+    _materialise(model, seed, dtype, device, first_layer=0)
     return model.enable_recompute(recompute_layers)
+
+
+def build_stage(
+    cfg: ModelConfig,
+    stage: int,
+    stages: int,
+    seed: int = 0,
+    kernels: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    *,
+    recompute_layers: int | None = None,
+    recompute_replay_once: bool = False,
+    device: torch.device | str = "cpu",
+) -> StageChunk:
+    """Stage ``stage`` of ``stages`` alone, on ``device``: equal to ``build_model(...).stage_chunks(stages)[stage]``
+    without ever holding another stage's parameters (a 27B-class model's rank builds in its own share)."""
+    if not 0 <= stage < stages:
+        raise ValueError(f"stage {stage} is not in 0..{stages - 1}")
+    a, b = stage_layer_ranges(cfg, stages)[stage]
+    with torch.device("meta"):
+        chunk = StageChunk(
+            Embed(cfg) if stage == 0 else None,
+            [Block(cfg, kernels) for _ in range(a, b)],
+            Head(cfg) if stage == stages - 1 else None,
+            (a, b),
+            recompute_layers,
+            recompute_replay_once,
+        )
+    _materialise(chunk, seed, dtype, device, first_layer=a)
+    return chunk
+
+
+# Random draws happen on the CPU, so a seed gives the same weights on every device (CUDA's
+# generator depends on the launch grid, hence on the GPU model), in float32 blocks of at most
+# this many elements (a 129k-vocabulary head in bf16 never has its float32 copy whole), several
+# parameters at once: each has its own generator, so the order of the threads changes nothing.
+DRAW_BLOCK = 1 << 24
+DRAW_THREADS = 8
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The generator seed of one parameter: a stable hash of (run seed, global parameter name)."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _materialise(module: nn.Module, seed: int, dtype: torch.dtype, device: torch.device | str, first_layer: int) -> None:
+    """Allocate ``module``'s meta parameters on ``device`` in ``dtype`` and draw each one.
+
+    Parameter names are made global (a chunk's ``blocks.j`` is layer ``first_layer + j``), so
+    a parameter's value depends only on the seed and where it sits in the whole model.
+    """
+    module.to(dtype).to_empty(device=torch.device(device))
+    draws: list[tuple[Tensor, float, int]] = []  # (parameter, std, seed)
+    filled: list[Tensor] = []
+    with torch.no_grad():
+        for mod_name, mod in module.named_modules():
+            prefix = _global_name(mod_name, first_layer)
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                draws.append((mod.weight, 0.02, parameter_seed(seed, f"{prefix}.weight")))
+            elif isinstance(mod, RMSNorm):
+                filled.append(mod.weight.fill_(1.0))
+            elif isinstance(mod, HyperConnection) and mod.kind != "plain":
+                n, c = mod.streams, mod.width
+                draws.append((mod.phi, (n * c) ** -0.5, parameter_seed(seed, f"{prefix}.phi")))
+                filled.append(mod.alpha.fill_(ALPHA_INIT))
+                filled.append(mod.bias.copy_(HyperConnection.initial_bias(n, mod.kind, RES_INIT)))
+            elif isinstance(mod, HyperHead):
+                n, c = mod.streams, mod.width
+                draws.append((mod.phi, (n * c) ** -0.5, parameter_seed(seed, f"{prefix}.phi")))
+                filled.append(mod.scale.fill_(ALPHA_INIT))
+                filled.append(mod.base.copy_(HyperHead.initial_base(n)))
+    workers = max(1, min(DRAW_THREADS, os.cpu_count() or 1, len(draws)))
+    with ThreadPoolExecutor(workers) as pool:  # torch's CPU generator releases the GIL
+        list(pool.map(lambda d: _normal_(*d), draws))
+    # to_empty leaves uninitialised memory: every parameter must have had a rule above
+    done = {id(t) for t in filled} | {id(d[0]) for d in draws}
+    leftovers = [name for name, p in module.named_parameters() if id(p) not in done]
+    if leftovers:
+        raise RuntimeError(f"no initialisation rule for {leftovers}")
+
+
+def _global_name(local: str, first_layer: int) -> str:
+    parts = local.split(".")
+    if len(parts) > 1 and parts[0] == "blocks":
+        parts[1] = str(first_layer + int(parts[1]))
+    return ".".join(parts)
+
+
+def _normal_(param: Tensor, std: float, seed: int) -> None:
+    """Fill ``param`` with N(0, std²) drawn in float32 on the CPU from its own generator, block by block."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = param.detach().view(-1)
+    buf = torch.empty(min(DRAW_BLOCK, flat.numel()), dtype=torch.float32)
+    with torch.no_grad():
+        for start in range(0, flat.numel(), DRAW_BLOCK):
+            block = flat[start : start + DRAW_BLOCK]
+            draw = buf[: block.numel()]
+            torch.randn(block.numel(), generator=gen, out=draw)
+            block.copy_(draw.mul_(std))

@@ -24,11 +24,10 @@ A stage's output crossing to the next rank is T x n x C x b bytes.
 
 from __future__ import annotations
 
-import itertools
-
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .costs import Costs
+from .split import stage_layers
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,7 @@ class ModelShape:
     residual: str = "mhc"  # plain | hc | mhc
     mlp: str = "swiglu"
     bytes_per_elem: int = 2
+    split: str = "balanced"  # even | balanced: see :mod:`scheduler.split`
 
     @property
     def n(self) -> int:
@@ -76,18 +76,31 @@ class Hardware:
     hbm: float  # achieved memory bandwidth, bytes/s
 
 
-def split_layers(layers: int, stages: int) -> list[int]:
-    """Layers per stage, contiguous, sizes differing by at most one (the model's split)."""
-    if not 1 <= stages <= layers:
-        raise ValueError(f"cannot split {layers} layers into {stages} stages; use model.layers>={stages} or fewer ranks")
-    base, extra = divmod(layers, stages)
-    return [base + (1 if s < extra else 0) for s in range(stages)]
+# The split must be a function of the model alone, so that every rank, the single-process
+# reference and the simulator cut the same layers whatever hardware preset they price with: edge
+# costs are weighed at this fixed FLOP/byte balance (the h800 preset's), in bf16.
+SPLIT_HARDWARE = Hardware(700e12, 2.9e12)
 
 
-def layer_ranges(layers: int, stages: int) -> list[tuple[int, int]]:
-    """The same split as contiguous ``[start, end)`` layer ranges, one per stage (the runtime's chunks)."""
-    ends = list(itertools.accumulate(split_layers(layers, stages)))
-    return list(zip([0] + ends[:-1], ends))
+def edge_costs(shape: ModelShape) -> tuple[float, float]:
+    """(embedding, head) cost per micro-batch in layer-equivalents (one layer's F + B + W = 1),
+    from this module's analytic model at :data:`SPLIT_HARDWARE`; token count cancels out."""
+    probe = replace(shape, layers=1, bytes_per_elem=2, tokens=shape.seq_len, split="even")
+    alone = analytic_costs(probe, SPLIT_HARDWARE, 1, include_head=False)
+    layer = layer_cost(probe, SPLIT_HARDWARE, TRAFFIC["fused"])
+    with_head = analytic_costs(probe, SPLIT_HARDWARE, 1, include_head=True)
+    unit = layer.f + layer.b + layer.w
+    embed = alone.f[0] + alone.b[0] + alone.w[0] - unit
+    head = with_head.f[0] + with_head.b[0] + with_head.w[0] - unit - embed
+    return embed / unit, head / unit
+
+
+def shape_stage_layers(shape: ModelShape, num_stages: int) -> list[int]:
+    """Layers per stage for ``shape`` (its ``split`` mode): what the model builds and runs."""
+    if shape.split == "even":
+        return stage_layers(shape.layers, num_stages, mode="even")
+    embed, head = edge_costs(shape)
+    return stage_layers(shape.layers, num_stages, head_cost=head, embed_cost=embed, mode=shape.split)
 
 
 def kept_block_inputs(first_layer: int, count: int, block_layers: int) -> int:
@@ -105,7 +118,7 @@ def stage_params(shape: ModelShape, num_stages: int, include_head: bool = True) 
     h_up = 2 * h if shape.mlp == "swiglu" else h
     mhc = 0 if shape.residual == "plain" else 2 * (n * c * (n * n + 2 * n) + n * n + 2 * n + 3)
     per_layer = 4 * c * c + c * h_up + h * c + mhc
-    params = [float(per_layer * count) for count in split_layers(shape.layers, num_stages)]
+    params = [float(per_layer * count) for count in shape_stage_layers(shape, num_stages)]
     params[0] += shape.vocab * c
     if include_head:
         params[-1] += shape.vocab * c
@@ -219,7 +232,7 @@ def analytic_costs(
     t, c, v, n, b = shape.tokens, shape.width, shape.vocab, shape.n, shape.bytes_per_elem
     f, bb, w, act, mem, rec = [], [], [], [], [], []
     first_layer = 0
-    for s, count in enumerate(split_layers(shape.layers, num_stages)):
+    for s, count in enumerate(shape_stage_layers(shape, num_stages)):
         sf, sb, sw = layer.f * count, layer.b * count, layer.w * count
         block = recompute_block if shape.residual != "plain" else None
         smem = stage_kept_bytes(shape, first_layer, count, block)
@@ -244,16 +257,29 @@ def analytic_costs(
     return Costs(f, bb, w, act, mem, rec, meta={"source": "analytic", "traffic": traffic.name, "streams": n})
 
 
+def shape_from_model(m, tokens: int | None = None, bytes_per_elem: int = 2) -> ModelShape:
+    """The shape of a ModelConfig (duck-typed), ``tokens`` per micro-batch (default one sequence)."""
+    return ModelShape(
+        layers=m.layers, width=m.width, hidden=m.hidden, seq_len=m.seq_len, vocab=m.vocab_size,
+        tokens=m.seq_len if tokens is None else tokens, streams=m.streams, residual=m.residual, mlp=m.mlp,
+        bytes_per_elem=bytes_per_elem, split=getattr(m, "split", "balanced"),
+    )
+
+
+def model_stage_layers(m, num_stages: int) -> list[int]:
+    """Layers per stage of a ModelConfig: the split the model, the runtime and the simulator share."""
+    return shape_stage_layers(shape_from_model(m), num_stages)
+
+
 def shape_from_config(cfg, streams: int | None = None) -> ModelShape:
     """The model shape of a RunConfig (duck-typed: the scheduler does not import the config module).
     ``streams=1`` means the plain-residual baseline of the same model."""
     m = cfg.model
     n = m.streams if streams is None else streams
     residual = "plain" if n == 1 else (m.residual if m.residual != "plain" else "mhc")
-    return ModelShape(
-        layers=m.layers, width=m.width, hidden=m.hidden, seq_len=m.seq_len, vocab=m.vocab_size,
-        tokens=cfg.tokens_per_microbatch(), streams=n, residual=residual, mlp=m.mlp,
-        bytes_per_elem=2 if cfg.run.dtype == "bfloat16" else 4,
+    return replace(
+        shape_from_model(m, cfg.tokens_per_microbatch(), 2 if cfg.run.dtype == "bfloat16" else 4),
+        streams=n, residual=residual,
     )
 
 
@@ -264,6 +290,13 @@ def costs_from_config(
 
     ``recompute_block``: the L_r the run uses, resolved once by the caller
     (:func:`dualpipe_mhc.scheduler.planner.resolve_block_layers`); None: no recomputation."""
+    calibration = getattr(cfg.hardware, "calibration", None)
+    if calibration is not None:  # fitted to a device by profile-stages: measured per-part efficiencies
+        from .calibrate import calibrated_costs, read_calibration
+
+        cal = read_calibration(calibration)
+        costs = calibrated_costs(shape_from_config(cfg, streams), cal, num_stages, traffic, recompute_block)
+        return costs.with_link(cfg.link.bandwidth, cfg.link.latency)
     hw = Hardware(cfg.hardware.flops, cfg.hardware.bandwidth)
     costs = analytic_costs(shape_from_config(cfg, streams), hw, num_stages, traffic, recompute_block)
     return costs.with_link(cfg.link.bandwidth, cfg.link.latency)

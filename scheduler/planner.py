@@ -167,7 +167,7 @@ def _setting(cfg: PlanConfig, schedule, budget_gib, state_bytes_per_param, traff
 
 def _rows(st: _Setting) -> tuple[list[PlanRow], float]:
     """One row per candidate L_r (None first), and the worst rank's state bytes."""
-    from .analytic import analytic_costs, backward_transient_bytes, split_layers, stage_params
+    from .analytic import analytic_costs, backward_transient_bytes, shape_stage_layers, stage_params
     from .builders import build_schedule
     from .simulate import simulate
 
@@ -175,7 +175,7 @@ def _rows(st: _Setting) -> tuple[list[PlanRow], float]:
     shape = st.shape
     params = stage_params(shape, sched.num_stages)
     state = [sum(params[s] for s in sched.chunks_of(r).values()) * st.state_bytes_per_param for r in range(sched.ranks)]
-    counts = split_layers(shape.layers, sched.num_stages)
+    counts = shape_stage_layers(shape, sched.num_stages)
     max_block = min(shape.layers, max(8, 3 * math.ceil(closed_form(shape.n, shape.layers))))
     candidates: list[int | None] = [None, *range(1, max_block + 1)] if shape.residual != "plain" else [None]
     rows = []

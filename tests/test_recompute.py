@@ -165,11 +165,11 @@ def _measure(block_layers, stages):
 @pytest.mark.parametrize("block_layers,stages", [(1, 1), (2, 1), (2, 2), (3, 2), (7, 3)])
 def test_only_block_inputs_kept(block_layers, stages):
     """Kept n-stream storages are exactly one per (block x stage) segment, n*C per token each."""
-    from dualpipe_mhc.scheduler.analytic import layer_ranges
+    from dualpipe_mhc.model import stage_layer_ranges
 
     base = _measure(None, stages)
     got = _measure(block_layers, stages)
-    segments = sum(len(block_segments(a, b - a, block_layers)) for a, b in layer_ranges(CFG.layers, stages))
+    segments = sum(len(block_segments(a, b - a, block_layers)) for a, b in stage_layer_ranges(CFG, stages))
     per_input = CFG.streams * CFG.width * TOKENS * 4
     assert got.kept_bytes("streams") == segments * per_input
     sublayers = 2 * CFG.layers
