@@ -133,7 +133,7 @@ def profile_stages(
 ) -> dict[str, Any]:
     """Measure every distinct stage of every variant; returns the measurements and, per variant and
     stage count, a ``dualpipe-mhc-profile/1`` object (link: the config's)."""
-    from dualpipe_mhc.cluster.worker import recompute_layers
+    from dualpipe_mhc.scheduler.planner import resolve_block_layers
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats={repeats}, warmup={warmup}: use repeats >= 1 and warmup >= 0")
@@ -144,6 +144,7 @@ def profile_stages(
     variants = variant_configs(cfg)
     variants = {"plain": variants["plain"], "mhc": variants["mhc"]}  # n = 1 first: the overhead's baseline
     check_fits(variants, sorted(counts), dev)
+    blocks = {name: resolve_block_layers(vcfg) for name, vcfg in variants.items()}  # L_r, resolved once
     say = progress or (lambda line: None)
     todo = {(name, num_stages, kind): s for name, vcfg in variants.items() for num_stages in sorted(counts)
             for kind, s in stage_kinds(vcfg.model, num_stages)}
@@ -156,7 +157,7 @@ def profile_stages(
         started = time.perf_counter()
         chunk = build_stage(
             vcfg.model, s, num_stages, vcfg.run.seed, vcfg.run.kernels, DTYPES[vcfg.run.dtype],
-            recompute_layers=recompute_layers(vcfg), device=dev,
+            recompute_layers=blocks[name], device=dev,
         )
         m = measure_stage(chunk, vcfg, dev, repeats, warmup)
         del chunk
@@ -175,7 +176,7 @@ def profile_stages(
         for num_stages in sorted(counts):
             costs = _costs(vcfg, num_stages, measured, name, dev)
             profiles[num_stages] = costs.to_profile()
-            analytic[num_stages] = costs_from_config(vcfg, num_stages).to_profile()
+            analytic[num_stages] = costs_from_config(vcfg, num_stages, recompute_block=blocks[name]).to_profile()
         out_variants[name] = {"streams": vcfg.model.streams, "residual": vcfg.model.residual,
                               "profiles": profiles, "analytic": analytic}
     return {
@@ -217,7 +218,7 @@ def _costs(vcfg: RunConfig, num_stages: int, measured: dict, name: str, dev: tor
 def fit_hardware(cfg: RunConfig, report: dict[str, Any], name: str):
     """A :class:`~dualpipe_mhc.scheduler.calibrate.Calibration` of the config's hardware preset to this
     run's measurements (every variant and stage count), priced at the preset's rates."""
-    from dualpipe_mhc.cluster.worker import recompute_layers
+    from dualpipe_mhc.scheduler.planner import resolve_block_layers
     from dualpipe_mhc.scheduler.analytic import Hardware
     from dualpipe_mhc.scheduler.calibrate import Observation, fit_calibration
 
@@ -227,7 +228,7 @@ def fit_hardware(cfg: RunConfig, report: dict[str, Any], name: str):
         vcfg = variants[vname]
         for num_stages, profile in variant["profiles"].items():
             obs.append(Observation(shape_from_config(vcfg), int(num_stages), Costs.from_profile(profile),
-                                   recompute_layers(vcfg)))
+                                   resolve_block_layers(vcfg)))
     meta = {"device": report["device"], "torch": report["torch"], "fitted_from": "profile-stages",
             "model": {"layers": cfg.model.layers, "width": cfg.model.width, "hidden": cfg.model.hidden,
                       "heads": cfg.model.heads, "seq_len": cfg.model.seq_len, "vocab_size": cfg.model.vocab_size},

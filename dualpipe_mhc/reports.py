@@ -98,6 +98,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "delta_vs_plain": DictOf(DictOf(NUM)), "paper_overhead_pct": NUM, "verdict": str,
         "warnings": ListOf(str), "config": dict, "files": FILES,
     },
+    "profile-stages": {
+        "command": str, "device": str, "torch": str, "repeats": int, "warmup": int, "stage_counts": dict,
+        "measurements": ListOf(dict), "variants": DictOf({"streams": int, "residual": str, "profiles": dict,
+                                                         "analytic": dict}),
+        "skipped": ListOf(str), "config": dict, "rows": ListOf(_SIM_ROW), "hardware_fit": (dict, NONE),
+        "files": dict,
+    },
     "stability": {
         "settings": dict, "kinds": DictOf(dict), "random_demo": dict, "verdict": ListOf(str), "files": FILES,
     },

@@ -38,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
+    from rich.console import Console
+
     from dualpipe_mhc.cluster.stage_profile import fit_hardware, profile_stages
 
-    from .simulate import _schedules, _write_files, print_table
+    from .simulate import _schedules, _write_files, table
 
     schedules, _ = _schedules(args)
     fit_name = getattr(args, "fit_hardware", None)
@@ -60,8 +62,11 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
             path.write_text(json.dumps(profile, indent=2) + "\n")
             files["profiles"][f"{name}_{num_stages}st"] = str(path)
     rows, results = simulate_profiles(cfg, report)
-    source = f"measured (one {report['device']}, link modelled: not a cluster measurement)"
-    print_table(rows, cfg, report["skipped"], source)
+    print(f"measured on one {report['device']}, link modelled: not a cluster measurement")
+    console = Console()
+    console.print(table(_simulate_report(cfg, rows)))
+    for note in report["skipped"]:
+        console.print(f"[yellow]{note}[/yellow]")
     files["runs"] = _write_files(out, results)
     files["stage_costs_png"] = str(plot_stage_costs(report, out / "stage_costs.png"))
     _write_table(out / "table.txt", rows, report)
@@ -83,7 +88,7 @@ def simulate_profiles(cfg, report: dict[str, Any]) -> tuple[list[dict[str, Any]]
     """Every schedule from the measured profiles on the config's link: rows as ``simulate``'s, and results."""
     from dualpipe_mhc.scheduler import Costs, build_schedule, simulate, validate
 
-    from .simulate import _row
+    from dualpipe_mhc.scheduler.sweep import _row
 
     rows, results = [], {}
     for num_stages, names in report["stage_counts"].items():
@@ -102,6 +107,15 @@ def simulate_profiles(cfg, report: dict[str, Any]) -> tuple[list[dict[str, Any]]
     order = {"1f1b": 0, "zb1p": 1, "dualpipe": 2, "dualpipev": 3}
     rows.sort(key=lambda r: (order.get(r["schedule"], 9), r["streams"]))
     return rows, results
+
+
+def _simulate_report(cfg, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``simulate``'s table reads: its rows and the config they ran on."""
+    return {"costs": "profile", "rows": rows, "config": {
+        "layers": cfg.model.layers, "width": cfg.model.width, "ranks": cfg.pipeline.ranks,
+        "microbatches": cfg.pipeline.microbatches, "tokens_per_microbatch": cfg.tokens_per_microbatch(),
+        "link_bandwidth_gbps": cfg.link.bandwidth / 1e9, "link_latency_us": cfg.link.latency * 1e6,
+        "hardware": cfg.hardware.preset}}
 
 
 def _write_table(path: Path, rows: list[dict[str, Any]], report: dict[str, Any]) -> None:
