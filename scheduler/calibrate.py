@@ -36,7 +36,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .analytic import TRAFFIC, Hardware, ModelShape, analytic_costs, layer_cost, shape_stage_layers
+from .analytic import (
+    TRAFFIC, Hardware, ModelShape, analytic_costs, layer_cost, shape_stage_layers, stage_kept_bytes,
+)  # fmt: skip
 from .costs import Costs
 
 HARDWARE_FORMAT = "dualpipe-mhc-hardware/1"
@@ -115,7 +117,8 @@ def stage_parts(
     parts but ``fixed`` sum to :func:`.analytic.analytic_costs`' figures."""
     tr = TRAFFIC[traffic]
     layer = layer_cost(shape, hw, tr)
-    plain = layer_cost(replace(shape, residual="plain", streams=1), hw, tr)
+    plain_shape = replace(shape, residual="plain", streams=1)
+    plain = layer_cost(plain_shape, hw, tr)
     full = analytic_costs(shape, hw, num_stages, traffic, recompute_block, include_head=True)
     headless = analytic_costs(shape, hw, num_stages, traffic, recompute_block, include_head=False)
     out = []
@@ -127,7 +130,7 @@ def stage_parts(
             head = getattr(full, k)[s] - getattr(headless, k)[s]
             embed = getattr(headless, k)[s] - lay - mhc
             parts[k] = {"layer": lay, "mhc": mhc, "head": head, "embed": embed, "fixed": 1.0}
-        base = count * layer.act_mem
+        base = stage_kept_bytes(plain_shape, 0, count)  # what the plain residual keeps of these layers
         head = full.act_mem_bytes[s] - headless.act_mem_bytes[s]
         parts["mem"] = {"base": base, "head": head, "mhc": full.act_mem_bytes[s] - base - head}
         out.append(parts)
