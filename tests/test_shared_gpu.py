@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import small_config
+from test_kernels import _kernel_mode, fused_cpu, fused_gpu  # noqa: F401  (fixtures: interpreter / compiled kernels)
 from dualpipe_mhc.cluster import runtime
 from dualpipe_mhc.config import ConfigError, load_config
 
@@ -60,7 +61,8 @@ def test_share_gpus_yes_shares_even_with_enough(monkeypatch):
 
 
 @pytest.mark.parametrize("nodes,kw,match", [
-    ([0], {"share_gpus": "yes"}, r"cluster.share_gpus=yes needs GPUs but the Ray cluster has no GPUs; use cluster.share_gpus=auto"),
+    ([0], {"share_gpus": "yes"},
+     r"cluster.share_gpus=yes needs GPUs but the Ray cluster has no GPUs; use cluster.share_gpus=auto"),
     ([2], {"share_gpus": "yes", "use_gpus": "no"}, r"needs GPUs but cluster.use_gpus=no"),
     ([1], {"backend": "nccl"}, r"cluster.backend=nccl cannot serve 2 ranks on one GPU .*cluster.backend=auto"),
     ([1, 1], {"use_gpus": "yes", "share_gpus": "no"}, r"has 2 GPUs for 4 ranks; .*cluster.share_gpus=yes"),
@@ -80,7 +82,8 @@ def test_calibrate_link_refuses_ranks_that_share_a_gpu(monkeypatch):
 
 @pytest.mark.parametrize("value", ["maybe", "2", "shared"])
 def test_share_gpus_rejects_bad_values(value):
-    with pytest.raises(ConfigError, match=rf"cluster.share_gpus='?{value}'? is invalid: Input should be 'auto', 'yes' or 'no'"):
+    expected = rf"cluster.share_gpus='?{value}'? is invalid: Input should be 'auto', 'yes' or 'no'"
+    with pytest.raises(ConfigError, match=expected):
         load_config(None, [f"cluster.share_gpus={value}"])
     assert load_config(None, []).cluster.share_gpus == "auto"
 
@@ -156,24 +159,21 @@ def test_staged_pipeline_equals_single_process(staged2, schedule, microbatches, 
 # -- GPU: one device shared by the ranks (run on a GPU host; benchmarks/run_pipeline_1gpu.py is the full check)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("recompute", [None, 2], ids=["no-recompute", "recompute2"])
-@pytest.mark.gpu
-def test_weight_split_matches_full_backward_with_fused_kernels(dtype, recompute):
-    """The zero-bubble split (stage_backward_input, later stage_backward_weight: what B and W
-    run) gives the full backward's input and weight gradients through the fused autograd
-    Functions, with and without mHC recomputation inside the stage."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device for the fused kernels")
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+def check_weight_split(device: str, dtype: torch.dtype, recompute: int | None, width: int) -> None:
+    """The zero-bubble split (B's backward_input_only, later stage_backward_weight: what the
+    executor runs) gives the full backward's input and weight gradients through the fused
+    autograd Functions, with or without mHC recomputation inside the stage. A fused stage
+    ends in a view, which torch's stage_backward_input alone cannot take."""
+    from torch.distributed.pipelining._backward import stage_backward_weight
 
+    from dualpipe_mhc.cluster.executor import backward_input_only
     from dualpipe_mhc.model import build_model
 
-    cfg = small_config("zb1p", 2, 4).model.model_copy(update={"width": 256, "heads": 4})
-    model = build_model(cfg, 0, kernels="triton", dtype=dtype, recompute_layers=recompute).cuda()
+    cfg = small_config("zb1p", 2, 4).model.model_copy(update={"width": width, "heads": 4})
+    model = build_model(cfg, 0, kernels="triton", dtype=dtype, recompute_layers=recompute).to(device)
     middle = model.stage_chunks(4)[1]
     torch.manual_seed(0)
-    x = torch.randn(2, cfg.seq_len, cfg.streams, cfg.width, device="cuda", dtype=dtype)
+    x = torch.randn(2, cfg.seq_len, cfg.streams, cfg.width, device=device, dtype=dtype)
     grad_out = torch.randn_like(x)
 
     def run(split: bool):
@@ -181,7 +181,7 @@ def test_weight_split_matches_full_backward_with_fused_kernels(dtype, recompute)
         xin = x.clone().requires_grad_()
         out = middle(xin)
         if split:
-            (dx,), groups = stage_backward_input([out], [grad_out], [xin], middle.parameters())
+            (dx,), groups = backward_input_only(out, grad_out, xin, middle.parameters())
             assert all(p.grad is None for p in middle.parameters()), "B must leave the weight gradients to W"
             stage_backward_weight(middle.parameters(), groups)
         else:
@@ -190,13 +190,35 @@ def test_weight_split_matches_full_backward_with_fused_kernels(dtype, recompute)
         return dx.float(), {n: p.grad.float().clone() for n, p in middle.named_parameters()}
 
     full_dx, full = run(False)
+    again_dx, again = run(False)  # the kernels' own run-to-run noise (atomic reductions)
     split_dx, split = run(True)
-    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
-    assert float((split_dx - full_dx).norm() / full_dx.norm()) <= tol
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+
+    def check(name: str, got: torch.Tensor, want: torch.Tensor, twin: torch.Tensor) -> None:
+        # A scalar such as alpha sums terms that cancel: there the bound is the noise between two
+        # full backwards, not a relative error of the (tiny) result.
+        err, noise = float((got - want).norm()), float((twin - want).norm())
+        assert err <= max(tol * float(want.norm()), 4 * noise), (
+            f"{name}: split vs full backward differ by {err:.2e} (|full| {float(want.norm()):.2e}, "
+            f"two full backwards {noise:.2e})")
+
+    check("input gradient", split_dx, full_dx, again_dx)
     assert sorted(split) == sorted(full)
     for name, g in full.items():
-        err = float((split[name] - g).norm() / g.norm().clamp_min(1e-30))
-        assert err <= tol, f"{name}: split vs full backward relative error {err:.2e}"
+        check(name, split[name], g, again[name])
+
+
+@pytest.mark.slow
+def test_weight_split_with_fused_kernels_interpreted(fused_cpu):
+    """The same on the CPU, the fused kernels in Triton's interpreter (~35 s on 2 cores)."""
+    check_weight_split("cpu", torch.float32, 2, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("recompute", [None, 2], ids=["no-recompute", "recompute2"])
+def test_weight_split_with_fused_kernels_gpu(fused_gpu, dtype, recompute):
+    check_weight_split("cuda", dtype, recompute, 256)
 
 
 @pytest.mark.gpu
