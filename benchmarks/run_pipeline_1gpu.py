@@ -148,7 +148,8 @@ def cli_phase(args, out: Path) -> dict:
         sampler.stop()
         entry: dict = {"command": "dualpipe-mhc " + " ".join(cmd[3:]), "exit_code": done.returncode, "wall_s": wall,
                        "ok": done.returncode == 0 and report_file.exists(),
-                       "driver_nvml_whole_command": {k: whole.get(k) for k in ("energy_j", "mean_power_w", "duration_s")},
+                       "driver_nvml_whole_command": {k: whole.get(k) for k in ("energy_j", "mean_power_w",
+                                                                               "duration_s")},
                        "note_lines": [ln for ln in done.stderr.splitlines() if "share" in ln]}
         if not entry["ok"]:
             entry["output_tail"] = (done.stdout + done.stderr)[-4000:]
@@ -179,8 +180,9 @@ def write_markdown(path: Path, report: dict) -> None:
              f"L_r={report['block_layers']} in the stages; the reference does not recompute)", "",
              "| ranks | schedule | dtype | loss rel err | max grad rel err | worst tensor | tolerance | ok |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['ranks']} | {r['schedule']} | {r['dtype']} | {r['loss_rel_err']:.1e} | {r['max_grad_rel_err']:.2e} | "
-              f"{r['worst_tensor']} | {r['tolerance']:g} | {r['ok']} |" for r in report["grad_check"]]
+    lines += [f"| {r['ranks']} | {r['schedule']} | {r['dtype']} | {r['loss_rel_err']:.1e} | "
+              f"{r['max_grad_rel_err']:.2e} | {r['worst_tensor']} | {r['tolerance']:g} | {r['ok']} |"
+              for r in report["grad_check"]]
     ws = report["weight_split"]
     if ws is not None:
         lines += ["", f"W split through the fused autograd Functions (`{ws['command']}`): {ws['summary']} — "
@@ -251,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {stem}.json/.md in {report['wall_s']:.0f} s\n")
     print(f"{'ranks':>5} {'schedule':9} {'dtype':8} {'loss err':>9} {'grad err':>9}  ok")
     for r in grads:
-        print(f"{r['ranks']:>5} {r['schedule']:9} {r['dtype']:8} {r['loss_rel_err']:9.1e} {r['max_grad_rel_err']:9.2e}  "
-              f"{r['ok']}")
+        print(f"{r['ranks']:>5} {r['schedule']:9} {r['dtype']:8} {r['loss_rel_err']:9.1e} "
+              f"{r['max_grad_rel_err']:9.2e}  {r['ok']}")
     if weight_split:
         print(f"W split: {weight_split['summary']}  {weight_split['ok']}")
     if cli:

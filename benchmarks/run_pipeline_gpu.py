@@ -139,8 +139,10 @@ def reference_grads(cfg, num_stages: int) -> tuple[float, dict, dict]:
                 size[s, n].add_(p.grad.float().abs())
             else:
                 acc[s, n], size[s, n] = p.grad.clone(), p.grad.float().abs()
-    grads = {s: {n: acc[s, n].float().cpu() for s2, n, _ in named if s2 == s and (s, n) in acc} for s in range(num_stages)}
-    scale = {s: {n: float(size[s, n].norm()) for s2, n, _ in named if s2 == s and (s, n) in size} for s in range(num_stages)}
+    grads: dict = {s: {} for s in range(num_stages)}
+    scale: dict = {s: {} for s in range(num_stages)}
+    for s, n in acc:
+        grads[s][n], scale[s][n] = acc[s, n].float().cpu(), float(size[s, n].norm())
     del model, chunks, acc, size
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -136,8 +136,8 @@ class StageWorker:
             if self.transport is not None:
                 self.transport.close()
             shaper = LinkShaper(*link, device=self.device) if link else None
-            self.transport = Transport(self.rank, self.world, self.device, cfg.run.timeout_s, shaper, self._p2p_groups(),
-                                       self.routes)
+            self.transport = Transport(self.rank, self.world, self.device, cfg.run.timeout_s, shaper,
+                                       self._p2p_groups(), self.routes)
             self._link = link
         self.transport.timeout_s = cfg.run.timeout_s
         # DualPipe holds every model stage on two ranks; their gradients are summed before the step.
