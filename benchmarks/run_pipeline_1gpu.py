@@ -73,12 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def grad_phase(args) -> tuple[list[dict], list[str]]:
+def grad_phase(args) -> tuple[list[dict], list[str], dict | None]:
     """The harness's gradient check for every rank count, the ranks sharing the GPU."""
     from dualpipe_mhc.cluster.runtime import Pipeline
     from dualpipe_mhc.cluster.train import pipeline_schedule
 
-    rows, workers = [], []
+    rows, workers, link = [], [], None
     for ranks in args.rank_list:
         ns = argparse.Namespace(
             ranks=ranks, microbatches=2 * ranks, cpu_smoke=args.cpu_smoke, schedule_list=args.schedule_list,
@@ -96,9 +96,24 @@ def grad_phase(args) -> tuple[list[dict], list[str]]:
             print(f"{ranks} ranks: {pipe.group.descriptions}", flush=True)
             staged = all("host transfers" in d for d in pipe.group.descriptions)
             rows += [r | {"host_staged": staged, "ok": r["ok"] and staged} for r in harness.grad_check(pipe, ns)]
+            if ranks == 2:
+                link = staged_link(pipe.group, args)
         finally:
             pipe.close()
-    return rows, workers
+    return rows, workers, link
+
+
+def staged_link(group, args) -> dict:
+    """``calibrate-link``'s ping-pong over the host-staged route of two ranks on the GPU: what a
+    message between ranks that share a GPU costs (D2H, gloo through host memory, H2D)."""
+    from dualpipe_mhc.commands.calibrate_link import calibrate
+
+    sizes = [1 << 20, 4 << 20] if args.cpu_smoke else [1 << 20, 16 << 20, 64 << 20, 256 << 20]
+    raw = calibrate(group, {}, sizes, repeats=3)["raw"]
+    fit = raw["link"]
+    print(f"host-staged link: {fit['bandwidth_gbps']:.2f} GB/s one way + {fit['latency_us']:.0f} us  "
+          + ", ".join(f"{p['bytes'] >> 20} MiB {p['achieved_gbps']:.2f} GB/s" for p in raw["points"]), flush=True)
+    return raw
 
 
 def weight_split_phase() -> dict:
@@ -183,6 +198,11 @@ def write_markdown(path: Path, report: dict) -> None:
     lines += [f"| {r['ranks']} | {r['schedule']} | {r['dtype']} | {r['loss_rel_err']:.1e} | "
               f"{r['max_grad_rel_err']:.2e} | {r['worst_tensor']} | {r['tolerance']:g} | {r['ok']} |"
               for r in report["grad_check"]]
+    link = report["staged_link"]
+    if link:
+        lines += ["", f"Host-staged link between two ranks on the GPU (calibrate-link's ping-pong): "
+                      f"{link['link']['bandwidth_gbps']:.2f} GB/s one way + {link['link']['latency_us']:.0f} us; "
+                      + ", ".join(f"{p['bytes'] >> 20} MiB: {p['achieved_gbps']:.2f} GB/s" for p in link["points"])]
     ws = report["weight_split"]
     if ws is not None:
         lines += ["", f"W split through the fused autograd Functions (`{ws['command']}`): {ws['summary']} — "
@@ -228,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.cpu_smoke and gpus_available() < 1:
             print("the Ray cluster has no GPU: not run", file=sys.stderr)
             return 2
-        grads, workers = grad_phase(args)
+        grads, workers, link = grad_phase(args)
     finally:
         if started:
             ray.shutdown()  # the CLI commands start their own cluster
@@ -240,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "device": device, "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
         "ray": ray.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "block_layers": args.block_layers, "workers": workers, "grad_check": grads, "weight_split": weight_split,
+        "block_layers": args.block_layers, "workers": workers, "grad_check": grads, "staged_link": link,
+        "weight_split": weight_split,
         "cli": cli, "wall_s": time.time() - t0,
     }
     checks = [r["ok"] for r in grads] + ([weight_split["ok"]] if weight_split else [])
@@ -255,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in grads:
         print(f"{r['ranks']:>5} {r['schedule']:9} {r['dtype']:8} {r['loss_rel_err']:9.1e} "
               f"{r['max_grad_rel_err']:9.2e}  {r['ok']}")
+    if link:
+        print(f"host-staged link: {link['link']['bandwidth_gbps']:.2f} GB/s + {link['link']['latency_us']:.0f} us")
     if weight_split:
         print(f"W split: {weight_split['summary']}  {weight_split['ok']}")
     if cli:

@@ -258,7 +258,7 @@ class StageWorker:
         from .linkbench import measure
 
         return measure(self.rank, self.world, self.device, self.timeout_s, bandwidth, latency, sizes, repeats,
-                       groups=self._p2p_groups())
+                       groups=self._p2p_groups(), routes=self.routes)
 
     def _p2p_groups(self) -> tuple[Any, Any]:
         if self._p2p is None:

@@ -156,6 +156,15 @@ def test_staged_pipeline_equals_single_process(staged2, schedule, microbatches, 
     assert staged2.step(1).loss == pytest.approx(ref_losses[1], rel=1e-5)
 
 
+@pytest.mark.ray
+def test_calibrate_link_measures_the_staged_route(staged2):
+    """calibrate-link's ping-pong runs over the host-staged route (the workers pass their routes)."""
+    from dualpipe_mhc.commands.calibrate_link import calibrate
+
+    raw = calibrate(staged2.group, {}, [1 << 20, 4 << 20], repeats=2)["raw"]
+    assert raw["link"]["bandwidth_gbps"] > 0.05 and all(p["one_way_s"] > 0 for p in raw["points"])
+
+
 # -- GPU: one device shared by the ranks (run on a GPU host; benchmarks/run_pipeline_1gpu.py is the full check)
 
 
