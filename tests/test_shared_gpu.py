@@ -1,6 +1,8 @@
 """Ranks that share a GPU (``cluster.share_gpus``): the placement decision, its config, the
 host-staged transport in a real pipeline (two CPU Ray actors, gloo, every message staged),
-NVML energy counted once per GPU; and, on a GPU host, the same on one shared device.
+NVML energy counted once per GPU; the zero-bubble B/W split through the fused autograd
+Functions (Triton's interpreter on the CPU, compiled on a GPU); and on a GPU host the
+one-GPU pipeline script.
 
 The GPU tests here are the quick ones; ``benchmarks/run_pipeline_1gpu.py`` is the full run.
 """
