@@ -12,6 +12,9 @@ single-process computation, then runs the two commands a one-GPU user would:
    harness is ``run_pipeline_gpu.py``'s. ZB1P, DualPipe and DualPipeV defer weight
    gradients (W), so their rows check the zero-bubble split through the fused autograd
    Functions end to end.
+   With 2 ranks it also prices the host-staged route (``calibrate-link``'s ping-pong), and
+   a probe measures what a CUDA IPC route would copy instead (device to device from the
+   peer's memory; the runtime does not use it).
 2. **W split** — ``tests/test_shared_gpu.py -m gpu -k weight_split``: B's input-only
    backward then W against the full backward of a stage, fused kernels, with and without
    recomputation, fp32 and bf16.
@@ -116,6 +119,66 @@ def staged_link(group, args) -> dict:
     return raw
 
 
+class IpcProbe:
+    """One end of a CUDA IPC copy between two processes on the GPU (a Ray actor each)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.kept: list = []  # the producer keeps every shared tensor until the probe ends
+
+    def share(self, nbytes: int):
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        t = self.torch.ones(nbytes // 4, device="cuda")
+        self.torch.cuda.synchronize()
+        self.kept.append(t)
+        return reduce_tensor(t)  # (rebuild function, picklable args): handle, offset, ref counter, event
+
+    def copy(self, shared, repeats: int) -> dict:
+        torch = self.torch
+        rebuild, rebuild_args = shared
+        t0 = time.perf_counter()
+        src = rebuild(*rebuild_args)  # opens the IPC handle (cached per allocation afterwards)
+        opened = time.perf_counter() - t0
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        ok = bool(torch.equal(dst, torch.ones_like(dst)))
+        del src
+        return {"open_s": opened, "copy_s": start.elapsed_time(end) / 1e3 / repeats, "ok": ok}
+
+
+def ipc_copy_probe() -> dict | str:
+    """What a CUDA IPC route between ranks on one GPU would move: a device-to-device copy from
+    the peer's memory, beside the host-staged route's figure. Measured, not used by the runtime."""
+    import ray
+
+    try:
+        probe = ray.remote(num_gpus=0.5, num_cpus=1, runtime_env={"env_vars": ENV})(IpcProbe)
+        producer, consumer = probe.remote(), probe.remote()
+        rows = []
+        for nbytes in (1 << 20, 16 << 20, 64 << 20, 256 << 20):
+            shared = ray.get(producer.share.remote(nbytes), timeout=60)
+            r = ray.get(consumer.copy.remote(shared, 5), timeout=60)
+            rows.append({"bytes": nbytes, "gbps": nbytes / r["copy_s"] / 1e9, **r})
+        for a in (producer, consumer):
+            ray.kill(a)
+        print("CUDA IPC copy: " + ", ".join(f"{r['bytes'] >> 20} MiB {r['gbps']:.0f} GB/s (open "
+                                            f"{1e3 * r['open_s']:.1f} ms)" for r in rows), flush=True)
+        return {"points": rows, "ok": all(r["ok"] for r in rows)}
+    except Exception as exc:  # a figure for the record, not a check of the pipeline
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"CUDA IPC probe failed: {type(exc).__name__}: {first}", flush=True)
+        return f"failed: {type(exc).__name__}: {exc}"
+
+
 def weight_split_phase() -> dict:
     """The GPU test of the B/W split through the fused autograd Functions, run by pytest."""
     cmd = [sys.executable, "-m", "pytest", "tests/test_shared_gpu.py", "-m", "gpu", "-k", "weight_split", "-q", "-rs"]
@@ -203,6 +266,13 @@ def write_markdown(path: Path, report: dict) -> None:
         lines += ["", f"Host-staged link between two ranks on the GPU (calibrate-link's ping-pong): "
                       f"{link['link']['bandwidth_gbps']:.2f} GB/s one way + {link['link']['latency_us']:.0f} us; "
                       + ", ".join(f"{p['bytes'] >> 20} MiB: {p['achieved_gbps']:.2f} GB/s" for p in link["points"])]
+    ipc = report.get("cuda_ipc_probe")
+    if isinstance(ipc, dict):
+        lines += ["", "CUDA IPC device-to-device copy from the other rank's memory (measured only; the runtime "
+                      "stages through the host): " + ", ".join(f"{p['bytes'] >> 20} MiB: {p['gbps']:.0f} GB/s"
+                                                                for p in ipc["points"])]
+    elif ipc:
+        lines += ["", f"CUDA IPC probe: {ipc}"]
     ws = report["weight_split"]
     if ws is not None:
         lines += ["", f"W split through the fused autograd Functions (`{ws['command']}`): {ws['summary']} — "
@@ -249,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             print("the Ray cluster has no GPU: not run", file=sys.stderr)
             return 2
         grads, workers, link = grad_phase(args)
+        ipc = None if args.cpu_smoke else ipc_copy_probe()
     finally:
         if started:
             ray.shutdown()  # the CLI commands start their own cluster
@@ -261,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device, "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
         "ray": ray.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "block_layers": args.block_layers, "workers": workers, "grad_check": grads, "staged_link": link,
+        "cuda_ipc_probe": ipc,
         "weight_split": weight_split,
         "cli": cli, "wall_s": time.time() - t0,
     }
