@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", default="2,4", help="rank counts sharing the GPU, comma-separated (default 2,4)")
     p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated (default all four)")
     p.add_argument("--block-layers", type=int, default=2, help="mHC recomputation block L_r (default 2)")
-    p.add_argument("--cli-steps", type=int, default=4, help="steps of the run / profile commands (default 4)")
+    p.add_argument("--cli-steps", type=int, default=3, help="steps of the run / profile commands (default 3)")
     p.add_argument("--quick", action="store_true", help="2 ranks only, no CLI part")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="check this script on CPU actors: host staging forced, reference kernels, no W-split test")
