@@ -5,8 +5,9 @@ One Ray actor per GPU (NCCL), the same workers reused for every case. Three part
 
 1. **Gradient check** — a small model (8 layers, C=256) through each of 1F1B, ZB1P,
    DualPipe and DualPipeV, one step, every parameter gradient against the same model in
-   one process on GPU 0 (same dtype and kernels): float32 (||diff|| / ||ref|| <= 1e-4 per
-   tensor) and bfloat16 (<= 3e-2).
+   one process on GPU 0 (same dtype and kernels): float32 (||diff|| / scale <= 1e-4 per
+   tensor) and bfloat16 (<= 3e-2), scale = || sum over micro-batches of |grad_mb| ||, which
+   is ||ref|| unless the micro-batches' gradients cancel (see TOLERANCE).
 2. **Step time** — the benchmark model (default C=2048, 8 layers, SwiGLU 5632, 4096
    tokens per micro-batch, n=4, bf16) for every schedule on the native link and shaped to
    H800 NVLink (200 GB/s one way, 3 us): median step time, bubble, time blocked on
@@ -39,8 +40,12 @@ LINKS = {
     "native": ["link.preset=h200-nvlink", "link.shape=false"],
     "h800": ["link.preset=h800-nvlink", "link.shape=true"],
 }
-# ||pipeline - reference|| / ||reference|| per parameter tensor, the reference being one process
-# in the same dtype: only the summation order differs (DualPipe's cross-rank sum, micro-batch order).
+# ||pipeline - reference|| / scale per parameter tensor, the reference being one process in the
+# same dtype: only the summation order differs (DualPipe's cross-rank sum, micro-batch order).
+# scale = || sum_mb |grad_mb| ||, the size of the terms summed: where the micro-batches' gradients
+# cancel (mHC's alpha scalars: terms ~1e-4 summing to ~1e-6), a bf16 sum is rounding noise in any
+# order and ||reference|| would measure that noise, not the pipeline. Dropping one of m
+# micro-batches still moves a tensor by about scale / m.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
 
 
@@ -72,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def base_overrides(args: argparse.Namespace) -> list[str]:
-    placement = (["cluster.use_gpus=no", "cluster.backend=gloo"] if args.cpu_smoke
-                 else ["cluster.use_gpus=yes", "cluster.backend=nccl"])
+    placement = getattr(args, "placement", None) or (
+        ["cluster.use_gpus=no", "cluster.backend=gloo"] if args.cpu_smoke
+        else ["cluster.use_gpus=yes", "cluster.backend=nccl", "cluster.share_gpus=no"])
     return [
         f"pipeline.ranks={args.ranks}", f"pipeline.microbatches={args.microbatches}", "pipeline.microbatch_size=1",
         "run.timeout_s=300", "hardware.preset=h200",
@@ -88,7 +94,7 @@ def grad_config(args, schedule: str, dtype: str):
         f"model.seq_len={32 if args.cpu_smoke else 256}",
         "model.vocab_size=256", f"run.dtype={dtype}", "run.kernels=auto",
         f"model.layers={max(8, 2 * args.ranks)}",
-    ])
+    ] + list(getattr(args, "grad_overrides", [])))  # e.g. the fused kernels and recomputation
 
 
 def bench_config(args, schedule: str, link: str):
@@ -102,8 +108,10 @@ def bench_config(args, schedule: str, link: str):
     ])
 
 
-def reference_grads(cfg, num_stages: int) -> tuple[float, dict]:
-    """One process, the same dtype and kernels, on this host's first GPU (the CPU without one)."""
+def reference_grads(cfg, num_stages: int) -> tuple[float, dict, dict]:
+    """One process, the same dtype and kernels, on this host's first GPU (the CPU without one):
+    the loss, the gradients accumulated in micro-batch order in the parameter dtype (as
+    autograd accumulates them), and per tensor the scale || sum_mb |grad_mb| ||."""
     import torch
 
     from dualpipe_mhc.cluster.data import step_microbatches
@@ -114,20 +122,37 @@ def reference_grads(cfg, num_stages: int) -> tuple[float, dict]:
     model = build_model(cfg.model, cfg.run.seed, kernels=cfg.run.kernels, dtype=DTYPES[cfg.run.dtype]).to(device)
     chunks = model.stage_chunks(num_stages)
     m, total = cfg.pipeline.microbatches, 0.0
+    named = [(s, n, p) for s, c in enumerate(chunks) for n, p in c.named_parameters()]
+    acc: dict = {}
+    size: dict = {}
     for tokens, targets in step_microbatches(cfg.run.seed, 0, m, cfg.pipeline.microbatch_size,
                                              cfg.model.seq_len, cfg.model.vocab_size):
+        model.zero_grad(set_to_none=True)
         loss = model(tokens.to(device), targets.to(device)) / m
         loss.backward()
         total += loss.item()
-    grads = {s: {n: p.grad.float().cpu() for n, p in c.named_parameters()} for s, c in enumerate(chunks)}
-    del model, chunks
+        for s, n, p in named:
+            if p.grad is None:
+                continue
+            if (s, n) in acc:
+                acc[s, n].add_(p.grad)  # what autograd's accumulation does, in the parameter dtype
+                size[s, n].add_(p.grad.float().abs())
+            else:
+                acc[s, n], size[s, n] = p.grad.clone(), p.grad.float().abs()
+    grads: dict = {s: {} for s in range(num_stages)}
+    scale: dict = {s: {} for s in range(num_stages)}
+    for s, n in acc:
+        grads[s][n], scale[s][n] = acc[s, n].float().cpu(), float(size[s, n].norm())
+    del model, chunks, acc, size
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return total, grads
+    return total, grads, scale
 
 
 def grad_check(pipe, args) -> list[dict]:
-    """Per tensor ||pipeline - reference|| / ||reference||, worst over every parameter."""
+    """Per tensor ||pipeline - reference|| / ||reference||, worst over every parameter; the loss
+    within the same tolerance. A parameter the pipeline has no gradient for fails the case.
+    The reference never recomputes: recomputation inside the stages must not change a gradient."""
     from dualpipe_mhc.cluster.train import pipeline_schedule
 
     rows = []
@@ -138,21 +163,29 @@ def grad_check(pipe, args) -> list[dict]:
             pipe.configure(cfg, sched)
             res = pipe.step(0, apply_optimizer=False)
             got = pipe.gradients()
-            ref_loss, ref = reference_grads(cfg, sched.num_stages)
-            worst, where = 0.0, ""
+            ref_loss, ref, scale = reference_grads(cfg, sched.num_stages)
+            worst, where, worst_plain = 0.0, "", 0.0
             for s, named in ref.items():
                 for n, g in named.items():
-                    norm = float(g.norm())
-                    if norm == 0.0:
+                    mine = got.get(s, {}).get(n)
+                    if mine is None:
+                        worst, where = float("inf"), f"stage {s} {n} (no gradient)"
                         continue
-                    err = float((got[s][n] - g).norm()) / norm
+                    if scale[s][n] == 0.0:
+                        continue
+                    diff = float((mine - g).norm())
+                    err = diff / scale[s][n]
+                    worst_plain = max(worst_plain, diff / max(float(g.norm()), 1e-30))
                     if err > worst:
                         worst, where = err, f"stage {s} {n}"
-            row = {"schedule": schedule, "dtype": dtype, "loss": res.loss, "reference_loss": ref_loss,
-                   "loss_rel_err": abs(res.loss / ref_loss - 1), "max_grad_rel_err": worst, "worst_tensor": where,
-                   "tolerance": TOLERANCE[dtype], "ok": worst <= TOLERANCE[dtype]}
+            loss_err = abs(res.loss / ref_loss - 1)
+            tol = TOLERANCE[dtype]
+            row = {"schedule": schedule, "ranks": args.ranks, "dtype": dtype, "loss": res.loss,
+                   "reference_loss": ref_loss, "loss_rel_err": loss_err, "max_grad_rel_err": worst,
+                   "worst_tensor": where, "max_grad_err_vs_ref_norm": worst_plain, "tolerance": tol,
+                   "ok": worst <= tol and loss_err <= tol}
             rows.append(row)
-            print(f"grad check {schedule:9s} {dtype:8s} loss {res.loss:.5f} (ref {ref_loss:.5f})  "
+            print(f"grad check {schedule:9s} {args.ranks}r {dtype:8s} loss {res.loss:.5f} (ref {ref_loss:.5f})  "
                   f"max grad err {worst:.2e} at {where}  {'ok' if row['ok'] else 'FAIL'}", flush=True)
     return rows
 

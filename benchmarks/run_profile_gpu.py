@@ -39,7 +39,8 @@ CPU_SMOKE = [  # the same grid on CPU actors over gloo: checks the script end to
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
-    gpu = ["cluster.use_gpus=yes", "cluster.backend=nccl", "hardware.preset=h200", "run.dtype=bfloat16", "run.kernels=auto"]
+    gpu = ["cluster.use_gpus=yes", "cluster.backend=nccl", "cluster.share_gpus=no", "hardware.preset=h200",
+           "run.dtype=bfloat16", "run.kernels=auto"]  # one GPU per rank: ranks sharing one are run_pipeline_1gpu.py's
     return [
         f"model.width={args.width}", f"model.heads={args.width // 128}", f"model.layers={args.layers}",
         "model.mlp=swiglu", f"model.mlp_hidden={args.mlp_hidden}", f"model.seq_len={args.seq_len}",

@@ -2,7 +2,8 @@
 
     connect(address, timeout_s)     -> joins the Ray cluster at ``address`` (``cluster.address``)
                                        or starts a local one; True when this call started Ray
-    WorkerGroup.launch(ranks, ...)  -> placement group (one bundle per rank, PACK) and one
+    WorkerGroup.launch(ranks, ...)  -> placement group (one bundle per rank, PACK; STRICT_PACK
+                                       with fractional GPUs when ranks share them) and one
                                        StageWorker actor per bundle; process group inside
     group.kill()                    -> actors killed, placement group removed
 
@@ -14,6 +15,7 @@ Ray would otherwise pick it and print a warning about having done so on every co
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -109,6 +111,19 @@ def gpus_available() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def gpus_per_node() -> list[int]:
+    """GPUs of every alive node of the Ray cluster (0 for a node without any)."""
+    import ray
+
+    return [int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def gpu_share(ranks_per_gpu: int) -> float:
+    """Each rank's fraction of a GPU when ``ranks_per_gpu`` ranks share one: rounded down to
+    Ray's resource precision (1e-4), so that the ranks' fractions never add up to more than 1."""
+    return math.floor(10_000 / ranks_per_gpu) / 10_000
+
+
 class ProgressBoard:
     """Where each rank last was (step, action index, action): every worker's progress thread
     posts to it without waiting, so a rank whose process dies can still be named with the
@@ -134,6 +149,7 @@ class WorkerGroup:
     backend: str
     descriptions: list[str]
     board: Any = None
+    placement: Any = None  # the runtime's Placement that launched it, when it did
 
     @staticmethod
     def launch(
@@ -143,11 +159,17 @@ class WorkerGroup:
         timeout_s: float,
         cpus_per_rank: float | None = None,
         extra_env: dict[str, str] | None = None,
+        gpus_per_rank: float = 1.0,
+        host_staging: bool = False,
     ) -> WorkerGroup:
+        """``gpus_per_rank`` < 1: ranks share GPUs (see :func:`gpu_share`), all on one node.
+        ``host_staging``: every message goes through host buffers, even between CPU ranks (tests
+        of the shared-GPU transport on CPU); the transport otherwise picks per rank pair."""
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from .transport import pair_routes
         from .worker import StageWorker
 
         total_cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -155,9 +177,11 @@ class WorkerGroup:
             # CPU actors reserve half a logical CPU each, so a few groups fit on a small box.
             cpus_per_rank = 1.0 if use_gpu else min(0.5, total_cpus / ranks)
         bundle: dict[str, float] = {"CPU": cpus_per_rank}
+        shared = use_gpu and gpus_per_rank < 1
         if use_gpu:
-            bundle["GPU"] = 1
-        pg = placement_group([dict(bundle) for _ in range(ranks)], strategy="PACK")
+            bundle["GPU"] = gpus_per_rank
+        # Ranks that share GPUs are on one node: their transport is host memory, not a network.
+        pg = placement_group([dict(bundle) for _ in range(ranks)], strategy="STRICT_PACK" if shared else "PACK")
         try:
             ray.get(pg.ready(), timeout=timeout_s)
         except Exception:
@@ -178,7 +202,7 @@ class WorkerGroup:
         actors = [
             remote_cls.options(
                 num_cpus=cpus_per_rank,
-                num_gpus=1 if use_gpu else 0,
+                num_gpus=gpus_per_rank if use_gpu else 0,
                 max_concurrency=2,  # status() answers while run_step() runs
                 max_restarts=0,
                 runtime_env={"env_vars": env},
@@ -191,10 +215,14 @@ class WorkerGroup:
         ]
         group = WorkerGroup(actors, pg, use_gpu, backend, [], board)
         try:
+            devices = ray.get([a.device_identity.remote() for a in actors], timeout=timeout_s + 60)
+            for r in range(ranks):  # a pair no transport can serve fails here, before any process group
+                pair_routes(r, devices, backend, host_staging)
             ip, port = ray.get(actors[0].rendezvous_address.remote(), timeout=timeout_s + 60)
             init = f"tcp://{ip}:{port}"
             group.descriptions = ray.get(
-                [a.init_distributed.remote(backend, init, timeout_s) for a in actors], timeout=timeout_s + 60
+                [a.init_distributed.remote(backend, init, timeout_s, devices, host_staging) for a in actors],
+                timeout=timeout_s + 60,
             )
         except BaseException:
             group.kill()

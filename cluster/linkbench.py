@@ -50,14 +50,16 @@ def measure(
     sizes: list[int],
     repeats: int,
     groups: tuple[Any, Any] | None = None,
+    routes: dict[int, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Points ``{"bytes", "one_way_s"}`` for one link setting (``bandwidth=None``: unshaped).
 
     Both ranks call this together; only rank 0's numbers are meaningful. ``groups``: the
-    transport's process groups to reuse (see :class:`Transport`).
+    transport's process groups to reuse, ``routes`` its routes (see :class:`Transport`): ranks
+    that share a GPU measure their host-staged route.
     """
     shaper = LinkShaper(bandwidth, latency, device=device) if bandwidth else None
-    tp = Transport(rank, world, device, timeout_s, shaper, groups)
+    tp = Transport(rank, world, device, timeout_s, shaper, groups, routes)
     try:
         reply = torch.zeros(TINY // 4, dtype=torch.float32, device=device)
 

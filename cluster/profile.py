@@ -292,7 +292,11 @@ def run_report(cfg: RunConfig, sched: Schedule, results: list[StepResult], nvml:
         })
     if results and all(isinstance(r.get("nvml"), dict) for res in results for r in res.ranks):
         # The workers sampled their own GPU (NvmlSampler.end_step() per step): per rank, exact step edges.
-        nvml = [{"steps": [res.ranks[r]["nvml"] for res in results]} for r in range(len(results[0].ranks))]
+        # Ranks that share a GPU read the same counters, so each GPU is kept once (its first rank).
+        first_rank_of: dict[Any, int] = {}
+        for r, rec in enumerate(results[0].ranks):
+            first_rank_of.setdefault(rec["nvml"].get("gpu", r), r)
+        nvml = [{"steps": [res.ranks[r]["nvml"] for res in results]} for r in sorted(first_rank_of.values())]
         note = WORKER_NVML_NOTE
     else:
         note = None
@@ -379,7 +383,9 @@ class PipelineRunner:
         if not self.pipe.group.use_gpu:
             self.nvml_note = "CPU run: no GPU energy or NVLink counters"
             return
-        gpus = local_gpus(ranks)
+        placement = getattr(self.pipe.group, "placement", None)
+        per_gpu = placement.ranks_per_gpu if placement is not None else 1
+        gpus = local_gpus(-(-ranks // per_gpu))  # ranks that share a GPU: that GPU once
         self.samplers = [NvmlSampler(g, self.nvml_period_s).start() for g in gpus]
         self.nvml_note = f"sampled from the driver for local GPUs {gpus}, steps bracketed by the driver"
         # The GPU's name from NVML (the driver process never touches CUDA itself), else from a

@@ -16,6 +16,7 @@ raised, so nothing is left behind.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +25,10 @@ from dualpipe_mhc.config import RunConfig, dump_config
 from dualpipe_mhc.scheduler import measured
 from dualpipe_mhc.scheduler.ir import Schedule
 
-from .launch import WorkerGroup, connect, gpus_available
+from .launch import WorkerGroup, connect, gpu_share, gpus_available, gpus_per_node
 
 STATUS_POLL_S = 0.5
+log = logging.getLogger("dualpipe_mhc")
 
 
 class PipelineError(RuntimeError):
@@ -59,22 +61,79 @@ class StepResult:
         return sum(self.step_time - b for b in self.busy()) / (len(self.ranks) * self.step_time)
 
 
-def resolve_placement(cfg: RunConfig) -> tuple[bool, str]:
-    """(use GPUs, backend) for a config on the connected cluster; raises ValueError if impossible."""
-    want = cfg.cluster.use_gpus
-    gpus = gpus_available()
-    if want == "yes" and gpus < cfg.pipeline.ranks:
+@dataclass(frozen=True)
+class Placement:
+    """Where the ranks run: ``gpus_per_rank`` < 1 when they share GPUs (``ranks_per_gpu`` each)."""
+
+    use_gpu: bool
+    backend: str
+    ranks_per_gpu: int = 1
+    note: str | None = None  # one line for the user when the placement changes what a run measures
+
+    @property
+    def gpus_per_rank(self) -> float:
+        return gpu_share(self.ranks_per_gpu)
+
+    @property
+    def shared(self) -> bool:
+        return self.use_gpu and self.ranks_per_gpu > 1
+
+
+def plan_placement(cfg: RunConfig) -> Placement:
+    """The placement of a config on the connected cluster; raises ValueError if impossible.
+
+    One GPU per rank when there are enough. Otherwise, with ``cluster.share_gpus`` auto, ranks
+    share the GPUs of a one-host cluster (ceil(ranks / GPUs) per GPU); ``yes`` shares even
+    when there are enough (at least 2 ranks per GPU, as few as the GPUs of one node allow).
+    """
+    c, ranks = cfg.cluster, cfg.pipeline.ranks
+    gpus, nodes = gpus_available(), gpus_per_node()
+    node_gpus = max(nodes, default=0)
+    if c.share_gpus == "yes" and (c.use_gpus == "no" or node_gpus == 0):
+        why = "cluster.use_gpus=no" if c.use_gpus == "no" else "the Ray cluster has no GPUs"
+        raise ValueError(f"cluster.share_gpus=yes needs GPUs but {why}; use cluster.share_gpus=auto or no")
+    if c.share_gpus == "yes":
+        per_gpu = min(ranks, max(2, -(-ranks // node_gpus)))
+    elif c.use_gpus != "no" and gpus >= ranks:
+        per_gpu = 1
+    elif c.share_gpus == "auto" and c.use_gpus != "no" and len(nodes) == 1 and node_gpus >= 1:
+        per_gpu = -(-ranks // node_gpus)
+    elif c.use_gpus == "yes":
         raise ValueError(
-            f"cluster.use_gpus=yes but the Ray cluster has {gpus} GPUs for {cfg.pipeline.ranks} ranks; "
-            "use fewer ranks or cluster.use_gpus=no"
+            f"cluster.use_gpus=yes but the Ray cluster has {gpus} GPUs for {ranks} ranks; "
+            "use fewer ranks, cluster.share_gpus=yes (ranks share GPUs) or cluster.use_gpus=no"
         )
-    use_gpu = want == "yes" or (want == "auto" and gpus >= cfg.pipeline.ranks)
-    backend = cfg.cluster.backend
+    else:
+        per_gpu = 0  # CPU workers
+    use_gpu = per_gpu > 0
+    backend = c.backend
     if backend == "auto":
-        backend = "nccl" if use_gpu else "gloo"
+        # NCCL refuses two ranks on one GPU; gloo through host buffers serves them.
+        backend = "nccl" if use_gpu and per_gpu == 1 else "gloo"
     if backend == "nccl" and not use_gpu:
         raise ValueError("cluster.backend=nccl needs GPUs; use cluster.backend=gloo (or auto) on CPU")
-    return use_gpu, backend
+    if backend == "nccl" and per_gpu > 1:
+        raise ValueError(
+            f"cluster.backend=nccl cannot serve {per_gpu} ranks on one GPU (NCCL refuses two ranks on one device); "
+            "use cluster.backend=auto (gloo through host buffers) or cluster.share_gpus=no with one GPU per rank"
+        )
+    note = None
+    if per_gpu > 1:
+        note = (f"{ranks} ranks share {-(-ranks // per_gpu)} GPU(s), {per_gpu} per GPU: messages go through host "
+                "memory and the ranks contend for one GPU, so step times measure no real link")
+    return Placement(use_gpu, backend, max(per_gpu, 1), note)
+
+
+def resolve_placement(cfg: RunConfig) -> tuple[bool, str]:
+    """(use GPUs, backend) for a config that needs one GPU per rank (a link between two of them);
+    raises ValueError if impossible, also when the ranks would have to share GPUs."""
+    placement = plan_placement(cfg)
+    if placement.shared:
+        raise ValueError(
+            f"the Ray cluster has {gpus_available()} GPU(s) for {cfg.pipeline.ranks} ranks and ranks that share a GPU "
+            "have no link to measure; use a cluster with a GPU per rank or cluster.use_gpus=no"
+        )
+    return placement.use_gpu, placement.backend
 
 
 class Pipeline:
@@ -86,11 +145,17 @@ class Pipeline:
         self.sched: Schedule | None = None
 
     @staticmethod
-    def start(cfg: RunConfig, sched: Schedule, recv_ahead: int | None = None) -> Pipeline:
+    def start(cfg: RunConfig, sched: Schedule, recv_ahead: int | None = None, host_staging: bool = False) -> Pipeline:
+        """``host_staging``: send every message through host buffers, as ranks that share a GPU
+        do, also on CPU workers (tests of that path)."""
         started = connect(cfg.cluster.address, cfg.run.timeout_s)
         try:
-            use_gpu, backend = resolve_placement(cfg)
-            group = WorkerGroup.launch(cfg.pipeline.ranks, use_gpu, backend, cfg.run.timeout_s)
+            placement = plan_placement(cfg)
+            if placement.note:
+                log.warning(placement.note)
+            group = WorkerGroup.launch(cfg.pipeline.ranks, placement.use_gpu, placement.backend, cfg.run.timeout_s,
+                                       gpus_per_rank=placement.gpus_per_rank, host_staging=host_staging)
+            group.placement = placement
         except BaseException:
             if started:
                 import ray

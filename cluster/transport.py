@@ -16,6 +16,14 @@ on a CUDA transfer except through :meth:`Transport.wait` with a deadline.
 
 With ``link`` shaping (:mod:`dualpipe_mhc.cluster.shaping`), sends are paced by a
 background thread per destination; receives are posted as the same chunks.
+
+Ranks that share a GPU cannot use NCCL ("Duplicate GPU detected"), and gloo has no
+send/receive of CUDA tensors, so their messages are staged through host memory
+(:mod:`dualpipe_mhc.cluster.staging`): the sender copies the tensor into a pinned host
+buffer on the comm stream and a background thread sends that buffer with gloo once
+the copy is done; the receiver posts the gloo receive into a pinned buffer and copies
+it onto the device on its comm stream, which the compute stream then waits for.
+:func:`pair_routes` is the one place that decides which pair goes which way.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from .shaping import LinkShaper, chunk_bounds
+from .staging import HostSendQueue, StagedWork, stage_to_host
 
 
 class TransferError(RuntimeError):
@@ -47,6 +56,7 @@ class RecvHandle:
     works: list[Any]
     src: int
     what: str  # e.g. "activation F3.s1" for messages
+    host: torch.Tensor | None = None  # the host buffer gloo receives into, for a staged pair
 
 
 @dataclass
@@ -56,6 +66,32 @@ class SendHandle:
     what: str
     works: list[Any] = field(default_factory=list)
     done: Any = None  # threading.Event when a shaper sends it
+
+
+DIRECT = "direct"  # the tensor itself over the process group (NCCL between GPUs, gloo between CPUs)
+HOST = "host"  # staged through host buffers, sent with gloo
+
+
+def pair_routes(rank: int, devices: list[str], backend: str, host_staging: bool = False) -> dict[int, str]:
+    """How ``rank`` reaches every other rank: {peer: DIRECT or HOST}.
+
+    ``devices``: each rank's device identity ("cpu", or the GPU's UUID); ``backend``: the
+    process groups' backend. ``host_staging`` stages every pair (tests of the staged path on
+    CPU). Raises ValueError for a placement no transport can serve.
+    """
+    routes = {}
+    mine = devices[rank]
+    for peer, theirs in enumerate(devices):
+        if peer == rank:
+            continue
+        on_gpu = mine != "cpu" or theirs != "cpu"
+        if on_gpu and mine == theirs and backend == "nccl":
+            raise ValueError(
+                f"ranks {min(rank, peer)} and {max(rank, peer)} share GPU {mine} and NCCL refuses two ranks on one "
+                "device; use cluster.backend=auto (gloo through host buffers) or give each rank its own GPU"
+            )
+        routes[peer] = HOST if host_staging or (on_gpu and backend != "nccl") else DIRECT
+    return routes
 
 
 def transport_groups(world: int) -> tuple[Any, Any]:
@@ -74,9 +110,11 @@ class Transport:
         timeout_s: float,
         shaper: LinkShaper | None = None,
         groups: tuple[Any, Any] | None = None,
+        routes: dict[int, str] | None = None,
     ) -> None:
         """``groups``: the (up, down) process groups of an earlier transport to reuse; a new
-        transport per link setting would otherwise leave NCCL communicators behind."""
+        transport per link setting would otherwise leave NCCL communicators behind.
+        ``routes``: :func:`pair_routes` of this rank (default: every peer DIRECT)."""
         self.rank = rank
         self.world = world
         self.device = device
@@ -85,9 +123,13 @@ class Transport:
         self.up, self.down = self.groups
         self.cuda = device.type == "cuda"
         self.comm_stream = torch.cuda.Stream(device=device) if self.cuda else None
+        self.host_peers = {p for p, how in (routes or {}).items() if how == HOST}
         self.shaper = shaper
         if shaper is not None:
             shaper.start(self._raw_isend)
+        # Unshaped staged sends still need a thread: the gloo send may only start once the
+        # device-to-host copy is done, and the compute thread must not wait for that.
+        self._host_queue = HostSendQueue(self._raw_isend, device) if self.host_peers else None
         self._connected: set[int] = set()
 
     def connect(self, peers: set[int] | list[int]) -> None:
@@ -102,8 +144,9 @@ class Transport:
         in ascending peer order, which is the order of (low rank, high rank) on both ends of
         every pair, so these blocking meetings cannot wait on each other in a cycle.
         """
-        probe = torch.zeros(1, device=self.device)
         for peer in sorted(set(peers) - self._connected - {self.rank}):
+            host = peer in self.host_peers
+            probe = torch.zeros(1, device="cpu" if host else self.device)
             what = f"channel opening with rank {peer}"
             if self.rank < peer:  # up carries low -> high, down high -> low: open both
                 order = [(self.up, "send"), (self.down, "recv")]
@@ -111,13 +154,17 @@ class Transport:
                 order = [(self.up, "recv"), (self.down, "send")]
             for group, op in order:
                 fn = dist.isend if op == "send" else dist.irecv
-                self._wait_works([fn(probe, peer, group=group)], f"rank {self.rank}: {what}", "configure")
+                self._wait_works([fn(probe, peer, group=group)], f"rank {self.rank}: {what}", "configure", host)
             self._connected.add(peer)
 
     def _group(self, src: int, dst: int):
         return self.up if src < dst else self.down
 
     def _raw_isend(self, tensor: torch.Tensor, dst: int) -> Any:
+        """Send now (from the shaper's or the host queue's thread for staged and shaped sends)."""
+        if dst in self.host_peers:
+            host = stage_to_host(tensor)  # returns once the copy is done: gloo reads the buffer at once
+            return StagedWork(dist.isend(host, dst, group=self._group(self.rank, dst)), host)
         return dist.isend(tensor, dst, group=self._group(self.rank, dst))
 
     def isend(self, tensor: torch.Tensor, dst: int, what: str) -> SendHandle:
@@ -129,6 +176,10 @@ class Transport:
             ready = torch.cuda.current_stream(self.device).record_event()
         if self.shaper is not None:
             handle.done = self.shaper.submit(tensor, dst, ready, self.comm_stream)
+            return handle
+        if dst in self.host_peers:
+            assert self._host_queue is not None
+            handle.done = self._host_queue.submit(tensor, dst, ready, self.comm_stream)
             return handle
         if self.cuda:
             assert self.comm_stream is not None and ready is not None
@@ -149,9 +200,16 @@ class Transport:
         if self.cuda:
             with torch.cuda.stream(self.comm_stream):
                 buf = out if out is not None else torch.empty(shape, dtype=dtype, device=self.device)
-                works = self._post_recv(buf, src, group)
         else:
             buf = out if out is not None else torch.empty(shape, dtype=dtype, device=self.device)
+        if src in self.host_peers:
+            # Pinned, so that the copy onto the device in wait_recv is asynchronous.
+            host = torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
+            return RecvHandle(buf, self._post_recv(host, src, group), src, what, host)
+        if self.cuda:
+            with torch.cuda.stream(self.comm_stream):
+                works = self._post_recv(buf, src, group)
+        else:
             works = self._post_recv(buf, src, group)
         return RecvHandle(buf, works, src, what)
 
@@ -168,7 +226,16 @@ class Transport:
     def wait_recv(self, handle: RecvHandle, context: str) -> torch.Tensor:
         """Block until ``handle`` arrived (CPU) or make the compute stream wait for it (CUDA);
         raise :class:`TransferTimeout` naming ``context`` after ``timeout_s``."""
-        self._wait_works(handle.works, f"rank {self.rank}: receive of {handle.what} from rank {handle.src}", context)
+        staged = handle.host is not None
+        label = f"rank {self.rank}: receive of {handle.what} from rank {handle.src}"
+        self._wait_works(handle.works, label, context, staged)
+        if staged and self.cuda:
+            assert self.comm_stream is not None
+            with torch.cuda.stream(self.comm_stream):
+                handle.tensor.copy_(handle.host, non_blocking=True)  # the host allocator keeps `host` until done
+            torch.cuda.current_stream(self.device).wait_stream(self.comm_stream)
+        elif staged:
+            handle.tensor.copy_(handle.host)
         if self.cuda:
             handle.tensor.record_stream(torch.cuda.current_stream(self.device))
         return handle.tensor
@@ -181,12 +248,13 @@ class Transport:
             handle.works = handle.done.works
             if handle.done.error is not None:
                 raise TransferError(f"{label} failed ({context}): {handle.done.error}")
-        self._wait_works(handle.works, label, context)
+        self._wait_works(handle.works, label, context, handle.dst in self.host_peers)
 
-    def _wait_works(self, works: list[Any], label: str, context: str) -> None:
+    def _wait_works(self, works: list[Any], label: str, context: str, host: bool = False) -> None:
+        """``host``: gloo works on host buffers, waited for with a timeout like any CPU work."""
         deadline = time.monotonic() + self.timeout_s
         for work in works:
-            if self.cuda:
+            if self.cuda and not host:
                 # NCCL's wait() only orders streams; poll for completion to bound the wait.
                 while not work.is_completed():
                     if time.monotonic() > deadline:
@@ -206,3 +274,5 @@ class Transport:
     def close(self) -> None:
         if self.shaper is not None:
             self.shaper.stop()
+        if self._host_queue is not None:
+            self._host_queue.stop()

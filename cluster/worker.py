@@ -30,7 +30,7 @@ from .executor import StepExecutor
 from .nvml import NvmlSampler, nvml_device_for_torch
 from .plan import stage_holders
 from .shaping import LinkShaper
-from .transport import Transport, transport_groups
+from .transport import Transport, pair_routes, transport_groups
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FULL_GC_EVERY = 50  # steps; as torchtitan does, the collector runs between steps, never inside one
@@ -67,6 +67,9 @@ class StageWorker:
         torch.set_num_threads(max(1, threads))
         self.executor: StepExecutor | None = None
         self.transport: Transport | None = None
+        self.backend = "nccl" if use_gpu else "gloo"  # init_distributed sets the real one
+        self.routes: dict[int, str] = {}  # peer -> transport route, from init_distributed
+        self.gpu_identity = "cpu"
         self._link: tuple[float, float] | None = None  # (bytes/s, s) the transport shapes to
         # Process groups live as long as the worker: a reconfigure (profile's variants, the GPU
         # benchmark's cases) that made new ones each time would leave NCCL communicators behind.
@@ -88,13 +91,31 @@ class StageWorker:
             s.bind(("", 0))
             return ip, s.getsockname()[1]
 
-    def init_distributed(self, backend: str, init_method: str, timeout_s: float) -> str:
+    def device_identity(self) -> str:
+        """"cpu", or this rank's GPU as NVML names it (its UUID): ranks with equal identities share a GPU."""
+        return str(nvml_device_for_torch(0)) if self.device.type == "cuda" else "cpu"
+
+    def init_distributed(
+        self, backend: str, init_method: str, timeout_s: float,
+        devices: list[str] | None = None, host_staging: bool = False,
+    ) -> str:
+        """``devices``: every rank's :meth:`device_identity`, from which the transport picks
+        each pair's route (:func:`~dualpipe_mhc.cluster.transport.pair_routes`)."""
         dist.init_process_group(
             backend, init_method=init_method, rank=self.rank, world_size=self.world,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         self.timeout_s = timeout_s
-        return f"rank {self.rank} pid {os.getpid()} on {socket.gethostname()} ({self.device})"
+        self.backend = backend
+        if devices is None:  # each rank on a device of its own
+            devices = [f"rank{r}" for r in range(self.world)]
+            devices[self.rank] = self.device_identity()
+        self.routes = pair_routes(self.rank, devices, backend, host_staging)
+        self.gpu_identity = devices[self.rank]
+        shared = [r for r, d in enumerate(devices) if d == self.gpu_identity and d != "cpu" and r != self.rank]
+        via = "/".join(sorted(set(self.routes.values())))
+        return (f"rank {self.rank} pid {os.getpid()} on {socket.gethostname()} ({self.device}"
+                f"{f', GPU shared with ranks {shared}' if shared else ''}; {backend}, {via} transfers)")
 
     def configure(self, cfg_data: dict[str, Any], sched_data: dict[str, Any], recv_ahead: int | None = None) -> dict[str, Any]:
         """Build this rank's chunks, optimizer and executor for a config and schedule."""
@@ -118,7 +139,8 @@ class StageWorker:
             if self.transport is not None:
                 self.transport.close()
             shaper = LinkShaper(*link, device=self.device) if link else None
-            self.transport = Transport(self.rank, self.world, self.device, cfg.run.timeout_s, shaper, self._p2p_groups())
+            self.transport = Transport(self.rank, self.world, self.device, cfg.run.timeout_s, shaper,
+                                       self._p2p_groups(), self.routes)
             self._link = link
         self.transport.timeout_s = cfg.run.timeout_s
         # DualPipe holds every model stage on two ranks; their gradients are summed before the step.
@@ -160,7 +182,7 @@ class StageWorker:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.executor.current = (-1, f"barrier before step {step}")
         # Every rank's clock starts the step together, so the timelines line up.
-        dist.barrier(device_ids=[self.device.index or 0] if self.device.type == "cuda" else None)
+        dist.barrier(device_ids=[self.device.index or 0] if self.backend == "nccl" else None)
         # A generation-2 collection inside a step stalled it by ~170 ms on the CPU (the whole
         # pipeline waits for the paused rank), so automatic collection is off and it runs here.
         gc.disable()
@@ -176,7 +198,8 @@ class StageWorker:
             torch.cuda.synchronize(self.device)  # the step's energy window ends when its kernels do
             out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.nvml is not None:
-            out["nvml"] = self.nvml.end_step()
+            # Ranks that share a GPU read the same counters: "gpu" lets a report count each GPU once.
+            out["nvml"] = self.nvml.end_step() | {"gpu": self.gpu_identity}
         gc.collect(2 if (step + 1) % FULL_GC_EVERY == 0 else 1)
         return out
 
@@ -189,11 +212,13 @@ class StageWorker:
             # Summed in float32 whatever the parameter dtype: a bf16 sum of two copies would add
             # a rounding the single-process accumulation does not have.
             flat = torch.cat([g.reshape(-1).float() for g in grads])
+            if self.device.type == "cuda" and self.backend != "nccl":  # ranks sharing a GPU sum on the host
+                flat = flat.cpu()
             dist.all_reduce(flat, group=group)
             offset = 0
             for p in params:
                 n = p.numel()
-                p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+                p.grad = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
                 offset += n
         self.executor.current = (-1, "idle")
 
@@ -236,7 +261,7 @@ class StageWorker:
         from .linkbench import measure
 
         return measure(self.rank, self.world, self.device, self.timeout_s, bandwidth, latency, sizes, repeats,
-                       groups=self._p2p_groups())
+                       groups=self._p2p_groups(), routes=self.routes)
 
     def _p2p_groups(self) -> tuple[Any, Any]:
         if self._p2p is None:

@@ -326,6 +326,9 @@ class ClusterConfig(_Section):
     address: str | None = Field(None, description="host:port, ray://host:port or auto; unset: start a local Ray")
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     use_gpus: Literal["auto", "yes", "no"] = "auto"
+    # Several ranks on one GPU (fractional Ray GPUs); their messages go through host memory, since
+    # NCCL refuses two ranks on one device. auto: only when a one-host cluster has fewer GPUs than ranks.
+    share_gpus: Literal["auto", "yes", "no"] = "auto"
 
 
 class RunConfig(_Section):
