@@ -352,7 +352,7 @@ class PipelineRunner:
         """Train ``cfg`` for ``run.steps`` steps exactly as ``dualpipe-mhc run`` would; the run report."""
         from .runtime import Pipeline
         from .train import pipeline_schedule, train
-        from .worker import recompute_layers
+        from dualpipe_mhc.scheduler.planner import resolve_block_layers
 
         sched = pipeline_schedule(cfg)
         if self.pipe is None:
@@ -373,7 +373,7 @@ class PipelineRunner:
         for s in self.samplers:
             s.steps.clear()
         report = run_report(cfg, outcome.sched, outcome.results, nvml, self.device)
-        report["recompute_block_layers"] = recompute_layers(cfg)
+        report["recompute_block_layers"] = resolve_block_layers(cfg)
         report["nvml_note"] = report["nvml_note"] or self.nvml_note  # the workers' own samples win
         return report
 

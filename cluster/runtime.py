@@ -181,6 +181,11 @@ class Pipeline:
         self.sched = sched
         self.timeout_s = cfg.run.timeout_s
         data = dump_config(cfg)
+        # recompute.block_layers = "auto" is the planner's to resolve, once, here: the ranks get the int
+        from dualpipe_mhc.scheduler.planner import resolve_block_layers
+
+        block = resolve_block_layers(cfg)
+        data["recompute"].update(enabled=block is not None, block_layers=block or 1)
         return self._call_all("configure", (data, sched.to_dict(), recv_ahead), "configure")
 
     def step(self, step: int, apply_optimizer: bool = True) -> StepResult:

@@ -43,17 +43,16 @@ def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
 
 
 def recompute_layers(cfg: RunConfig) -> int | None:
-    """L_r for the model, or None. 'auto' needs the planner; without it recomputation stays off."""
+    """L_r for this rank's chunks, or None: the driver resolved ``"auto"`` (``Pipeline.configure``)."""
     r = cfg.recompute
     if not r.enabled:
         return None
-    if isinstance(r.block_layers, int):
-        return r.block_layers
-    try:
-        from dualpipe_mhc.scheduler.planner import optimal_block_layers  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return optimal_block_layers(cfg)
+    if not isinstance(r.block_layers, int):
+        raise RuntimeError(
+            "recompute.block_layers='auto' reached a worker unresolved; the driver resolves it "
+            "(dualpipe_mhc.scheduler.planner.resolve_block_layers) before configuring the ranks"
+        )
+    return r.block_layers
 
 
 class StageWorker:
