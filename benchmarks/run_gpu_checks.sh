@@ -48,5 +48,18 @@ case "$1" in
     timeout 400 python3 benchmarks/bench_block.py --variants plain "mhc fused" "dsv4 fused" --passes 3 --rep-ms 600 \
       --out "$OUT"
     ;;
+  stages)
+    gpu_tests stages -m gpu tests/test_stage_build.py tests/test_profile_stages.py tests/test_recompute.py
+    timeout 500 bash benchmarks/profile_stages_h200.sh /tmp/stages >/dev/null 2>&1; echo "profile_stages rc=$?"
+    tail -40 /tmp/stages/log.txt
+    # $OUT brings back 8 files: the small ones as they are, the whole folder as one archive
+    cp /tmp/stages/table.txt /tmp/stages/log.txt /tmp/stages/hardware_h200-fitted.json "$OUT"/ 2>/dev/null
+    tar czf "$OUT/stages.tar.gz" -C /tmp stages
+    ;;
+  pipeline)
+    timeout 540 python3 benchmarks/run_pipeline_1gpu.py --out /tmp/pipeline 2>&1 | tail -60
+    cp /tmp/pipeline/pipeline_1gpu_*.md "$OUT"/ 2>/dev/null
+    tar czf "$OUT/pipeline.tar.gz" -C /tmp pipeline
+    ;;
   *) echo "usage: bash benchmarks/run_gpu_checks.sh recompute|dsv4|stages|pipeline"; exit 2 ;;
 esac
