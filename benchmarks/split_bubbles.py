@@ -1,5 +1,5 @@
 """Simulated pipeline bubbles of a config under model.split = even and balanced, against the
-published formulas (DESIGN.md §5) on the average stage.
+published formulas (docs/DESIGN.md §5) on the average stage.
 
     python benchmarks/split_bubbles.py [--config paper-27b] [--json FILE]
 
@@ -22,7 +22,7 @@ SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
 
 def formula(name: str, pp: int, f: float, b: float, w: float, fb: float) -> float:
-    """Bubble per rank from DESIGN.md §5; ``b`` is the full backward, ``fb`` an F&B pair."""
+    """Bubble per rank from docs/DESIGN.md §5; ``b`` is the full backward, ``fb`` an F&B pair."""
     if name == "1f1b":
         return (pp - 1) * (f + b)
     if name == "zb1p":

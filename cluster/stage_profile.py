@@ -46,7 +46,7 @@ from .stage_timing import DTYPES, measure_stage
 GIB = 2**30
 # Planned device memory per stage: parameters and their gradients, and this many micro-batches
 # of the analytic model's kept activations (two in flight in the F&B round, plus B's peak; the
-# analytic figure runs low on real layers, DESIGN.md §6).
+# analytic figure runs low on real layers, docs/DESIGN.md §6).
 ACTIVATION_MARGIN = 4.0
 
 Progress = Callable[[str], None]
