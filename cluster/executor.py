@@ -49,22 +49,6 @@ class RankError(RuntimeError):
     """An action failed on a rank; the message names the rank, the step and the action."""
 
 
-def backward_input_only(out: torch.Tensor, grad: torch.Tensor, x_in: torch.Tensor, params: Any) -> tuple[Any, Any]:
-    """B of the zero-bubble split: ``stage_backward_input`` from ``out`` with gradient ``grad``;
-    returns (input gradients, the param groups W needs).
-
-    torch's helper detaches the stage outputs in place, which a view cannot be, and a stage
-    that ends in the fused post_res returns a reshape of its autograd Function's output. A
-    view that covers all of its base starts the backward from the base instead: the same
-    graph, the gradient reshaped.
-    """
-    base = out._base
-    if (base is not None and base.grad_fn is not None and base.numel() == out.numel()
-            and base.is_contiguous() and out.is_contiguous() and base.data_ptr() == out.data_ptr()):
-        out, grad = base, grad.reshape(base.shape)
-    return stage_backward_input([out], [grad], [x_in], params)
-
-
 class WeightGradStore:
     """Weight-gradient work deferred by a split B, popped by the W that names it.
 
@@ -295,7 +279,7 @@ class StepExecutor:
             x_in, out, embed_out = self.saved.pop((half.chunk, mb))
             grad = torch.full_like(out, self.scale) if chunk.is_last else x
             if (s, mb) in self.deferred:
-                dinputs, groups = backward_input_only(out, grad, x_in, chunk.parameters())
+                dinputs, groups = stage_backward_input([out], [grad], [x_in], chunk.parameters())
                 self.wstore.put(half.chunk, mb, (groups, embed_out, dinputs[0]))
                 dx = dinputs[0]
             else:

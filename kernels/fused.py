@@ -105,23 +105,32 @@ class MhcPreFunction(torch.autograd.Function):
 
 
 class PostResFunction(torch.autograd.Function):
+    # x keeps its leading dims ([..., n, C], contiguous) so that the output is a fresh tensor of x's
+    # shape, not a view of one: a pipeline stage ending here hands it to torch's
+    # stage_backward_input, which detaches its outputs in place (views cannot be).
     @staticmethod
-    def forward(ctx, x, y, h_post, h_res, link, settings):  # x: [T, n, C], y: [T, C], h_*: fp32, all contiguous
+    def forward(ctx, x, y, h_post, h_res, link, settings):  # x: [..., n, C], y: [T, C], h_*: fp32, contiguous
+        n, c = x.shape[-2:]
         ctx.save_for_backward(x, y, h_post, h_res)
         ctx.link, ctx.settings = link, settings
-        return post_res_forward(x, y, h_post, h_res, settings)
+        out = torch.empty_like(x)
+        post_res_forward(x.view(-1, n, c), y, h_post, h_res, settings, out=out.view(-1, n, c))
+        return out
 
     @staticmethod
     def backward(ctx, g):
         x, y, h_post, h_res = ctx.saved_tensors
-        g = g.contiguous()
+        n, c = x.shape[-2:]
+        g = g.contiguous().view(-1, n, c)
         handed = ctx.link is not None and ctx.link.hold(g, h_res)
-        dx, dy, dh_post, dh_res = post_res_backward(g, x, y, h_post, h_res, write_dx=not handed, settings=ctx.settings)
+        dx, dy, dh_post, dh_res = post_res_backward(
+            g, x.view(-1, n, c), y, h_post, h_res, write_dx=not handed, settings=ctx.settings
+        )
         if ctx.link is not None:
             if not handed:
                 ctx.link.give(dx)
             dx = None
-        return dx, dy, dh_post, dh_res, None, None
+        return None if dx is None else dx.view(x.shape), dy, dh_post, dh_res, None, None
 
 
 def _check(x: Tensor, kind: str, op: str) -> None:
@@ -189,16 +198,15 @@ def post_res(
     """x_next = H_res @ x + H_post^T ⊗ y, ``[..., n, C]`` in x's dtype; see reference.post_res.
     ``settings``: launch settings or overrides of them (:func:`kernels.settings.launch_settings`)."""
     _check(x, "mhc", "post_res")  # the same op for every fused kind
-    *lead, n, c = x.shape
+    *_, n, c = x.shape
     link = getattr(h_res, _LINK_ATTR, None)
     if link is not None and (not link.links(x) or not torch.is_grad_enabled()):
         link = None
-    out = PostResFunction.apply(
-        x.reshape(-1, n, c).contiguous(),
+    return PostResFunction.apply(
+        x.contiguous(),
         y.to(x.dtype).reshape(-1, c).contiguous(),
         h_post.to(torch.float32).reshape(-1, n).contiguous(),
         h_res.to(torch.float32).reshape(-1, n, n).contiguous(),
         link,
         launch_settings(x.device, x.dtype, n, c, settings),
     )
-    return out.reshape(*lead, n, c)

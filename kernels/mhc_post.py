@@ -110,14 +110,16 @@ def _tiling(n: int, t: int, c: int, block_c: int, values: int, device: torch.dev
 
 
 def post_res_forward(
-    x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, settings: LaunchSettings | None = None
+    x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, settings: LaunchSettings | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [T, n, C], y [T, C], h_post [T, n] fp32, h_res [T, n, n] fp32`` (contiguous) -> x_next.
-    Block sizes: the ``post_fwd_*`` launch settings (default: looked up for x)."""
+    """``x [T, n, C], y [T, C], h_post [T, n] fp32, h_res [T, n, n] fp32`` (contiguous) -> x_next, into
+    ``out`` (contiguous, x's shape) if given. Block sizes: the ``post_fwd_*`` launch settings (default:
+    looked up for x)."""
     t, n, c = x.shape
     s = launch_settings(x.device, x.dtype, n, c, settings)
     block_t, block_c, splits, per_split = _tiling(n, t, c, s.post_fwd_block_c, s.post_fwd_tile_values, x.device)
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     _post_res_fwd_kernel[(triton.cdiv(t, block_t), splits)](
         x, y, h_post, h_res, out, t, c, per_split, n=n, N=_pow2(n, 2), BT=block_t, BC=block_c,
         LOOP_STAGES=s.post_fwd_loop_stages, num_warps=s.post_fwd_warps,

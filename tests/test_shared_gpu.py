@@ -171,13 +171,12 @@ def test_calibrate_link_measures_the_staged_route(staged2):
 
 
 def check_weight_split(device: str, dtype: torch.dtype, recompute: int | None, width: int) -> None:
-    """The zero-bubble split (B's backward_input_only, later stage_backward_weight: what the
+    """The zero-bubble split (torch's stage_backward_input, later stage_backward_weight: what the
     executor runs) gives the full backward's input and weight gradients through the fused
-    autograd Functions, with or without mHC recomputation inside the stage. A fused stage
-    ends in a view, which torch's stage_backward_input alone cannot take."""
-    from torch.distributed.pipelining._backward import stage_backward_weight
+    autograd Functions, with or without mHC recomputation inside the stage. A fused stage ends
+    in the post/res Function, whose output is no view (stage_backward_input detaches it in place)."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
-    from dualpipe_mhc.cluster.executor import backward_input_only
     from dualpipe_mhc.model import build_model
 
     cfg = small_config("zb1p", 2, 4).model.model_copy(update={"width": width, "heads": 4})
@@ -192,7 +191,7 @@ def check_weight_split(device: str, dtype: torch.dtype, recompute: int | None, w
         xin = x.clone().requires_grad_()
         out = middle(xin)
         if split:
-            (dx,), groups = backward_input_only(out, grad_out, xin, middle.parameters())
+            (dx,), groups = stage_backward_input([out], [grad_out], [xin], middle.parameters())
             assert all(p.grad is None for p in middle.parameters()), "B must leave the weight gradients to W"
             stage_backward_weight(middle.parameters(), groups)
         else:
