@@ -109,7 +109,7 @@ def grad_phase(args) -> tuple[list[dict], list[str], dict | None]:
 def staged_link(group, args) -> dict:
     """``calibrate-link``'s ping-pong over the host-staged route of two ranks on the GPU: what a
     message between ranks that share a GPU costs (D2H, gloo through host memory, H2D)."""
-    from dualpipe_mhc.commands.calibrate_link import calibrate
+    from dualpipe_mhc.cluster.calibration import calibrate
 
     sizes = [1 << 20, 4 << 20] if args.cpu_smoke else [1 << 20, 16 << 20, 64 << 20, 256 << 20]
     raw = calibrate(group, {}, sizes, repeats=3)["raw"]

@@ -30,17 +30,10 @@ from typing import Any
 
 import torch
 
-try:  # private torch API (the split backward of torch's own zero-bubble schedules); checked against torch 2.13
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
-except ImportError as exc:
-    raise ImportError(
-        f"the pipeline runtime needs torch.distributed.pipelining._backward (stage_backward_input/weight), "
-        f"which torch {torch.__version__} does not have ({exc}); use a torch release that has it (2.13 is tested)"
-    ) from None
-
 from dualpipe_mhc.scheduler.ir import Action, Schedule
 
 from .plan import Key, MessagePlan, build_plan, key_label
+from .split_backward import backward_input, backward_weight
 from .timing import StepClock
 from .transport import RecvHandle, SendHandle, TransferError, TransferTimeout, Transport
 
@@ -52,9 +45,9 @@ class RankError(RuntimeError):
 class WeightGradStore:
     """Weight-gradient work deferred by a split B, popped by the W that names it.
 
-    B runs ``stage_backward_input`` (input gradients only; the weight-gradient GEMMs are
+    B runs :func:`~.split_backward.backward_input` (input gradients only; the weight-gradient GEMMs are
     skipped by autograd) and keeps the autograd intermediates that lead to the weights;
-    W runs ``stage_backward_weight`` from them. Same role as DeepSeek's WeightGradStore,
+    W runs :func:`~.split_backward.backward_weight` from them. Same role as DeepSeek's WeightGradStore,
     keyed by (chunk, microbatch) because the IR names which W pops which B.
     """
 
@@ -279,7 +272,7 @@ class StepExecutor:
             x_in, out, embed_out = self.saved.pop((half.chunk, mb))
             grad = torch.full_like(out, self.scale) if chunk.is_last else x
             if (s, mb) in self.deferred:
-                dinputs, groups = stage_backward_input([out], [grad], [x_in], chunk.parameters())
+                dinputs, groups = backward_input([out], [grad], [x_in], chunk.parameters())
                 self.wstore.put(half.chunk, mb, (groups, embed_out, dinputs[0]))
                 dx = dinputs[0]
             else:
@@ -291,7 +284,7 @@ class StepExecutor:
                 self._deliver(self.plan.outputs.get(slot), dx)
         else:
             groups, embed_out, d_embed = self.wstore.pop(half.chunk, mb)
-            stage_backward_weight(chunk.parameters(), groups)
+            backward_weight(chunk.parameters(), groups)
             if embed_out is not None:
                 torch.autograd.backward([embed_out], [d_embed])
 

@@ -42,9 +42,9 @@ class _StageRunner:
     """F, split B / W and full B of one chunk on synthetic micro-batches, as the runtime's executor runs them."""
 
     def __init__(self, chunk: torch.nn.Module, cfg: RunConfig, device: torch.device) -> None:
-        from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+        from .split_backward import backward_input, backward_weight
 
-        self._bwd_input, self._bwd_weight = stage_backward_input, stage_backward_weight
+        self._bwd_input, self._bwd_weight = backward_input, backward_weight
         self.chunk, self.device = chunk, device
         m, p = cfg.model, cfg.pipeline
         self.tokens_shape = (p.microbatch_size, m.seq_len)

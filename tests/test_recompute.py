@@ -184,9 +184,9 @@ def test_only_block_inputs_kept(block_layers, stages):
 
 @pytest.mark.parametrize("replay_once,expected", [(False, (2, 4)), (True, (2, 2))])
 def test_zero_bubble_split_backward_bitwise_equal(monkeypatch, replay_once, expected):
-    """B then W as the runtime runs them (torch's stage_backward_input / stage_backward_weight over a
+    """B then W as the runtime runs them (cluster.split_backward's backward_input / backward_weight over a
     retained graph): same gradients; each block is replayed in B and, unless ``replay_once``, again in W."""
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+    from dualpipe_mhc.cluster.split_backward import backward_input, backward_weight
 
     from dualpipe_mhc import recompute
 
@@ -204,9 +204,9 @@ def test_zero_bubble_split_backward_bitwise_equal(monkeypatch, replay_once, expe
         x = torch.randn(BATCH, CFG.seq_len, CFG.streams, CFG.width, generator=g).requires_grad_()
         loss = chunk(x, _data()[1])
         params = list(chunk.parameters())
-        (dx,), groups = stage_backward_input([loss], None, [x], iter(params))
+        (dx,), groups = backward_input([loss], None, [x], iter(params))
         after_b = replays()
-        stage_backward_weight(iter(params), groups)
+        backward_weight(iter(params), groups)
         return dx, {n: p.grad for n, p in chunk.named_parameters()}, after_b
 
     ref_dx, ref_grads, _ = split_step(None)

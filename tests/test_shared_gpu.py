@@ -161,7 +161,7 @@ def test_staged_pipeline_equals_single_process(staged2, schedule, microbatches, 
 @pytest.mark.ray
 def test_calibrate_link_measures_the_staged_route(staged2):
     """calibrate-link's ping-pong runs over the host-staged route (the workers pass their routes)."""
-    from dualpipe_mhc.commands.calibrate_link import calibrate
+    from dualpipe_mhc.cluster.calibration import calibrate
 
     raw = calibrate(staged2.group, {}, [1 << 20, 4 << 20], repeats=2)["raw"]
     assert raw["link"]["bandwidth_gbps"] > 0.05 and all(p["one_way_s"] > 0 for p in raw["points"])
@@ -171,11 +171,11 @@ def test_calibrate_link_measures_the_staged_route(staged2):
 
 
 def check_weight_split(device: str, dtype: torch.dtype, recompute: int | None, width: int) -> None:
-    """The zero-bubble split (torch's stage_backward_input, later stage_backward_weight: what the
+    """The zero-bubble split (backward_input, later backward_weight: what the
     executor runs) gives the full backward's input and weight gradients through the fused
     autograd Functions, with or without mHC recomputation inside the stage. A fused stage ends
     in the post/res Function, whose output is no view (stage_backward_input detaches it in place)."""
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+    from dualpipe_mhc.cluster.split_backward import backward_input, backward_weight
 
     from dualpipe_mhc.model import build_model
 
@@ -191,9 +191,9 @@ def check_weight_split(device: str, dtype: torch.dtype, recompute: int | None, w
         xin = x.clone().requires_grad_()
         out = middle(xin)
         if split:
-            (dx,), groups = stage_backward_input([out], [grad_out], [xin], middle.parameters())
+            (dx,), groups = backward_input([out], [grad_out], [xin], middle.parameters())
             assert all(p.grad is None for p in middle.parameters()), "B must leave the weight gradients to W"
-            stage_backward_weight(middle.parameters(), groups)
+            backward_weight(middle.parameters(), groups)
         else:
             out.backward(grad_out)
             dx = xin.grad
