@@ -76,7 +76,9 @@ def build_stack(
     )  # fmt: skip
     torch.manual_seed(0)
     stack = torch.nn.Sequential(*(model.Block(cfg, kernels=kernels) for _ in range(layers)))
-    stack.apply(model._init_weights)
+    for mod in stack.modules():  # the model's own initialisation: N(0, 0.02) projections
+        if isinstance(mod, torch.nn.Linear):
+            torch.nn.init.normal_(mod.weight, std=0.02)
     stack = stack.to(device, torch.bfloat16)
     for name, p in stack.named_parameters():
         if name.endswith(("phi", "alpha", "bias")) and ("attn." in name or "mlp." in name):

@@ -57,7 +57,7 @@ case "$1" in
     tar czf "$OUT/stages.tar.gz" -C /tmp stages
     ;;
   pipeline)
-    timeout 540 python3 benchmarks/run_pipeline_1gpu.py --out /tmp/pipeline 2>&1 | tail -60
+    timeout 400 python3 benchmarks/run_pipeline_1gpu.py --out /tmp/pipeline 2>&1 | tail -60
     cp /tmp/pipeline/pipeline_1gpu_*.md "$OUT"/ 2>/dev/null
     tar czf "$OUT/pipeline.tar.gz" -C /tmp pipeline
     ;;
