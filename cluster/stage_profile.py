@@ -205,12 +205,13 @@ def _costs(vcfg: RunConfig, num_stages: int, measured: dict, name: str, dev: tor
         act_bytes=[act] * (num_stages - 1) + [0.0],
         act_mem_bytes=[float(r["kept_bytes"]) for r in rows],
         recompute=[r["recompute"] for r in rows],
+        full_b=[r["full_b"] for r in rows],
         link_bandwidth=vcfg.link.bandwidth,
         link_latency=vcfg.link.latency,
         fb_overlap=min(1.5, max(1e-3, overlap)),
         meta={"source": "profile-stages", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "variant": name, "streams": m.streams, "split": m.split, "stages": num_stages,
-              "full_b": [r["full_b"] for r in rows], "peak_b_bytes": [r["peak_b_bytes"] for r in rows],
+              "peak_b_bytes": [r["peak_b_bytes"] for r in rows],
               "date": time.strftime("%Y-%m-%d", time.gmtime())},
     )
 

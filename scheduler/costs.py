@@ -12,7 +12,10 @@ Profile file (JSON, ``format`` = ``"dualpipe-mhc-profile/1"``)::
       "stages": [                         # one object per model stage, in path order
         {"f": 0.0123,                     # s, forward of one micro-batch
          "b": 0.0150,                     # s, backward for input gradients only (IR kind B)
-         "w": 0.0110,                     # s, weight gradients (IR kind W); a full backward is b + w
+         "w": 0.0110,                     # s, weight gradients (IR kind W)
+         "full_b": 0.0255,                # optional: s of one unsplit backward (a B that defers no W);
+                                          #   default b + w. A split can cost more than the whole: torch's
+                                          #   W re-runs a custom autograd node B already ran
          "act_bytes": 201326592,          # bytes of this stage's output activation per micro-batch
                                           #   (T tokens x n streams x C x bytes/elem); its gradient
                                           #   travels back with the same size
@@ -51,7 +54,7 @@ class Costs:
     """Costs of one micro-batch per model stage; times in seconds, sizes in bytes."""
 
     f: list[float]
-    b: list[float]  # input-gradient backward; a full backward (no W) costs b + w
+    b: list[float]  # input-gradient backward (a B whose W is deferred)
     w: list[float]
     act_bytes: list[float]  # output activation of the stage, one micro-batch
     act_mem_bytes: list[float] = field(default_factory=list)  # kept from F to B; empty: unknown
@@ -61,19 +64,22 @@ class Costs:
     fb_overlap: float = 1.0  # an F&B pair takes fb_overlap * (F + B)
     meta: dict[str, Any] = field(default_factory=dict)
     pair_links: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)  # (src, dst) -> (B/s, s)
+    full_b: list[float] = field(default_factory=list)  # an unsplit backward (B with its W); empty: b + w
 
     def __post_init__(self) -> None:
         n = len(self.f)
         for name in ("b", "w", "act_bytes"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"costs.{name} has {len(getattr(self, name))} stages, costs.f has {n}; give one value per stage")
-        for name in ("act_mem_bytes", "recompute"):
+        for name in ("act_mem_bytes", "recompute", "full_b"):
             if getattr(self, name) and len(getattr(self, name)) != n:
                 raise ValueError(f"costs.{name} has {len(getattr(self, name))} stages, expected {n} or none")
         if not self.act_mem_bytes:
             self.act_mem_bytes = [0.0] * n
         if not self.recompute:
             self.recompute = [0.0] * n
+        if not self.full_b:
+            self.full_b = [b + w for b, w in zip(self.b, self.w)]
         if not 0 < self.fb_overlap <= 1.5:
             raise ValueError(f"fb_overlap={self.fb_overlap} is invalid: use a factor in (0, 1.5], 1 = no overlap")
         for bandwidth, latency in [(self.link_bandwidth, self.link_latency), *self.pair_links.values()]:
@@ -114,7 +120,7 @@ class Costs:
     def with_link(self, bandwidth: float, latency: float) -> Costs:
         return Costs(
             self.f, self.b, self.w, self.act_bytes, self.act_mem_bytes, self.recompute,
-            bandwidth, latency, self.fb_overlap, dict(self.meta), dict(self.pair_links),
+            bandwidth, latency, self.fb_overlap, dict(self.meta), dict(self.pair_links), self.full_b,
         )
 
     def to_profile(self) -> dict[str, Any]:
@@ -126,6 +132,8 @@ class Costs:
                 stage["act_mem_bytes"] = self.act_mem_bytes[s]
             if self.recompute[s]:
                 stage["recompute"] = self.recompute[s]
+            if self.full_b[s] != self.b[s] + self.w[s]:
+                stage["full_b"] = self.full_b[s]
             stages.append(stage)
         out: dict[str, Any] = {"format": PROFILE_FORMAT, "stages": stages, "fb_overlap": self.fb_overlap}
         if math.isfinite(self.link_bandwidth):
@@ -169,12 +177,15 @@ class Costs:
         if not isinstance(stages, list) or not stages:
             raise ValueError(f"profile {origin}: 'stages' must be a non-empty list, one object per model stage")
         cols: dict[str, list[float]] = {k: [] for k in ("f", "b", "w", "act_bytes", "act_mem_bytes", "recompute")}
+        full_b = []
         for s, stage in enumerate(stages):
             if not isinstance(stage, dict):
                 raise ValueError(f"profile {origin}: stages[{s}]={stage!r} is invalid; use an object with f, b, w, act_bytes")
             for key in cols:
                 value = stage.get(key, 0.0 if key in ("act_mem_bytes", "recompute") else None)
                 cols[key].append(_number(value, f"profile {origin}: stages[{s}].{key}"))
+            full = stage.get("full_b")
+            full_b.append(cols["b"][-1] + cols["w"][-1] if full is None else _number(full, f"profile {origin}: stages[{s}].full_b"))
         link = data.get("link") or {}
         if not isinstance(link, dict):
             raise ValueError(f"profile {origin}: link={link!r} is invalid; use an object with bandwidth_gbps and latency_us")
@@ -198,6 +209,7 @@ class Costs:
             fb_overlap=_number(data.get("fb_overlap", 1.0), f"profile {origin}: fb_overlap"),
             meta=dict(data.get("meta") or {}),
             pair_links=pair_links,
+            full_b=full_b,
         )
 
 

@@ -281,7 +281,7 @@ def _compile(sched: Schedule, rank: int, costs: Costs, deferred: set, num_mb: in
                 dur += costs.f[s]
                 outputs.append((key, costs.act_bytes[s], dst))
             elif half_kind == "B":
-                dur += costs.b[s] + (0.0 if (s, mb) in deferred else costs.w[s])
+                dur += costs.b[s] if (s, mb) in deferred else costs.full_b[s]
                 outputs.append((key + 1, costs.act_bytes[s - 1] if s > 0 else 0.0, dst))
             else:
                 dur += costs.w[s]

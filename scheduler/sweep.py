@@ -123,3 +123,27 @@ def _row(name: str, n: int | None, result, base_step: float | None) -> dict[str,
             "peak_activation_bytes": result.peak_activation_bytes,
         },
     }
+
+
+def simulate_profiles(ranks: int, microbatches: int, report: dict[str, Any]
+                      ) -> tuple[list[dict[str, Any]], dict]:
+    """Every schedule of a ``profile-stages`` report from its measured profiles (plain n = 1 first, then
+    the configured residual): rows as :func:`run_sweep`'s, and the results by (schedule, n)."""
+    rows, results = [], {}
+    for num_stages, names in report["stage_counts"].items():
+        for name in names:
+            sched = build_schedule(name, ranks, microbatches)
+            validate(sched)
+            base = None
+            for variant in ("plain", "mhc"):
+                v = report["variants"][variant]
+                profile = v["profiles"][num_stages]
+                result = simulate(sched, Costs.from_profile(profile))
+                n = v["streams"]
+                results[(name, n)] = result
+                if variant == "plain":
+                    base = result.step_time
+                rows.append(_row(name, n, result, base))
+    order = {"1f1b": 0, "zb1p": 1, "dualpipe": 2, "dualpipev": 3}
+    rows.sort(key=lambda r: (order.get(r["schedule"], 9), r["streams"]))
+    return rows, results

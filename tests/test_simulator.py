@@ -273,3 +273,15 @@ def test_the_simulators_fast_keys_agree_with_the_ir_message_rule(name, ranks, mb
             got_needs = [(decode(k % nkeys), k < nkeys) for k in needs]
             assert got_needs == want_needs, action
             assert [(decode(k), dst) for k, _bytes, dst in outputs] == want_out, action
+
+
+def test_an_unsplit_backward_costs_full_b_and_a_split_one_b_plus_w():
+    """A split can cost more than the whole (torch's W re-runs a custom autograd node B ran): 1F1B's B
+    takes full_b, ZB1P's deferred B takes b and its W w; the profile file carries full_b."""
+    base = Costs.uniform(4, f=1.0, b=1.0, w=1.0)
+    dearer = Costs(base.f, base.b, base.w, base.act_bytes, full_b=[1.5] * 4)
+    one_f_one_b, zb = build_schedule("1f1b", 4, 8), build_schedule("zb1p", 4, 8)
+    assert simulate(one_f_one_b, dearer).step_time < simulate(one_f_one_b, base).step_time
+    assert simulate(zb, dearer).step_time == simulate(zb, base).step_time
+    again = Costs.from_profile(dearer.to_profile())
+    assert again.full_b == [1.5] * 4 and Costs.from_profile(base.to_profile()).full_b == [2.0] * 4

@@ -41,6 +41,7 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
 
     from dualpipe_mhc.cluster.stage_profile import fit_hardware, profile_stages
+    from dualpipe_mhc.scheduler.sweep import simulate_profiles
 
     from .simulate import _schedules, _write_files, table
 
@@ -61,7 +62,7 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
             path = out / f"profile_{name}_{num_stages}st.json"
             path.write_text(json.dumps(profile, indent=2) + "\n")
             files["profiles"][f"{name}_{num_stages}st"] = str(path)
-    rows, results = simulate_profiles(cfg, report)
+    rows, results = simulate_profiles(cfg.pipeline.ranks, cfg.pipeline.microbatches, report)
     print(f"measured on one {report['device']}, link modelled: not a cluster measurement")
     console = Console()
     console.print(table(_simulate_report(cfg, rows)))
@@ -82,31 +83,6 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
             f"{k.upper() if k != 'mem' else 'kept'} {100 * before[k]:.0f}% -> {100 * errs[k]:.1f}%" for k in errs))
     print(f"wrote {len(files['profiles'])} profiles, traces and pictures to {out}")
     return {"command": "profile-stages", **report, "rows": rows, "hardware_fit": fit, "files": files}
-
-
-def simulate_profiles(cfg, report: dict[str, Any]) -> tuple[list[dict[str, Any]], dict]:
-    """Every schedule from the measured profiles on the config's link: rows as ``simulate``'s, and results."""
-    from dualpipe_mhc.scheduler import Costs, build_schedule, simulate, validate
-
-    from dualpipe_mhc.scheduler.sweep import _row
-
-    rows, results = [], {}
-    for num_stages, names in report["stage_counts"].items():
-        for name in names:
-            sched = build_schedule(name, cfg.pipeline.ranks, cfg.pipeline.microbatches)
-            validate(sched)
-            base = None
-            for variant in ("plain", "mhc"):
-                v = report["variants"][variant]
-                result = simulate(sched, Costs.from_profile(v["profiles"][num_stages]))
-                n = v["streams"]
-                results[(name, n)] = result
-                if variant == "plain":
-                    base = result.step_time
-                rows.append(_row(name, n, result, base))
-    order = {"1f1b": 0, "zb1p": 1, "dualpipe": 2, "dualpipev": 3}
-    rows.sort(key=lambda r: (order.get(r["schedule"], 9), r["streams"]))
-    return rows, results
 
 
 def _simulate_report(cfg, rows: list[dict[str, Any]]) -> dict[str, Any]:
