@@ -20,7 +20,8 @@ micro-batches. The planner's model of the same stage (``scheduler.analytic.stage
 ``backward_transient_bytes``) is printed beside.
 ``--norm eager`` swaps the sublayers' pre-norm (torch's fused rms_norm) for the spelled-out one the
 model had before (an A/B of the norm; the eager one is also recomputed, at its own cost).
-``--profile``: CUDA time per kernel of one step for mhc and mhc L_r=1, and the time inside the replay.
+``--profile``: CUDA time per kernel of one step for mhc and mhc L_r=1, and the time inside the rebuilds.
+``--predict FILE``: no GPU; recompute the planner's columns of a result file with the model as it is.
 Writes ``recompute_<device>.json`` and ``.md`` under ``--out``.
 """
 
@@ -157,7 +158,11 @@ def main() -> None:
     ap.add_argument("--norm", nargs="+", default=["fused"], choices=["eager", "fused"])
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--predict", metavar="JSON", help="no GPU: redo the planner's columns of a result file")
     args = ap.parse_args()
+    if args.predict:
+        print(write_results(json.loads(Path(args.predict).read_text()), Path(args.predict).parent))
+        return
 
     name = torch.cuda.get_device_name()
     _annotate_replay()
@@ -178,14 +183,6 @@ def main() -> None:
         "device": name, "torch": torch.__version__, "layers": args.layers, "tokens": args.tokens, "streams": n,
         "shape": PAPER27B, "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "norms": {},
     }  # fmt: skip
-    lines = [
-        f"device: {name}; {args.layers} layers of C {c}, {PAPER27B['heads']} heads, SwiGLU {PAPER27B['hidden']}; "
-        f"{args.tokens} tokens; bf16; n = {n}; fwd+bwd median of do_bench over {args.passes} interleaved passes",
-        "",
-        "| norm | variant | fwd+bwd ms | vs plain | kept GiB | peak in B GiB | transient GiB "
-        "| planner kept / transient GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
     for norm in args.norm:
         _use_norm(norm)
         for key, block in variants.values():  # warm-up: kernels compiled, allocator settled
@@ -203,11 +200,9 @@ def main() -> None:
             print(f"  {norm} pass {p}: " + ", ".join(f"{v} {t[-1]:.2f}" for v, t in times.items()), flush=True)
         rows = {}
         for v, (key, block) in variants.items():
-            streams = 1 if key == "plain" else n
             rows[v] = {
                 "ms": statistics.median(times[v]), "ms_passes": times[v],
                 **memory(stacks[key], *inputs[key], block),
-                "planner": _prediction(args.layers, args.tokens, streams, block),
             }  # fmt: skip
         if args.profile:
             for v in ["mhc"] + [f"mhc L_r={k}" for k in args.blocks[:1]]:
@@ -216,22 +211,39 @@ def main() -> None:
                 rows[v]["kernels_ms"] = list(top.items())[:60]
                 print(f"    {norm} {v} top (ms):", [(k[:70], round(t, 3)) for k, t in list(top.items())[:25]])
         results["norms"][norm] = rows
+        results["passes"] = args.passes
+        print(write_results(results, Path(args.out)), flush=True)
+
+
+def write_results(results: dict, out: Path) -> str:
+    """``recompute_<device>.json`` and ``.md`` under ``out``; the planner's columns from the model as it is now."""
+    lines = [
+        f"device: {results['device']}; {results['layers']} layers of C {PAPER27B['width']}, {PAPER27B['heads']} "
+        f"heads, SwiGLU {PAPER27B['hidden']}; {results['tokens']} tokens; bf16; n = {results['streams']}; fwd+bwd "
+        f"median of do_bench over {results.get('passes', 3)} interleaved passes",
+        "",
+        "| norm | variant | fwd+bwd ms | vs plain | kept GiB | peak in B GiB | transient GiB "
+        "| planner kept / transient GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for norm, rows in results["norms"].items():
         plain = rows["plain"]["ms"]
         for v, r in rows.items():
+            block = int(v.split("=")[1]) if "L_r=" in v else None
+            r["planner"] = _prediction(results["layers"], results["tokens"], 1 if v == "plain" else results["streams"],
+                                       block)
             over = f"+{100 * (r['ms'] / plain - 1):.1f} %" if v != "plain" else ""
             pred = r["planner"]
-            pred_s = f"{pred['kept_GiB']:.2f} / {pred['transient_GiB']:.2f}"
             lines.append(
                 f"| {norm} | {v} | {r['ms']:.1f} | {over} | {r['kept_GiB']:.2f} | {r['peak_B_GiB']:.2f} | "
-                f"{r['transient_GiB']:.2f} | {pred_s} |"
+                f"{r['transient_GiB']:.2f} | {pred['kept_GiB']:.2f} / {pred['transient_GiB']:.2f} |"
             )
-        print("\n".join(lines[-len(rows):]), flush=True)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tag = name.replace(" ", "_").replace("/", "_")
-        (out / f"recompute_{tag}.json").write_text(json.dumps(results, indent=1))
-        (out / f"recompute_{tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    out.mkdir(parents=True, exist_ok=True)
+    tag = results["device"].replace(" ", "_").replace("/", "_")
+    (out / f"recompute_{tag}.json").write_text(json.dumps(results, indent=1))
+    text = "\n".join(lines) + "\n"
+    (out / f"recompute_{tag}.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":
