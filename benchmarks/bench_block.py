@@ -140,16 +140,15 @@ def measure_interleaved(built: dict, rep_ms: int, passes: int, tunings: dict) ->
     return rows
 
 
-def kernel_breakdown(stack, x, grad) -> list[tuple[str, float]]:
-    """CUDA time per kernel name over one fwd+bwd (torch.profiler), largest first."""
+def kernel_breakdown(step, with_cpu_ranges: bool = False) -> list[tuple[str, float]]:
+    """CUDA time per kernel name over one call of ``step`` (torch.profiler), largest first;
+    ``with_cpu_ranges`` also attributes it to the CPU-side ranges (record_function names)."""
     from torch.profiler import ProfilerActivity, profile
-
-    def step():
-        stack(x).backward(grad)
 
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if with_cpu_ranges else [])
+    with profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize()
     rows = {}
@@ -253,7 +252,8 @@ def main() -> None:
             stack = build_stack(shape, args.layers, n, variant.split()[0], "triton")
             x = torch.randn(args.batch, args.seq, n, c, device="cuda").to(torch.bfloat16).requires_grad_()
             with overriding(tunings.get(variant, {})):
-                top = kernel_breakdown(stack, x, torch.randn_like(x))
+                grad = torch.randn_like(x)
+                top = kernel_breakdown(lambda: stack(x).backward(grad))
             rows[variant]["kernels_ms"] = top[:40]
             print(f"    {variant} top kernels (ms):", [(k[:60], round(v, 3)) for k, v in top[:15]], flush=True)
             del stack, x

@@ -40,7 +40,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_block import build_stack  # noqa: E402
+from bench_block import build_stack, kernel_breakdown  # noqa: E402
 
 PAPER27B = dict(width=6144, heads=48, mlp="swiglu", hidden=16384)
 GIB = 2**30
@@ -83,22 +83,9 @@ def memory(stack, x, grad, block_layers) -> dict[str, float]:
 
 def kernel_times(stack, x, grad, block_layers) -> dict[str, float]:
     """CUDA ms per kernel (and per record_function range) over one fwd+bwd."""
-    from torch.profiler import ProfilerActivity, profile
-
-    _step(stack, x, grad, block_layers)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        _step(stack, x, grad, block_layers)
-        torch.cuda.synchronize()
-    rows: dict[str, float] = {}
-    for evt in prof.key_averages():
-        t = getattr(evt, "device_time_total", None)
-        if t is None:
-            t = getattr(evt, "cuda_time_total", 0.0)
-        if t > 0:
-            rows[evt.key] = rows.get(evt.key, 0.0) + t / 1e3
+    top = dict(kernel_breakdown(lambda: _step(stack, x, grad, block_layers), with_cpu_ranges=True))
     _clear(stack, x)
-    return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
+    return top
 
 
 def _annotate_replay() -> None:
