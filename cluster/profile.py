@@ -39,11 +39,14 @@ def variant_configs(cfg: RunConfig, with_hc: bool = False) -> dict[str, RunConfi
     """``{"mhc": cfg', "plain": cfg'', ["hc": ...]}``: the config with only the residual kind and n changed.
 
     mHC and HC take the config's n when it asks for a hyper-connected residual, else 4 (the paper's).
+    The "mhc" variant is the config's manifold-constrained kind: ``mhc``, or ``dsv4`` when the config
+    asks for DeepSeek-V4's (its report rows say which in ``residual``).
     """
     from dualpipe_mhc.config import config_from_dict, dump_config
 
     n = cfg.model.streams if cfg.model.residual != "plain" and cfg.model.streams > 1 else 4
-    kinds = {"mhc": ("mhc", n), "plain": ("plain", 1)}
+    constrained = cfg.model.residual if cfg.model.residual in ("mhc", "dsv4") else "mhc"
+    kinds = {"mhc": (constrained, n), "plain": ("plain", 1)}
     if with_hc:
         kinds["hc"] = ("hc", n)
     out = {}

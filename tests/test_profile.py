@@ -199,3 +199,14 @@ def test_gpu_name_comes_from_a_worker_when_the_driver_has_no_nvml(monkeypatch):
     monkeypatch.setattr(ray, "get", lambda ref, timeout=None: {"ref": "NVIDIA H100 80GB HBM3"}[ref])
     runner = prof.PipelineRunner(pipe=pipe)
     assert runner.device == "NVIDIA H100 80GB HBM3"
+
+
+def test_the_n_stream_variant_is_the_configured_constrained_kind():
+    from dualpipe_mhc import load_config
+    from dualpipe_mhc.cluster.profile import variant_configs
+
+    for residual, measured in (("dsv4", "dsv4"), ("mhc", "mhc"), ("hc", "mhc"), ("plain", "mhc")):
+        streams = 1 if residual == "plain" else 4
+        cfg = load_config("tiny", [f"model.residual={residual}", f"model.streams={streams}"])
+        variants = variant_configs(cfg)
+        assert variants["mhc"].model.residual == measured and variants["plain"].model.streams == 1

@@ -79,8 +79,6 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     links = _links(cfg, args.presets)
     console = Console()
 
-    import ray
-
     from dualpipe_mhc.cluster.calibration import FORMAT, calibrate
     from dualpipe_mhc.cluster.launch import WorkerGroup, connect
     from dualpipe_mhc.cluster.runtime import resolve_placement
@@ -90,6 +88,8 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
     data["pipeline"].update(ranks=2, schedule="1f1b", microbatches=2)
     two = config_from_dict(data)
     started = connect(cfg.cluster.address, cfg.run.timeout_s)
+    import ray  # after connect, which states Ray's auth mode before Ray first reads it
+
     group = None
     try:
         use_gpu, backend = resolve_placement(two)
