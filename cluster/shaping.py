@@ -19,7 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -44,49 +44,45 @@ class _Done(threading.Event):
         self.error: BaseException | None = None
 
 
-class LinkShaper:
-    """Paces sends to ``bandwidth`` bytes/s one way plus ``latency`` s per message."""
+class SendThreads:
+    """One thread per destination issues the messages queued for it in submission order (the
+    order the receiver posts its receives in): it waits until a message's tensor exists on the
+    compute stream, then issues its pieces (:meth:`_pieces`) with ``send(piece, dst)`` under the
+    comm stream. The compute thread never waits here; a failure reaches it through ``_Done``."""
 
-    def __init__(self, bandwidth: float, latency: float, chunk_bytes: int | None = None, device: torch.device | None = None) -> None:
-        if bandwidth <= 0 or latency < 0:
-            raise ValueError(f"link shaping needs bandwidth > 0 and latency >= 0, got {bandwidth}, {latency}")
-        self.bandwidth = bandwidth
-        self.latency = latency
-        self.chunk_bytes = chunk_bytes
+    name = "send"
+
+    def __init__(self, send: Callable[[torch.Tensor, int], Any] | None = None,
+                 device: torch.device | None = None) -> None:
+        self._send = send
         self.device = device
         self._queues: dict[int, queue.Queue] = {}
         self._threads: list[threading.Thread] = []
-        self._isend: Callable[[torch.Tensor, int], Any] | None = None
         self._lock = threading.Lock()
 
-    def chunk_bytes_for(self, nbytes: int) -> int:
-        if self.chunk_bytes is not None:
-            return self.chunk_bytes
-        chunk = int(self.bandwidth * CHUNK_SECONDS)
-        chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK)
-        return max(ALIGN, chunk - chunk % ALIGN)
-
-    def start(self, isend: Callable[[torch.Tensor, int], Any]) -> None:
-        self._isend = isend
-
     def submit(self, tensor: torch.Tensor, dst: int, ready: Any, comm_stream: Any) -> _Done:
-        """Queue ``tensor`` (1 message) for ``dst``; returns an event set once all chunks are issued."""
+        """Queue ``tensor`` (one message) for ``dst``; returns an event set once all its pieces are issued."""
         done = _Done()
         with self._lock:
             if dst not in self._queues:
                 q: queue.Queue = queue.Queue()
                 self._queues[dst] = q
-                t = threading.Thread(target=self._pump, args=(q, comm_stream), name=f"link->r{dst}", daemon=True)
+                t = threading.Thread(target=self._pump, args=(q, comm_stream), name=f"{self.name}->r{dst}", daemon=True)
                 t.start()
                 self._threads.append(t)
         self._queues[dst].put((tensor, dst, ready, time.perf_counter(), done))
         return done
 
+    def _pieces(self, tensor: torch.Tensor, submitted: float, state: dict[str, float]) -> Iterator[torch.Tensor]:
+        """The pieces one message is sent as, each yielded when it is due; ``state`` lives as long as
+        the destination's thread. Unshaped: the whole tensor, at once."""
+        yield tensor
+
     def _pump(self, q: queue.Queue, comm_stream: Any) -> None:
-        assert self._isend is not None
+        assert self._send is not None
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        link_free = 0.0
+        state: dict[str, float] = {}
         while True:
             item = q.get()
             if item is None:
@@ -95,20 +91,12 @@ class LinkShaper:
             try:
                 if ready is not None:
                     ready.synchronize()  # the tensor exists on the compute stream
-                nbytes = tensor.numel() * tensor.element_size()
-                t0 = max(submitted, link_free)
-                link_free = t0 + nbytes / self.bandwidth
-                flat = tensor.view(-1)
-                elem = tensor.element_size()
-                for a, b in chunk_bounds(nbytes, self.chunk_bytes_for(nbytes), elem):
-                    due = t0 + self.latency + b / self.bandwidth
-                    _sleep_until(due)
-                    piece = flat[a // elem : b // elem]
+                for piece in self._pieces(tensor, submitted, state):
                     if comm_stream is not None:
                         with torch.cuda.stream(comm_stream):
-                            done.works.append(self._isend(piece, dst))
+                            done.works.append(self._send(piece, dst))
                     else:
-                        done.works.append(self._isend(piece, dst))
+                        done.works.append(self._send(piece, dst))
             except BaseException as exc:  # reported to the waiting rank, never lost in the thread
                 done.error = exc
             done.set()
@@ -120,6 +108,40 @@ class LinkShaper:
             t.join(timeout=1.0)
         self._queues.clear()
         self._threads.clear()
+
+
+class LinkShaper(SendThreads):
+    """Paces sends to ``bandwidth`` bytes/s one way plus ``latency`` s per message."""
+
+    name = "link"
+
+    def __init__(self, bandwidth: float, latency: float, chunk_bytes: int | None = None, device: torch.device | None = None) -> None:
+        if bandwidth <= 0 or latency < 0:
+            raise ValueError(f"link shaping needs bandwidth > 0 and latency >= 0, got {bandwidth}, {latency}")
+        super().__init__(None, device)
+        self.bandwidth = bandwidth
+        self.latency = latency
+        self.chunk_bytes = chunk_bytes
+
+    def chunk_bytes_for(self, nbytes: int) -> int:
+        if self.chunk_bytes is not None:
+            return self.chunk_bytes
+        chunk = int(self.bandwidth * CHUNK_SECONDS)
+        chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK)
+        return max(ALIGN, chunk - chunk % ALIGN)
+
+    def start(self, isend: Callable[[torch.Tensor, int], Any]) -> None:
+        self._send = isend
+
+    def _pieces(self, tensor: torch.Tensor, submitted: float, state: dict[str, float]) -> Iterator[torch.Tensor]:
+        nbytes = tensor.numel() * tensor.element_size()
+        t0 = max(submitted, state.get("link_free", 0.0))  # one message at a time on the link
+        state["link_free"] = t0 + nbytes / self.bandwidth
+        flat = tensor.view(-1)
+        elem = tensor.element_size()
+        for a, b in chunk_bounds(nbytes, self.chunk_bytes_for(nbytes), elem):
+            _sleep_until(t0 + self.latency + b / self.bandwidth)
+            yield flat[a // elem : b // elem]
 
 
 def _sleep_until(deadline: float) -> None:

@@ -10,13 +10,11 @@ plain copy, so the CPU suite exercises it (``host_staging``).
 
 from __future__ import annotations
 
-import queue
-import threading
 from typing import Any, Callable
 
 import torch
 
-from .shaping import _Done
+from .shaping import SendThreads
 
 
 def stage_to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -50,56 +48,12 @@ class StagedWork:
         return self.work.is_completed()
 
 
-class HostSendQueue:
-    """One thread per destination issues staged sends in submission order (the order the
-    receiver posts them in): it waits until the tensor exists on the compute stream, then
-    calls ``send(tensor, dst)`` under the comm stream. The link shaper does the same with
-    pacing; this is the unshaped case."""
+class HostSendQueue(SendThreads):
+    """Staged sends, unshaped: one thread per destination calls ``send(tensor, dst)`` (which stages
+    through host memory) in submission order, once the tensor exists on the compute stream. The
+    link shaper does the same with pacing."""
+
+    name = "host"
 
     def __init__(self, send: Callable[[torch.Tensor, int], Any], device: torch.device) -> None:
-        self._send = send
-        self.device = device
-        self._queues: dict[int, queue.Queue] = {}
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    def submit(self, tensor: torch.Tensor, dst: int, ready: Any, comm_stream: Any) -> _Done:
-        """Queue ``tensor`` for ``dst``; returns an event set once its send is issued (``works``)."""
-        done = _Done()
-        with self._lock:
-            if dst not in self._queues:
-                q: queue.Queue = queue.Queue()
-                self._queues[dst] = q
-                t = threading.Thread(target=self._pump, args=(q, comm_stream), name=f"host->r{dst}", daemon=True)
-                t.start()
-                self._threads.append(t)
-        self._queues[dst].put((tensor, dst, ready, done))
-        return done
-
-    def _pump(self, q: queue.Queue, comm_stream: Any) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        while True:
-            item = q.get()
-            if item is None:
-                return
-            tensor, dst, ready, done = item
-            try:
-                if ready is not None:
-                    ready.synchronize()  # the tensor exists on the compute stream
-                if comm_stream is not None:
-                    with torch.cuda.stream(comm_stream):
-                        done.works.append(self._send(tensor, dst))
-                else:
-                    done.works.append(self._send(tensor, dst))
-            except BaseException as exc:  # reported to the waiting rank, never lost in the thread
-                done.error = exc
-            done.set()
-
-    def stop(self) -> None:
-        for q in self._queues.values():
-            q.put(None)
-        for t in self._threads:
-            t.join(timeout=1.0)
-        self._queues.clear()
-        self._threads.clear()
+        super().__init__(send, device)
