@@ -31,6 +31,17 @@ def _time(fn, repeats: int) -> dict[str, float]:
     return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples), "repeats": repeats}
 
 
+def machine() -> dict:
+    """Where a CPU benchmark ran: the box is shared, so its load rides along with the figures."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=64)
@@ -55,13 +66,7 @@ def main() -> None:
         "simulate_with_events": _time(lambda: simulate(sched, costs), args.repeats),
         "simulate_without_events": _time(lambda: simulate(sched, costs, record_events=False), args.repeats),
         "simulate_and_materialise_events": _time(lambda: simulate(sched, costs).events, args.repeats),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        },
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     sim = report["simulate_with_events"]["median_s"]

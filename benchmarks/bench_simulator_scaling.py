@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_simulator import machine  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
@@ -63,13 +64,7 @@ def main() -> None:
         "runs": runs,
         "max_seconds_per_half": max(r["seconds_per_half"] for r in runs),
         "max_bytes_per_half": max(r["bytes_per_half"] for r in runs),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        },
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
