@@ -47,6 +47,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from results_io import write_results  # noqa: E402
+
 SHAPES = {
     "a": dict(width=2048, heads=16, mlp="gelu", hidden=8192),
     "b": dict(width=4096, heads=32, mlp="swiglu", hidden=11008),
@@ -279,11 +281,8 @@ def main() -> None:
                 f"{r['peak_GiB']:.2f} |"
             )
         print("\n".join(lines[-len(rows):]), flush=True)
-        out = Path(args.out)  # written after every shape, so a cut-short run keeps what it measured
-        out.mkdir(parents=True, exist_ok=True)
-        tag = name.replace(" ", "_").replace("/", "_")
-        (out / f"kernels_block_{tag}.json").write_text(json.dumps(results, indent=1))
-        (out / f"kernels_block_{tag}.md").write_text("\n".join(lines) + "\n")
+        # written after every shape, so a cut-short run keeps what it measured
+        write_results(args.out, "kernels_block", name, results, lines)
     print("\n".join(lines))
 
 

@@ -22,7 +22,6 @@ against a measured device copy. Writes ``dsv4_wrapper_<device>.json`` and ``.md`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,9 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_io import write_results  # noqa: E402
 
 ITERS = 20
 
@@ -200,11 +202,7 @@ def main() -> None:
         lines.append(f"| {variant} | {r['ms']:.2f} | {speed} | {r['peak_GiB']:.2f} | {mem} | {pct} | {errs} |")
     for variant, why in results["skipped"].items():
         lines.append(f"| {variant} | skipped: {why} | | | | | |")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = name.replace(" ", "_").replace("/", "_")
-    (out_dir / f"dsv4_wrapper_{tag}.json").write_text(json.dumps(results, indent=1))
-    (out_dir / f"dsv4_wrapper_{tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "dsv4_wrapper", name, results, lines)
     print("\n".join(lines))
 
 

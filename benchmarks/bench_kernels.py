@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kernel_candidates as cands  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 from dualpipe_mhc.kernels import reference as ref  # noqa: E402
 from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  # noqa: E402
@@ -276,10 +277,7 @@ def main() -> None:
         if args.write_tuning:
             Path(args.write_tuning).write_text(json.dumps(best, indent=1))
         if args.no_cases:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            tag = name.replace(" ", "_").replace("/", "_")
-            (out / f"kernels_sweep_{tag}.json").write_text(json.dumps(results, indent=1))
+            write_results(args.out, "kernels_sweep", name, results)
             return
     overrides = json.loads(Path(args.tuning).read_text()) if args.tuning else {}
     tuned = launch_settings(torch.device(device), torch.bfloat16, args.streams[0], args.widths[0], overrides)
@@ -291,11 +289,7 @@ def main() -> None:
                 times = time_case(t, n, c, device, overrides)
                 results["cases"].append({"T": t, "n": n, "C": c, "ms": times, "bytes": stream_bytes(t, n, c)})
                 print("\n".join(table(results)[-len(ROWS):]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = name.replace(" ", "_").replace("/", "_")
-    (out / f"kernels_ops_{tag}.json").write_text(json.dumps(results, indent=1))
-    (out / f"kernels_ops_{tag}.md").write_text("\n".join(table(results)) + "\n")
+    write_results(args.out, "kernels_ops", name, results, table(results))
     print("\n".join(table(results)))
 
 

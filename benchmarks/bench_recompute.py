@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_block import build_stack, kernel_breakdown  # noqa: E402
+from results_io import write_results  # noqa: E402
 
 PAPER27B = dict(width=6144, heads=48, mlp="swiglu", hidden=16384)
 GIB = 2**30
@@ -148,7 +149,7 @@ def main() -> None:
     ap.add_argument("--predict", metavar="JSON", help="no GPU: redo the planner's columns of a result file")
     args = ap.parse_args()
     if args.predict:
-        print(write_results(json.loads(Path(args.predict).read_text()), Path(args.predict).parent))
+        print(write_table(json.loads(Path(args.predict).read_text()), Path(args.predict).parent))
         return
 
     name = torch.cuda.get_device_name()
@@ -199,10 +200,10 @@ def main() -> None:
                 print(f"    {norm} {v} top (ms):", [(k[:70], round(t, 3)) for k, t in list(top.items())[:25]])
         results["norms"][norm] = rows
         results["passes"] = args.passes
-        print(write_results(results, Path(args.out)), flush=True)
+        print(write_table(results, Path(args.out)), flush=True)
 
 
-def write_results(results: dict, out: Path) -> str:
+def write_table(results: dict, out: Path) -> str:
     """``recompute_<device>.json`` and ``.md`` under ``out``; the planner's columns from the model as it is now."""
     lines = [
         f"device: {results['device']}; {results['layers']} layers of C {PAPER27B['width']}, {PAPER27B['heads']} "
@@ -225,12 +226,7 @@ def write_results(results: dict, out: Path) -> str:
                 f"| {norm} | {v} | {r['ms']:.1f} | {over} | {r['kept_GiB']:.2f} | {r['peak_B_GiB']:.2f} | "
                 f"{r['transient_GiB']:.2f} | {pred['kept_GiB']:.2f} / {pred['transient_GiB']:.2f} |"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    tag = results["device"].replace(" ", "_").replace("/", "_")
-    (out / f"recompute_{tag}.json").write_text(json.dumps(results, indent=1))
-    text = "\n".join(lines) + "\n"
-    (out / f"recompute_{tag}.md").write_text(text)
-    return text
+    return write_results(out, "recompute", results["device"], results, lines)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from dualpipe_mhc.scheduler.measured import analyse_step, incoming_transfer_seconds
 
+from .nvml import UNAVAILABLE
+
 if TYPE_CHECKING:
     from dualpipe_mhc.config import RunConfig
     from dualpipe_mhc.scheduler.ir import Schedule
@@ -28,7 +30,6 @@ if TYPE_CHECKING:
 
 PAPER_OVERHEAD_PCT = 6.7  # mHC n = 4 over the plain residual, training time (arXiv 2512.24880)
 STRETCH_OVERHEAD_PCT = 5.0  # the stretch goal
-UNAVAILABLE = "unavailable"
 
 WORKER_NVML_NOTE = "sampled by each worker on its own GPU, exact step edges"
 

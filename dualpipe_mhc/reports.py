@@ -13,7 +13,6 @@ from typing import Any
 
 NUM = (int, float)
 NONE = type(None)
-UNAVAILABLE = "unavailable"  # NVML fields where the counter is missing (cluster/profile.py)
 
 
 @dataclass(frozen=True)

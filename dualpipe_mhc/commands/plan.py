@@ -87,12 +87,11 @@ def main(cfg, args: argparse.Namespace) -> dict[str, Any]:
         verdict = f"recompute.block_layers={plan.block_layers} (set recompute.enabled=true)"
     else:
         verdict = "no recomputation needed: the step fits without it"
-    sharding = plan.to_dict()["sharding"]
+    report = {**plan.to_dict(), "command": "plan", "files": {}}
     console.print(
         f"choice: {verdict}; {plan.choice.total_gib:.1f} of {plan.budget_gib:g} GiB on the fullest rank "
-        f"with {sharding} state ({plan.state_bytes_per_param:g} bytes per parameter)"
+        f"with {report['sharding']} state ({plan.state_bytes_per_param:g} bytes per parameter)"
     )
-    report = {**plan.to_dict(), "command": "plan", "files": {}}
     _write_files(report, args, console)
     return report
 
