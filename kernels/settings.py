@@ -11,9 +11,9 @@ A benchmark that times a whole model under other settings wraps it in :func:`ove
 context variable: it reaches only the forwards started in that thread and context.
 
 The table is keyed by device name (``torch.cuda.get_device_name``), with ``"default"`` for any
-device not listed. Today's defaults come from the H100 sweep (benchmarks/NOTES_kernels.md,
-benchmarks/results/kernels_sweep_*); an H200 entry is added from
-``python benchmarks/bench_kernels.py --sweep --write-tuning best.json`` run on one.
+device not listed (the H100's). Each entry comes from
+``python benchmarks/bench_kernels.py --sweep --write-tuning best.json`` run on that device
+(H100: benchmarks/NOTES_kernels.md, results/kernels_sweep_*; H200: results/kernels_sweep_h200/).
 The sweep's candidate lists live in ``benchmarks/kernel_candidates.py``.
 """
 
@@ -102,11 +102,20 @@ H100_WIDE_APPLY = H100.replace(
     apply_dphi_bf16=False, apply_dphi_lo=True, apply_block_t=16, apply_block_q=None, apply_warps=8,
     apply_stages=None, apply_fuse_dphi=True, apply_loop_stages=2,
 )
+# H200 sweep of 2026-12-01 (benchmarks/results/kernels_sweep_h200/, `bench_kernels.py --sweep`): the
+# H100 candidates timed again; the winners differ where the faster HBM moves the balance towards
+# latency (128-token forward blocks, 3 loop stages in the apply and post/res kernels, a narrower
+# reduce). The wide apply sizes were not swept there: H100's, which compile without spilling for sm_90.
+H200 = H100.replace(
+    fwd_block_t=128, fwd_stages=3, apply_loop_stages=3, reduce_block_c=128, reduce_warps=2,
+    post_fwd_block_c=512, post_fwd_tile_values=4096, post_fwd_warps=4, post_fwd_loop_stages=3,
+    post_bwd_block_c=128, post_bwd_loop_stages=3,
+)
 DEFAULT = "default"
 TABLE: dict[str, DeviceTuning] = {
     DEFAULT: DeviceTuning(H100, H100_WIDE_APPLY),
     "NVIDIA H100 80GB HBM3": DeviceTuning(H100, H100_WIDE_APPLY),
-    # "NVIDIA H200": DeviceTuning(H100.replace(**<bench_kernels.py --sweep --write-tuning on an H200>), ...),
+    "NVIDIA H200": DeviceTuning(H200, H100_WIDE_APPLY),
 }
 
 _override: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("mhc_launch_override", default={})

@@ -19,12 +19,13 @@ PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
 @pytest.mark.skipif(not PTXAS.exists(), reason="this Triton wheel ships no ptxas")
-def test_default_launches_fit_sm90():
+@pytest.mark.parametrize("device", ["default", "NVIDIA H200"])
+def test_default_launches_fit_sm90(device):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--widths", "2048", "--defaults-only",
-         "--check"],
+         "--check", "--device", device],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -349,6 +349,17 @@ def test_apply_defaults_fit_shared_memory():
         assert got.apply_block_t == 16 != entry.narrow.apply_block_t
 
 
+def test_h200_entry_is_its_sweep():
+    """The H200 table entry is what its sweep picked (benchmarks/results/kernels_sweep_h200/), field for field."""
+    import json
+    from pathlib import Path
+
+    from dualpipe_mhc.kernels.settings import TABLE
+
+    best = json.loads((Path(__file__).parents[1] / "benchmarks/results/kernels_sweep_h200/best_tuning.json").read_text())
+    assert best and TABLE["NVIDIA H200"].narrow == TABLE["default"].narrow.replace(best)
+
+
 def test_launch_settings_override_is_explicit_and_per_thread():
     """An explicit override wins over an :func:`overriding` block, which wins over the table; the block
     reaches only its own thread (a worker's status thread sees the table), and unknown names fail at once."""
