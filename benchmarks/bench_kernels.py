@@ -46,6 +46,7 @@ import kernel_candidates as cands  # noqa: E402
 from results_io import write_results  # noqa: E402
 
 from dualpipe_mhc.kernels import reference as ref  # noqa: E402
+from dualpipe_mhc.kernels.mhc_chain import chain_backward, chain_forward, chain_supported  # noqa: E402
 from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  # noqa: E402
 from dualpipe_mhc.kernels import mhc_pre, mhc_pre_common  # noqa: E402
 from dualpipe_mhc.kernels.mhc_pre import (  # noqa: E402
@@ -103,6 +104,13 @@ def stream_bytes(t: int, n: int, c: int, esize: int = 2) -> dict[str, tuple[int,
         "pre bwd": (3 * xs + cs, 4 * xs + 2 * cs),
         "post_res fwd": (2 * xs + cs, 2 * xs + cs),
         "post_res bwd": (2 * xs + 2 * cs, 2 * xs + 2 * cs),  # g, x, y -> dy
+        # the junction (kernels/mhc_chain.py): x, y -> x_next and the next pre op's projection partials
+        # (~3 channel splits of M + 1 floats); then that op reads x_next once: partials -> mappings, u
+        "chain fwd": (2 * xs + cs + small(3 * (m + 1)), 2 * xs + cs + small(3 * (m + 1))),
+        "chained pre fwd": (xs + cs + small(2 * m + 1 + 3 * (m + 1)), xs + cs + small(2 * m + 1 + 3 * (m + 1))),
+        # x, y, du, g_next (H_res_next), draw, coef -> g, dy and dH partials (C / 32 channel blocks of n + n^2)
+        "chain bwd": (3 * xs + 3 * cs + small(m + 2 + 3 * n + 2 * n * n),
+                      3 * xs + 3 * cs + small(m + 2 + 3 * n + 2 * n * n + (c // 32) * (n + n * n))),
     }
 
 
@@ -125,6 +133,15 @@ def time_case(t: int, n: int, c: int, device: str, overrides: dict) -> dict[str,
         "post_res bwd": bench(lambda: post_res_backward(gx, x, y, h_post, h_res, write_dx=False, settings=st)),
     }
     res["pre bwd"] = res["pre bwd reduce"] + res["pre bwd apply"]
+    if chain_supported(x, st):
+        _, part, ss_part = chain_forward(x, y, h_post, h_res, phi, st)
+        res["chain fwd"] = bench(lambda: chain_forward(x, y, h_post, h_res, phi, st))
+        res["chained pre fwd"] = bench(
+            lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, settings=st, partials=(part, ss_part))
+        )
+        res["chain bwd"] = bench(
+            lambda: chain_backward(x, y, h_post, h_res, phi, du, h_pre, draw, coef, (gx, h_res), None, st)
+        )
     print(f"  resident programs per kernel config (apply grid sizing): {list(mhc_pre_common._resident.values())}")
     v2 = st.replace(cands.V2)  # the previous defaults, same inputs, same run
     res["pre fwd (v2)"] = bench(lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, settings=v2))
@@ -146,8 +163,9 @@ def time_case(t: int, n: int, c: int, device: str, overrides: dict) -> dict[str,
     return res
 
 
-def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
-    """Time every candidate of kernel_candidates (FWD, APPLY, REDUCE, POST_FWD, POST_BWD, and the v2 defaults)."""
+def sweep(t: int, n: int, c: int, device: str, only: list[str] | None = None) -> dict[str, list]:
+    """Time every candidate of kernel_candidates (FWD, APPLY, REDUCE, POST_FWD, POST_BWD, CHAIN_FWD, CHAIN_BWD
+    and the v2 defaults); ``only``: the kernels whose names start so ("chain", "pre bwd", ...)."""
     x, phi, alpha, bias, y, du, gx = make_case(t, n, c, device)
     base = launch_settings(x.device, x.dtype, n, c)
     u, h_pre, h_post, h_res, proj, rstd = pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS)
@@ -165,7 +183,13 @@ def sweep(t: int, n: int, c: int, device: str) -> dict[str, list]:
         "post_res fwd": (lambda st: post_res_forward(x, y, h_post, h_res, settings=st), cands.POST_FWD),
         "post_res bwd": (lambda st: post_res_backward(gx, x, y, h_post, h_res, write_dx=False, settings=st),
                          cands.POST_BWD),
+        "chain fwd": (lambda st: chain_forward(x, y, h_post, h_res, phi, st), cands.CHAIN_FWD),
+        "chain bwd": (lambda st: chain_backward(x, y, h_post, h_res, phi, du, h_pre, draw, coef, (gx, h_res), None,
+                                                st),
+                      cands.CHAIN_BWD),
     }  # fmt: skip
+    if only:
+        calls = {k: v for k, v in calls.items() if any(k.startswith(o) for o in only)}
     out = {}
     for name, (fn, configs) in calls.items():
         rows = []
@@ -219,7 +243,8 @@ def split_parts(t: int, n: int, c: int, device: str) -> dict[str, float]:
 
 
 TUNING_PREFIX = {"pre fwd": "fwd_", "pre bwd apply": "apply_", "pre bwd reduce": "reduce_",
-                 "post_res fwd": "post_fwd_", "post_res bwd": "post_bwd_"}  # fmt: skip
+                 "post_res fwd": "post_fwd_", "post_res bwd": "post_bwd_", "chain fwd": "chain_fwd_",
+                 "chain bwd": "chain_bwd_"}  # fmt: skip
 
 
 def best_tuning(sweeps: list[dict[str, list]]) -> dict:
@@ -247,6 +272,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[4])
     ap.add_argument("--sweep", action="store_true", help="time the tuning candidates first, at --sweep-widths")
     ap.add_argument("--sweep-widths", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--sweep-only", nargs="+", default=None, help="sweep only these kernels (name prefixes: chain, ...)")
     ap.add_argument("--tuning", default=None, help="JSON of launch-settings overrides to time as the default")
     ap.add_argument("--write-tuning", default=None, help="with --sweep: write the best candidates here (JSON)")
     ap.add_argument("--no-cases", action="store_true", help="with --sweep: stop after the sweep")
@@ -271,7 +297,7 @@ def main() -> None:
         return
     if args.sweep:
         t, n = args.tokens[0], args.streams[0]
-        sweeps = [sweep(t, n, c, device) for c in args.sweep_widths]
+        sweeps = [sweep(t, n, c, device, args.sweep_only) for c in args.sweep_widths]
         best = best_tuning(sweeps)
         results["sweep"] = {"T": t, "n": n, "widths": args.sweep_widths, "by_width": sweeps, "best": best}
         if args.write_tuning:
@@ -294,7 +320,7 @@ def main() -> None:
 
 
 ROWS = ("pre fwd", "pre fwd (v2)", "pre bwd reduce", "pre bwd apply", "pre bwd apply (v2)", "pre bwd", "pre bwd (v2)",
-        "post_res fwd", "post_res bwd")  # fmt: skip
+        "post_res fwd", "post_res bwd", "chain fwd", "chained pre fwd", "chain bwd")  # fmt: skip
 
 
 def table(results: dict) -> list[str]:
@@ -310,7 +336,7 @@ def table(results: dict) -> list[str]:
     ]
     for case in results["cases"]:
         times, nbytes = case["ms"], stream_bytes(case["T"], case["n"], case["C"])
-        for k in ROWS:
+        for k in (r for r in ROWS if r in times):  # runs before the junction have no chain rows
             lo, moved = nbytes[k.removesuffix(" (v2)")]
             sec = times[k] * 1e-3
             refms = {"pre fwd": times["ref pre fwd"], "post_res fwd": times["ref post_res fwd"]}.get(k)

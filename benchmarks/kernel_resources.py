@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import kernel_candidates as cands  # noqa: E402
 
-from dualpipe_mhc.kernels import mhc_pre, mhc_pre_common  # noqa: E402
+from dualpipe_mhc.kernels import mhc_chain, mhc_pre, mhc_pre_common  # noqa: E402
 from dualpipe_mhc.kernels import reference as ref  # noqa: E402
 from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  # noqa: E402
 from dualpipe_mhc.kernels.settings import DEFAULT, TABLE, launch_settings  # noqa: E402
@@ -120,6 +120,10 @@ def launches(t: int, n: int, c: int, dtype: torch.dtype, device_name: str, overr
     mhc_pre.pre_backward(
         x, phi, alpha, bias, h_pre, proj, rstd, du, dh_post, dh_res, 20, res_grad=(x, h_res), settings=st
     )
+    if mhc_chain.chain_supported(x, st):  # the junction of two chained sublayers, as a model runs it
+        mhc_chain.chain_forward(x, u, h_post, h_res, phi, st)
+        draw, coef = torch.zeros(t, m), torch.zeros(t)
+        mhc_chain.chain_backward(x, u, h_post, h_res, phi, du, h_pre, draw, coef, (x, h_res), None, st)
 
 
 def main() -> None:
@@ -136,7 +140,8 @@ def main() -> None:
     if not args.defaults_only:
         configs += [("v2", cands.V2, torch.bfloat16, 4)]
         for label, group in (("apply", cands.APPLY), ("fwd", cands.FWD), ("reduce", cands.REDUCE),
-                             ("post fwd", cands.POST_FWD), ("post bwd", cands.POST_BWD)):
+                             ("post fwd", cands.POST_FWD), ("post bwd", cands.POST_BWD),
+                             ("chain fwd", cands.CHAIN_FWD), ("chain bwd", cands.CHAIN_BWD)):
             configs += [(f"{label} cand {i}", kw, torch.bfloat16, 4) for i, kw in enumerate(group)]
     bad = []
     lines = [f"triton {triton.__version__}, target sm_90; regs per thread, stack bytes, local ld/st in SASS",

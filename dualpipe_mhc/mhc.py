@@ -93,18 +93,21 @@ class HyperConnection(nn.Module):
             b_res = torch.eye(n)
         return torch.cat([b_pre, b_post, b_res.flatten()])
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [..., n, C] -> [..., n, C]``."""
+    def forward(self, x: Tensor, then: HyperConnection | None = None) -> Tensor:
+        """``x [..., n, C] -> [..., n, C]``. ``then``: the hyper-connection the output feeds next (a chain
+        within a stage): the fused backend then fuses this post/res op with its pre op."""
         if self.kind == "plain":
             return x + self.sublayer(x.squeeze(-2)).unsqueeze(-2)
-        ops = get_ops(resolve_backend(self.kernels, x.device.type, self.kind))
+        backend = resolve_backend(self.kernels, x.device.type, self.kind)
+        ops = get_ops(backend)
         u, h_pre, h_post, h_res = ops.pre(
             x, self.phi, self.alpha, self.bias, self.sinkhorn_iters, self.kind, return_h_pre=True
         )
         if self.recorder is not None:
             self.recorder(ops, h_pre.detach(), h_post.detach(), h_res.detach())
         y = self.sublayer(u)  # [..., C]
-        return ops.post_res(x, y, h_post, h_res)
+        chained = then is not None and then.kind != "plain" and resolve_backend(then.kernels, x.device.type, then.kind) == backend
+        return ops.post_res(x, y, h_post, h_res, next_phi=then.phi if chained else None)
 
     def mappings(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(h_pre, h_post, h_res) for input ``x``, through the reference: for reports, not the hot path."""

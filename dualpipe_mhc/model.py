@@ -107,8 +107,9 @@ class Block(nn.Module):
         self.attn = HyperConnection(Attention(cfg.width, cfg.heads), **wrap)
         self.mlp = HyperConnection(Mlp(cfg.width, cfg.hidden, cfg.mlp), **wrap)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(self.attn(x))
+    def forward(self, x: Tensor, then: Block | None = None) -> Tensor:
+        """``then``: the layer the output feeds next in this stage, which the mHC ops may fuse across."""
+        return self.mlp(self.attn(x, then=self.mlp), then=None if then is None else then.attn)
 
 
 class Embed(nn.Module):

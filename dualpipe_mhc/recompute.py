@@ -81,11 +81,17 @@ def run_blocks(
     replay again; costs holding the chunk's recomputed blocks from B to W.
     """
     if block_layers is None or not torch.is_grad_enabled() or all(b.attn.kind == "plain" for b in blocks):
-        for block in blocks:
-            x = block(x)
-        return x
+        return run_chain(blocks, x)
     for a, b in block_segments(first_layer, len(blocks), block_layers):
-        x = _Segment(blocks[a:b], replay_once=replay_once).forward(x)
+        x = _Segment(blocks[a:b], replay_once=replay_once, then=blocks[b] if b < len(blocks) else None).forward(x)
+    return x
+
+
+def run_chain(blocks: Sequence[nn.Module], x: Tensor, then: nn.Module | None = None) -> Tensor:
+    """``blocks`` in turn, each told which one its output feeds (``then`` after the last): the fused
+    mHC ops fuse each post/res op with the next pre op across that seam."""
+    for i, block in enumerate(blocks):
+        x = block(x, then=blocks[i + 1] if i + 1 < len(blocks) else then)
     return x
 
 
@@ -148,6 +154,7 @@ class _Segment:
 
     blocks: Sequence[nn.Module]
     replay_once: bool = False
+    then: nn.Module | None = None  # the block after this segment in the stage (the chain goes on across it)
     x0: Tensor | None = None
     subs: list[_Sublayer] = field(default_factory=list)
     kept: set[int] = field(default_factory=set)
@@ -171,8 +178,7 @@ class _Segment:
         self.kept.add(_storage_key(x))
         self.meter = _METER[-1] if _METER else None
         with self._recording(), saved_tensors_hooks(self._pack, _unpack):
-            for block in self.blocks:
-                x = block(x)
+            x = run_chain(self.blocks, x, self.then)
         # The named outputs were held only so their storages could not be reused while
         # their keys were live; from here on every save is packed.
         self.names.clear()

@@ -56,7 +56,9 @@ def _fused_available() -> bool:
 
 def get_ops(backend: str) -> SimpleNamespace:
     """The op table for a resolved backend name: ``.pre(x, phi, alpha, bias, iters, kind, return_h_pre=False)``,
-    ``.post_res(x, y, h_post, h_res)`` and ``.aggregate(x, h_pre)`` (u = H_pre x, for recomputation)."""
+    ``.post_res(x, y, h_post, h_res, next_phi=None)`` (``next_phi``: the phi of the pre op x_next feeds next,
+    for the fused backend's cross-sublayer junction) and ``.aggregate(x, h_pre)`` (u = H_pre x, for
+    recomputation)."""
     if backend == "triton":
         return _triton_ops()
     if backend == "reference":

@@ -18,6 +18,15 @@ g = dL/dx_next and H_res to the pre op's backward instead (a :class:`_GradLink` 
 to ``h_res``), whose apply kernel forms H_res^T g while writing its own dx. The pre
 backward always runs after the post/res backward, because it needs dL/dh_res.
 
+Fusion across sublayers (:mod:`kernels.mhc_chain`): ``post_res(..., next_phi=phi)``, where phi is
+the next sublayer's, returns x_next carrying a :class:`_Junction`. The post/res kernel then also
+sums the next pre op's projection partials while x_next is in registers, and the next
+``mhc_pre(x_next, phi, ...)`` only finishes them. In the backward that pre op runs its reduce and
+defers the rest (its dx and dphi) to the junction's backward, which runs after it (it produced
+x_next) and does that apply and its own post/res backward in one pass, x_next rebuilt from x and
+y. A pass that reaches the junction without the deferred state (x_next fed no chained pre op, or
+that op's node did not run) takes the op-local post/res backward.
+
 Launch settings (:mod:`kernels.settings`) are resolved once per call, in the forward, and kept
 for the backward: autograd may run the backward on another thread.
 """
@@ -30,14 +39,16 @@ import torch
 from torch import Tensor
 
 from . import FUSED_KINDS
+from .mhc_chain import chain_backward, chain_forward, chain_supported
 from .mhc_post import post_res_backward, post_res_forward
-from .mhc_pre import _pre_fwd_kernel, pre_backward, pre_forward
+from .mhc_pre import _pre_fwd_kernel, pre_backward, pre_backward_reduce, pre_forward
 from .mhc_pre import pre_aggregate as _pre_aggregate
 from .reference import RMS_EPS
 from .settings import LaunchSettings, launch_settings
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LINK_ATTR = "_mhc_grad_link"
+_JUNCTION_ATTR = "_mhc_junction"
 
 
 class _GradLink:
@@ -77,14 +88,46 @@ class _GradLink:
         return taken
 
 
+class _Junction:
+    """Sublayer l's post/res output x_{l+1} as sublayer l+1's pre op input (see the module docstring).
+
+    Forward: holds the next pre op's projection partials until that op takes them. Backward: holds
+    what the pre op deferred (du, h_pre, its reduce's draw and coef, the gradients that reached its
+    x through the next post/res op) until the junction's backward takes it. x_{l+1} is held weakly."""
+
+    __slots__ = ("_out", "phi", "_phi_version", "partials", "deferred")
+
+    def __init__(self, phi: Tensor) -> None:
+        self.phi, self._phi_version = phi, phi._version
+        self._out: weakref.ref | None = None
+        self.partials: tuple[Tensor, Tensor] | None = None
+        self.deferred: tuple | None = None
+
+    def attach(self, out: Tensor) -> None:
+        self._out = weakref.ref(out)
+        setattr(out, _JUNCTION_ATTR, self)
+
+    def feeds(self, x: Tensor, phi: Tensor) -> bool:
+        """Whether ``mhc_pre(x, phi)`` is the op this junction's partials were summed for."""
+        return (
+            self.partials is not None and self._out is not None and self._out() is x
+            and phi is self.phi and phi._version == self._phi_version
+        )  # fmt: skip
+
+
 class MhcPreFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, phi, alpha, bias, iters, eps, link, kind, settings):  # x: [T, n, C] contiguous
+    def forward(ctx, x, phi, alpha, bias, iters, eps, link, kind, settings, junction):  # x: [T, n, C] contiguous
+        partials = None
+        if junction is not None:
+            partials, junction.partials = junction.partials, None
         u, h_pre, h_post, h_res, proj, rstd = pre_forward(
-            x, phi, alpha, bias, iters, eps, kind=kind, settings=settings
+            x, phi, alpha, bias, iters, eps, kind=kind, settings=settings, partials=partials
         )
         ctx.save_for_backward(x, phi, alpha, bias, h_pre, proj, rstd)
         ctx.iters, ctx.link, ctx.kind, ctx.settings = iters, link, kind, settings
+        # the junction's backward finishes this op's backward only if autograd will run it: x came out of it
+        ctx.junction = junction if junction is not None and ctx.needs_input_grad[0] else None
         ctx.mark_non_differentiable(h_pre)  # returned for recomputation only: u carries its gradient
         return u, h_pre, h_post, h_res
 
@@ -97,11 +140,18 @@ class MhcPreFunction(torch.autograd.Function):
         dh_post = torch.zeros((t, n), **f32) if dh_post is None else dh_post.float().contiguous()
         dh_res = torch.zeros((t, n, n), **f32) if dh_res is None else dh_res.float().contiguous()
         dx_accum, res_grad = ctx.link.take() if ctx.link is not None else (None, None)
+        if ctx.junction is not None:  # the reduce here, dx and dphi in the junction's backward
+            dlogit, dalpha_part, draw, coef = pre_backward_reduce(
+                x, alpha, bias, proj, rstd, du, dh_post, dh_res, ctx.iters, kind=ctx.kind, settings=ctx.settings
+            )
+            ctx.junction.deferred = (du, h_pre, draw, coef, dx_accum, res_grad)
+            dalpha, dbias = dalpha_part.sum(0), dlogit.sum(0)
+            return None, None, dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None, None, None, None
         dx, dphi, dalpha, dbias = pre_backward(
             x, phi, alpha, bias, h_pre, proj, rstd, du, dh_post, dh_res, ctx.iters,
             dx_accum=dx_accum, res_grad=res_grad, kind=ctx.kind, settings=ctx.settings,
         )  # fmt: skip
-        return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None, None, None
+        return dx, dphi.to(phi.dtype), dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None, None, None, None
 
 
 class PostResFunction(torch.autograd.Function):
@@ -120,17 +170,68 @@ class PostResFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, y, h_post, h_res = ctx.saved_tensors
+        return (*_post_res_backward(ctx.link, ctx.settings, g, x, y, h_post, h_res), None, None)
+
+
+def _post_res_backward(link, settings, g, x, y, h_post, h_res) -> tuple[Tensor | None, ...]:
+    """The op-local post/res backward: (dx, dy, dh_post, dh_res), dx handed to x's pre op where it can be."""
+    n, c = x.shape[-2:]
+    g = g.contiguous().view(-1, n, c)
+    handed = link is not None and link.hold(g, h_res)
+    dx, dy, dh_post, dh_res = post_res_backward(
+        g, x.view(-1, n, c), y, h_post, h_res, write_dx=not handed, settings=settings
+    )
+    if link is not None:
+        if not handed:
+            link.give(dx)
+        dx = None
+    return None if dx is None else dx.view(x.shape), dy, dh_post, dh_res
+
+
+class ChainPostResFunction(torch.autograd.Function):
+    """post_res with the next sublayer's phi: the junction (:mod:`kernels.mhc_chain`)."""
+
+    @staticmethod
+    def forward(ctx, x, y, h_post, h_res, phi, link, junction, settings):  # as PostResFunction; phi: the next op's
+        ctx.set_materialize_grads(False)  # the next pre op hands its gradient over through the junction
         n, c = x.shape[-2:]
-        g = g.contiguous().view(-1, n, c)
-        handed = ctx.link is not None and ctx.link.hold(g, h_res)
-        dx, dy, dh_post, dh_res = post_res_backward(
-            g, x.view(-1, n, c), y, h_post, h_res, write_dx=not handed, settings=ctx.settings
+        ctx.save_for_backward(x, y, h_post, h_res, phi)
+        ctx.link, ctx.junction, ctx.settings = link, junction, settings
+        out = torch.empty_like(x)
+        _, part, ss_part = chain_forward(x.view(-1, n, c), y, h_post, h_res, phi, settings, out=out.view(-1, n, c))
+        junction.partials = (part, ss_part)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, h_post, h_res, phi = ctx.saved_tensors
+        n, c = x.shape[-2:]
+        deferred, ctx.junction.deferred = ctx.junction.deferred, None
+        if deferred is None:  # no chained pre op handed over: the op-local backward of whatever reached x_next
+            if g is None:
+                return None, None, None, None, None, None, None, None
+            return (*_post_res_backward(ctx.link, ctx.settings, g, x, y, h_post, h_res), None, None, None, None)
+        du, h_pre, draw, coef, dense, res_grad = deferred
+        if g is not None:  # x_next also fed something else
+            g = g.contiguous().view(-1, n, c)
+            dense = g.clone() if dense is None else dense.add_(g)
+        g_next, dy, dh_post, dh_res, dphi = chain_backward(
+            x.view(-1, n, c), y, h_post, h_res, phi, du, h_pre, draw, coef, res_grad, dense, ctx.settings
         )
-        if ctx.link is not None:
-            if not handed:
-                ctx.link.give(dx)
-            dx = None
-        return None if dx is None else dx.view(x.shape), dy, dh_post, dh_res, None, None
+        dx = _hand_over(ctx.link, x, g_next, h_res)
+        return dx, dy, dh_post, dh_res, dphi.to(phi.dtype), None, None, None
+
+
+def _hand_over(link: _GradLink | None, x: Tensor, g: Tensor, h_res: Tensor) -> Tensor | None:
+    """The post/res op's dL/dx = H_res^T g: handed to x's pre op (None returned), or formed here."""
+    n, c = x.shape[-2:]
+    if link is not None and link.hold(g, h_res):
+        return None
+    dx = torch.einsum("tij,tic->tjc", h_res, g.float()).to(x.dtype)
+    if link is not None:
+        link.give(dx)
+        return None
+    return dx.view(x.shape)
 
 
 def _check(x: Tensor, kind: str, op: str) -> None:
@@ -170,9 +271,12 @@ def mhc_pre(
             f"got phi {list(phi.shape)}, alpha {list(alpha.shape)}, bias {list(bias.shape)}"
         )
     link = _GradLink(x) if torch.is_grad_enabled() and x.requires_grad else None
+    junction = getattr(x, _JUNCTION_ATTR, None)
+    if junction is not None and not junction.feeds(x, phi):
+        junction = None
     u, h_pre, h_post, h_res = MhcPreFunction.apply(
         x.reshape(-1, n, c).contiguous(), phi.contiguous(), alpha.contiguous(), bias.contiguous(),
-        int(sinkhorn_iters), float(eps), link, kind, launch_settings(x.device, x.dtype, n, c, settings),
+        int(sinkhorn_iters), float(eps), link, kind, launch_settings(x.device, x.dtype, n, c, settings), junction,
     )  # fmt: skip
     h_res = h_res.reshape(*lead, n, n)
     if link is not None:
@@ -193,20 +297,28 @@ def pre_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
 
 
 def post_res(
-    x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, settings: LaunchSettings | dict | None = None
+    x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, settings: LaunchSettings | dict | None = None,
+    next_phi: Tensor | None = None,
 ) -> Tensor:
     """x_next = H_res @ x + H_post^T ⊗ y, ``[..., n, C]`` in x's dtype; see reference.post_res.
-    ``settings``: launch settings or overrides of them (:func:`kernels.settings.launch_settings`)."""
+    ``settings``: launch settings or overrides of them (:func:`kernels.settings.launch_settings`).
+    ``next_phi``: the phi of the pre op that x_next feeds next (the next hyper-connected sublayer of a
+    chain): fuses this op with that one where :func:`kernels.mhc_chain.chain_supported` says so."""
     _check(x, "mhc", "post_res")  # the same op for every fused kind
     *_, n, c = x.shape
     link = getattr(h_res, _LINK_ATTR, None)
     if link is not None and (not link.links(x) or not torch.is_grad_enabled()):
         link = None
-    return PostResFunction.apply(
+    s = launch_settings(x.device, x.dtype, n, c, settings)
+    args = (
         x.contiguous(),
         y.to(x.dtype).reshape(-1, c).contiguous(),
         h_post.to(torch.float32).reshape(-1, n).contiguous(),
         h_res.to(torch.float32).reshape(-1, n, n).contiguous(),
-        link,
-        launch_settings(x.device, x.dtype, n, c, settings),
-    )
+    )  # fmt: skip
+    if next_phi is None or not chain_supported(x, s) or tuple(next_phi.shape) != (n * c, 2 * n + n * n):
+        return PostResFunction.apply(*args, link, s)
+    junction = _Junction(next_phi)
+    out = ChainPostResFunction.apply(*args, next_phi.contiguous(), link, junction, s)
+    junction.attach(out)
+    return out

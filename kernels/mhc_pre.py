@@ -214,7 +214,7 @@ def pre_forward(
     block_t: int | None = None, block_k: int | None = None, num_warps: int | None = None,
     fuse_aggregate: bool = False, agg_block_t: int | None = None, agg_block_c: int = 256,
     split: bool | None = None, num_stages: int | None = None, k_splits: int | None = None, kind: str = "mhc",
-    settings: LaunchSettings | None = None,
+    settings: LaunchSettings | None = None, partials: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Launch the forward on ``x [T, n, C]`` (contiguous). Returns ``u, h_pre, h_post, h_res, proj, rstd``.
 
@@ -226,6 +226,9 @@ def pre_forward(
     :func:`_pre_fwd_kernel` (one program per ``block_t`` tokens over all of K, tf32 dots).
     ``fuse_aggregate`` (single kernel only): compute u inside the mapping kernel (second pass over
     each token block, hoping for L2 hits) instead of in :func:`_pre_aggregate_kernel` on a 2-D grid.
+    ``partials``: the K-split projection partials ``(part [S, T, MP], ss_part [S, T])`` already summed
+    over a partition of K (the junction of :mod:`kernels.mhc_chain` computes them while writing x):
+    only the finish + aggregate kernel runs.
     """
     t, n, c = x.shape
     m = 2 * n + n * n
@@ -239,6 +242,11 @@ def pre_forward(
     proj, rstd = torch.empty((t, m), **f32), torch.empty((t,), **f32)
     s = launch_settings(x.device, x.dtype, n, c, settings)
     split = s.fwd_split if split is None else split
+    if partials is not None:
+        part, ss_part = partials
+        _finish_aggregate(part, ss_part, x, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, iters, eps, kind,
+                          agg_block_t, agg_block_c)  # fmt: skip
+        return u, h_pre, h_post, h_res, proj, rstd
     if split and x.dtype == torch.bfloat16 and not fuse_aggregate:
         # n = 8 (MP = 128): a [128, 128] fp32 accumulator is too many registers; halve the tokens
         bt = block_t or (s.fwd_block_t if mp <= 32 else 64)
@@ -258,12 +266,8 @@ def pre_forward(
             num_warps=num_warps or (s.fwd_warps if mp <= 32 else 8),
             num_stages=num_stages or s.fwd_stages,
         )  # fmt: skip
-        abt = agg_block_t or max(1, 16 // nn_)
-        abc = min(agg_block_c, _pow2(c, 16))
-        _pre_fwd_finish_aggregate_kernel[(triton.cdiv(t, abt), triton.cdiv(c, abc))](
-            part, ss_part, x, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, t, c, k_splits, eps,
-            n=n, N=nn_, M=m, MP=mp, ITERS=iters, BT=abt, BC=abc, num_warps=4, **variant(kind),
-        )  # fmt: skip
+        _finish_aggregate(part, ss_part, x, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, iters, eps, kind,
+                          agg_block_t, agg_block_c)  # fmt: skip
         return u, h_pre, h_post, h_res, proj, rstd
     bt = block_t or 32
     if block_k is None:  # fp32 x (tf32x3 dots) at 128 spilled (sm_90, benchmarks/kernel_resources.py)
@@ -278,6 +282,21 @@ def pre_forward(
     if not fuse_aggregate:
         pre_aggregate(x, h_pre, out=u, block_t=agg_block_t, block_c=agg_block_c)
     return u, h_pre, h_post, h_res, proj, rstd
+
+
+def _finish_aggregate(
+    part, ss_part, x, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, iters, eps, kind, block_t, block_c
+) -> None:
+    """The split forward's second launch: from the K-split partials, the mappings and u (into the outputs)."""
+    t, n, c = x.shape
+    nn_ = _pow2(n, 2)
+    m = 2 * n + n * n
+    bt = block_t or max(1, 16 // nn_)
+    bc = min(block_c, _pow2(c, 16))
+    _pre_fwd_finish_aggregate_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
+        part, ss_part, x, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, t, c, part.shape[0], eps,
+        n=n, N=nn_, M=m, MP=_pow2(m, 16), ITERS=iters, BT=bt, BC=bc, num_warps=4, **variant(kind),
+    )  # fmt: skip
 
 
 def pre_aggregate(

@@ -146,8 +146,9 @@ def pre_aggregate(x: Tensor, h_pre: Tensor) -> Tensor:
     return torch.einsum("...i,...ic->...c", h_pre.to(cd), x.to(cd)).to(x.dtype)
 
 
-def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor) -> Tensor:
-    """x_next = H_res @ x + H_post^T ⊗ y: ``[..., n, C]`` in x's dtype."""
+def post_res(x: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, next_phi: Tensor | None = None) -> Tensor:
+    """x_next = H_res @ x + H_post^T ⊗ y: ``[..., n, C]`` in x's dtype. ``next_phi`` (the next sublayer's
+    phi, which the fused backend fuses with) changes nothing here."""
     cd = compute_dtype(x.dtype)
     mixed = torch.einsum("...ij,...jc->...ic", h_res.to(cd), x.to(cd))
     return (mixed + h_post.to(cd).unsqueeze(-1) * y.to(cd).unsqueeze(-2)).to(x.dtype)

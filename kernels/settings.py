@@ -32,8 +32,9 @@ import torch
 
 @dataclass(frozen=True)
 class LaunchSettings:
-    """Every launch knob of the pre op (``fwd_*``, ``apply_*``, ``reduce_*``) and the post/res op
-    (``post_fwd_*``, ``post_bwd_*``); ``None`` leaves a choice to the launcher or Triton."""
+    """Every launch knob of the pre op (``fwd_*``, ``apply_*``, ``reduce_*``), the post/res op
+    (``post_fwd_*``, ``post_bwd_*``) and the junction of chained sublayers (``chain*``); ``None``
+    leaves a choice to the launcher or Triton."""
 
     # bf16 x: the K-split pair (bf16 hi/lo dots, then finish + aggregate) when True; the single tf32
     # mapping kernel + aggregate kernel (v2) when False
@@ -68,6 +69,18 @@ class LaunchSettings:
     post_bwd_tile_values: int = 4096
     post_bwd_warps: int = 4
     post_bwd_loop_stages: int | None = 2
+    # the junction of two chained sublayers (kernels.mhc_chain; bf16 streams, n <= 4): post/res_l fused
+    # with pre_{l+1}'s projection (forward) and apply (backward); False runs the op-local kernels
+    # (the largest tiles that compile for sm_90 without spilling: benchmarks/kernel_resources.py)
+    chain: bool = True
+    chain_fwd_block_t: int = 64
+    chain_fwd_block_c: int = 32
+    chain_fwd_warps: int = 8
+    chain_fwd_loop_stages: int | None = 2
+    chain_bwd_block_t: int = 32
+    chain_bwd_block_q: int = 128
+    chain_bwd_warps: int = 8
+    chain_bwd_loop_stages: int | None = 2
 
     def replace(self, overrides: Mapping[str, Any] | None = None, **more: Any) -> LaunchSettings:
         """A copy with ``overrides`` (and ``more``) applied; a name that is no setting is a KeyError."""

@@ -70,10 +70,10 @@ class _KernelMode:
             self._restore_library()
             os.environ.pop("TRITON_INTERPRET", None)
         if _interpreted(fused._pre_fwd_kernel) != interpret:
-            from dualpipe_mhc.kernels import mhc_post, mhc_pre, mhc_pre_bwd, mhc_pre_common, sinkhorn
+            from dualpipe_mhc.kernels import mhc_chain, mhc_post, mhc_pre, mhc_pre_bwd, mhc_pre_common, sinkhorn
 
             # dependencies first: each module binds the jit functions of those it imports
-            for module in (sinkhorn, mhc_pre_common, mhc_pre_bwd, mhc_pre, mhc_post, fused):
+            for module in (sinkhorn, mhc_pre_common, mhc_pre_bwd, mhc_pre, mhc_post, mhc_chain, fused):
                 importlib.reload(module)
         return fused
 
