@@ -138,13 +138,14 @@ class LigerBlock(torch.nn.Module):
     same bytes; and its phi is bf16 (its tensor-core path, the documented default for speed),
     where 'mhc' keeps phi in fp32. Initialised as :class:`~dualpipe_mhc.mhc.HyperConnection`
     'mhc' (phi ~ N(0, 1/(nC)), alphas 0.01, the same biases), so the streams stay near identity.
+    ``phi_dtype`` float32 with ``allow_fp32`` is its fp32 path (what Triton's CPU interpreter runs).
     """
 
-    def __init__(self, cfg, liger_mhc) -> None:
+    def __init__(self, cfg, liger_mhc, phi_dtype: torch.dtype = torch.bfloat16, allow_fp32: bool = False) -> None:
         super().__init__()
         model = _import_model()
         n, c = cfg.streams, cfg.width
-        wrap = dict(hc=n, c=c, tmax=cfg.sinkhorn_iters, phi_dtype=torch.bfloat16)
+        wrap = dict(hc=n, c=c, tmax=cfg.sinkhorn_iters, phi_dtype=phi_dtype, allow_fp32=allow_fp32)
         self.attn = liger_mhc(model.Attention(c, cfg.heads), **wrap)
         self.mlp = liger_mhc(model.Mlp(c, cfg.hidden, cfg.mlp), **wrap)
         with torch.no_grad():
