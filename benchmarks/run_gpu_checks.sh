@@ -8,7 +8,10 @@
 #                                                 # the planner's model beside, per-kernel profile)
 #   bash benchmarks/run_gpu_checks.sh dsv4        # GPU tests of the dsv4 kernels and against transformers;
 #                                                 # bench_dsv4_wrapper
-#   bash benchmarks/run_gpu_checks.sh block       # bench_block: plain / mhc fused / dsv4 fused, both shapes
+#   bash benchmarks/run_gpu_checks.sh block       # bench_block, both shapes: plain and plain compile (the baselines),
+#                                                 # mhc fused (+ compile'd sublayers), mhc liger, mhc compile; carry
+#                                                 # .whl/liger too (Liger-Kernel 0.8.5's wheel, from
+#                                                 # pip download liger-kernel==0.8.5 --no-deps -d .whl/liger)
 #   bash benchmarks/run_gpu_checks.sh stages      # profile-stages on paper-27b (measured stage costs, fitted preset)
 #   bash benchmarks/run_gpu_checks.sh pipeline    # the pipeline on one GPU: ranks sharing the device
 # Outputs go to $OUT (the device tool's folder) or benchmarks/results/gpu_run; copy them into benchmarks/results/.
@@ -45,8 +48,12 @@ case "$1" in
     timeout 120 python3 benchmarks/bench_dsv4_wrapper.py --out "$OUT"
     ;;
   block)
-    timeout 400 python3 benchmarks/bench_block.py --variants plain "mhc fused" "dsv4 fused" --passes 3 --rep-ms 600 \
-      --out "$OUT"
+    # LigerBlock against its float64 reference in bf16 (skips without .whl/liger), then the benchmark. Its budget,
+    # est. per shape: torch.compile warm-ups ~30-40 s each (plain compile's graphs serve mhc fused compile
+    # too; mhc compile), Liger's Triton JIT ~30 s, 3 passes x 6 variants x ~0.6 s; ~330 s for both shapes.
+    gpu_tests block -m gpu tests/test_bench_block.py
+    timeout 400 python3 benchmarks/bench_block.py --variants plain "plain compile" "mhc fused" "mhc fused compile" \
+      "mhc liger" "mhc compile" --passes 3 --rep-ms 400 --out "$OUT"
     ;;
   stages)
     gpu_tests stages -m gpu tests/test_stage_build.py tests/test_profile_stages.py tests/test_recompute.py
@@ -61,5 +68,5 @@ case "$1" in
     cp /tmp/pipeline/pipeline_1gpu_*.md "$OUT"/ 2>/dev/null
     tar czf "$OUT/pipeline.tar.gz" -C /tmp pipeline
     ;;
-  *) echo "usage: bash benchmarks/run_gpu_checks.sh recompute|dsv4|stages|pipeline"; exit 2 ;;
+  *) echo "usage: bash benchmarks/run_gpu_checks.sh recompute|dsv4|block|stages|pipeline"; exit 2 ;;
 esac
