@@ -6,7 +6,8 @@
 Shapes (docs/DESIGN.md §6, issue 4):
     a   C = 2048, 16 heads, GELU MLP hidden 4C = 8192
     b   C = 4096, 32 heads, SwiGLU MLP hidden 11008
-Each: ``--layers`` dualpipe_mhc.model.Block layers, B x S tokens (default 4 x 2048 = 8192),
+Each: ``--layers`` dualpipe_mhc.model.Block layers run as a stage runs them (each told the next,
+``recompute.run_chain``), B x S tokens (default 4 x 2048 = 8192),
 bf16 weights and streams, mHC mapping parameters (phi, alpha, bias) in fp32, Sinkhorn 20 iterations.
 Variants, each timed fwd+bwd (input gradient included, as in a pipeline stage), and the baseline
 each one's overhead is quoted against:
@@ -19,6 +20,7 @@ each one's overhead is quoted against:
     mhc fused compile  'mhc fused' with every sublayer F torch.compile'd as in 'plain compile'; the
                        mHC ops stay the Triton kernels, outside the compiled graphs                vs plain compile
     mhc fused v2       n = 4, the Triton kernels with the previous defaults (kernel_candidates.V2)  vs plain
+    mhc fused op-local 'mhc fused' without the junction across sublayers (launch setting chain=False) vs plain
     dsv4 fused         n = 4, residual kind 'dsv4' (DeepSeek-V4's mappings) on the same Triton kernels and
                        launch settings as 'mhc fused' (its HyperHead is outside the block: not timed) vs plain
     mhc liger          n = 4, Liger-Kernel 0.8.5's LigerMHC (Triton) around the same Attention and Mlp
@@ -84,6 +86,7 @@ VARIANTS = {
     "mhc fused": Variant("mhc", "triton"),
     "mhc fused compile": Variant("mhc", "triton", compile="sublayer", baseline="plain compile"),
     "mhc fused v2": Variant("mhc", "triton"),
+    "mhc fused op-local": Variant("mhc", "triton"),  # without the junction across sublayers (chain off)
     "dsv4 fused": Variant("dsv4", "triton"),
     "mhc liger": Variant("liger"),
 }
@@ -155,8 +158,18 @@ class LigerBlock(torch.nn.Module):
                 for a in (hc.alpha_pre, hc.alpha_post, hc.alpha_res):
                     a.fill_(model.ALPHA_INIT)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, then: torch.nn.Module | None = None) -> torch.Tensor:  # then: no use here
         return self.mlp(self.attn(x))
+
+
+class Stack(torch.nn.Sequential):
+    """The blocks in turn, each told the block after it (``recompute.run_chain``), as a model's stage runs
+    them: the fused mHC ops then fuse each post/res op with the next pre op across blocks too."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from dualpipe_mhc.recompute import run_chain
+
+        return run_chain(list(self), x)
 
 
 def build_stack(
@@ -175,7 +188,7 @@ def build_stack(
         blocks = [LigerBlock(cfg, liger_mhc) for _ in range(layers)]
     else:
         blocks = [model.Block(cfg, kernels=variant.kernels) for _ in range(layers)]
-    stack = torch.nn.Sequential(*blocks)
+    stack = Stack(*blocks)
     for mod in stack.modules():  # the model's own initialisation: N(0, 0.02) projections
         if isinstance(mod, torch.nn.Linear):
             torch.nn.init.normal_(mod.weight, std=0.02)
@@ -412,6 +425,7 @@ def main() -> None:
         "mhc fused v2": V2,
     }
     tunings["dsv4 fused"] = tunings["mhc fused compile"] = tunings["mhc fused"]
+    tunings["mhc fused op-local"] = {**tunings["mhc fused"], "chain": False}
     bw = args.copy_bandwidth
     if bw is None:
         a = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)

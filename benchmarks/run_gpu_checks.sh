@@ -55,6 +55,17 @@ case "$1" in
     timeout 400 python3 benchmarks/bench_block.py --variants plain "plain compile" "mhc fused" "mhc fused compile" \
       "mhc liger" "mhc compile" --passes 3 --rep-ms 400 --out "$OUT"
     ;;
+  chain)
+    # the junction across sublayers: GPU tests, its launch-settings sweep, the per-kernel table and a quick block A/B
+    gpu_tests chain -m gpu tests/test_chain.py tests/test_recompute.py
+    timeout 120 python3 benchmarks/bench_kernels.py --sweep --sweep-only chain --no-cases \
+      --write-tuning "$OUT/chain_best_tuning.json" --out "$OUT" 2>&1 | grep "best\|device"
+    [ -s "$OUT/chain_best_tuning.json" ] || echo '{}' >"$OUT/chain_best_tuning.json"
+    timeout 120 python3 benchmarks/bench_kernels.py --widths 2048 4096 7168 --tuning "$OUT/chain_best_tuning.json" \
+      --out "$OUT" 2>&1 | grep "chain\|pre fwd \|pre bwd \|post_res" | tail -18
+    timeout 200 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused op-local" --passes 3 \
+      --rep-ms 400 --tuning "$OUT/chain_best_tuning.json" --out "$OUT" 2>&1 | tail -12
+    ;;
   stages)
     gpu_tests stages -m gpu tests/test_stage_build.py tests/test_profile_stages.py tests/test_recompute.py
     timeout 500 bash benchmarks/profile_stages_h200.sh /tmp/stages >/dev/null 2>&1; echo "profile_stages rc=$?"
@@ -68,5 +79,5 @@ case "$1" in
     cp /tmp/pipeline/pipeline_1gpu_*.md "$OUT"/ 2>/dev/null
     tar czf "$OUT/pipeline.tar.gz" -C /tmp pipeline
     ;;
-  *) echo "usage: bash benchmarks/run_gpu_checks.sh recompute|dsv4|block|stages|pipeline"; exit 2 ;;
+  *) echo "usage: bash benchmarks/run_gpu_checks.sh recompute|dsv4|block|chain|stages|pipeline"; exit 2 ;;
 esac
