@@ -52,22 +52,21 @@ POST_BWD = [
     for bc, v, w, ls in [(256, 8192, 8, None), (256, 8192, 8, 2), (256, 8192, 8, 3), (512, 8192, 8, 2),
                          (128, 4096, 4, 3), (256, 4096, 4, 2), (128, 8192, 8, 3), (256, 16384, 8, 2)]
 ]  # fmt: skip
-# The junction of chained sublayers (kernels/mhc_chain.py). Registers / stack on sm_90 with Triton 3.9
-# (kernel_resources.py): none of these spill.
+# The junction of chained sublayers (kernels/mhc_chain.py): 2-D tiles of one stream at a time. sm_90 registers
+# with Triton 3.9 (kernel_resources.py) in the comments.
 CHAIN_FWD = [
     dict(chain_fwd_block_t=bt, chain_fwd_block_c=bc, chain_fwd_warps=w, chain_fwd_loop_stages=ls)
-    for bt, bc, w, ls in [(64, 32, 8, 2),  # 254 regs: the default
-                          (64, 16, 8, 2),  # 180
-                          (64, 32, 8, None),  # 194, the pipeliner's own staging
-                          (64, 16, 4, 2),  # 245, two programs an SM by warps
-                          (64, 32, 8, 3), (128, 16, 8, 2)]
+    for bt, bc, w, ls in [(64, 32, 8, 2),  # 237 registers: the default
+                          (64, 16, 4, 2),  # 168
+                          (64, 32, 8, 3),  # 239
+                          (64, 16, 8, 2), (128, 16, 8, 2), (32, 32, 4, 2)]
 ]  # fmt: skip
 CHAIN_BWD = [
-    dict(chain_bwd_block_t=bt, chain_bwd_block_q=bq, chain_bwd_warps=w, chain_bwd_loop_stages=ls)
-    for bt, bq, w, ls in [(32, 128, 8, 2),  # 184 regs: the default
-                          (16, 256, 8, 2),  # 252
-                          (64, 128, 8, 2),  # 255
-                          (32, 128, 8, 3), (16, 128, 4, 2), (16, 128, 4, 3)]
+    dict(chain_bwd_block_t=bt, chain_bwd_block_c=bc, chain_bwd_warps=w, chain_bwd_loop_stages=ls)
+    for bt, bc, w, ls in [(64, 16, 8, 2),  # 255 registers, no spill: the default
+                          (64, 32, 8, 2),  # spills 296 B
+                          (32, 64, 8, 2),  # spills 176 B
+                          (128, 16, 8, 2), (64, 16, 8, 3), (16, 64, 4, 2)]
 ]  # fmt: skip
 ALL = FWD + APPLY + REDUCE + POST_FWD + POST_BWD + [V2]  # the op-local kernels' (one sublayer)
 CHAIN = CHAIN_FWD + CHAIN_BWD  # the junction's (two chained sublayers)

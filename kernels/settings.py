@@ -71,14 +71,15 @@ class LaunchSettings:
     post_bwd_loop_stages: int | None = 2
     # the junction of two chained sublayers (kernels.mhc_chain; bf16 streams, n <= 4): post/res_l fused
     # with pre_{l+1}'s projection (forward) and apply (backward); False runs the op-local kernels
-    # (the largest tiles that compile for sm_90 without spilling: benchmarks/kernel_resources.py)
+    # (2-D [block_t, block_c] tiles of one stream at a time, n <= 4 unrolled; the largest that compile for
+    # sm_90 without spilling, benchmarks/kernel_resources.py)
     chain: bool = True
     chain_fwd_block_t: int = 64
     chain_fwd_block_c: int = 32
     chain_fwd_warps: int = 8
     chain_fwd_loop_stages: int | None = 2
-    chain_bwd_block_t: int = 32
-    chain_bwd_block_q: int = 128
+    chain_bwd_block_t: int = 64
+    chain_bwd_block_c: int = 16
     chain_bwd_warps: int = 8
     chain_bwd_loop_stages: int | None = 2
 

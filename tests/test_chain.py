@@ -236,8 +236,8 @@ def test_junction_writes_the_post_res_bits_gpu(fused_gpu):
     assert torch.equal(x_next, post_res_forward(x, y, h_post, h_res, settings=st))
     mine = pre_forward(x_next, phi, alpha, bias, ITERS, ref.RMS_EPS, settings=st, partials=(part, ss))
     local = pre_forward(x_next, phi, alpha, bias, ITERS, ref.RMS_EPS, settings=st)
-    for a, b in zip(mine, local):
-        assert rel_err(a, b) < 1e-5
+    for a, b in zip(mine, local):  # the same sums in another order (fp32), through 20 Sinkhorn rounds
+        assert rel_err(a, b) < 2e-4
 
 
 @pytest.mark.gpu
