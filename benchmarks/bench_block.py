@@ -6,8 +6,8 @@
 Shapes (docs/DESIGN.md §6, issue 4):
     a   C = 2048, 16 heads, GELU MLP hidden 4C = 8192
     b   C = 4096, 32 heads, SwiGLU MLP hidden 11008
-Each: ``--layers`` dualpipe_mhc.model.Block layers run as a stage runs them (each told the next,
-``recompute.run_chain``), B x S tokens (default 4 x 2048 = 8192),
+Each: ``--layers`` dualpipe_mhc.model.Block layers run as a stage runs them (``recompute.run_blocks``:
+each told the next), B x S tokens (default 4 x 2048 = 8192),
 bf16 weights and streams, mHC mapping parameters (phi, alpha, bias) in fp32, Sinkhorn 20 iterations.
 Variants, each timed fwd+bwd (input gradient included, as in a pipeline stage), and the baseline
 each one's overhead is quoted against:
@@ -20,7 +20,8 @@ each one's overhead is quoted against:
     mhc fused compile  'mhc fused' with every sublayer F torch.compile'd as in 'plain compile'; the
                        mHC ops stay the Triton kernels, outside the compiled graphs                vs plain compile
     mhc fused v2       n = 4, the Triton kernels with the previous defaults (kernel_candidates.V2)  vs plain
-    mhc fused op-local 'mhc fused' without the junction across sublayers (launch setting chain=False) vs plain
+    mhc fused chain    'mhc fused' with the junction across sublayers (launch setting chain=True)    vs plain
+    mhc fused recompute 'mhc fused' recomputing in blocks of 2 layers (dualpipe_mhc.recompute)      vs plain
     dsv4 fused         n = 4, residual kind 'dsv4' (DeepSeek-V4's mappings) on the same Triton kernels and
                        launch settings as 'mhc fused' (its HyperHead is outside the block: not timed) vs plain
     mhc liger          n = 4, Liger-Kernel 0.8.5's LigerMHC (Triton) around the same Attention and Mlp
@@ -76,6 +77,7 @@ class Variant:
     kernels: str = "reference"  # the HyperConnection's ops: 'reference' or 'triton'
     compile: str = ""  # '' none, 'stack' the whole stack, 'sublayer' each Attention / Mlp alone
     baseline: str | None = "plain"  # the variant its overhead and peak ratio are quoted against
+    recompute: int | None = None  # L_r: recompute the mHC intermediates in blocks of this many layers
 
 
 VARIANTS = {
@@ -86,7 +88,8 @@ VARIANTS = {
     "mhc fused": Variant("mhc", "triton"),
     "mhc fused compile": Variant("mhc", "triton", compile="sublayer", baseline="plain compile"),
     "mhc fused v2": Variant("mhc", "triton"),
-    "mhc fused op-local": Variant("mhc", "triton"),  # without the junction across sublayers (chain off)
+    "mhc fused chain": Variant("mhc", "triton"),  # with the junction across sublayers (launch setting chain)
+    "mhc fused recompute": Variant("mhc", "triton", recompute=2),
     "dsv4 fused": Variant("dsv4", "triton"),
     "mhc liger": Variant("liger"),
 }
@@ -163,13 +166,15 @@ class LigerBlock(torch.nn.Module):
 
 
 class Stack(torch.nn.Sequential):
-    """The blocks in turn, each told the block after it (``recompute.run_chain``), as a model's stage runs
-    them: the fused mHC ops then fuse each post/res op with the next pre op across blocks too."""
+    """The blocks as a model's stage runs them (``recompute.run_blocks``): each told the block after it
+    (the fused mHC ops may fuse across that seam), recomputing in blocks of ``recompute`` layers if set."""
+
+    recompute: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from dualpipe_mhc.recompute import run_chain
+        from dualpipe_mhc.recompute import run_blocks
 
-        return run_chain(list(self), x)
+        return run_blocks(list(self), x, 0, self.recompute)
 
 
 def build_stack(
@@ -189,6 +194,7 @@ def build_stack(
     else:
         blocks = [model.Block(cfg, kernels=variant.kernels) for _ in range(layers)]
     stack = Stack(*blocks)
+    stack.recompute = variant.recompute
     for mod in stack.modules():  # the model's own initialisation: N(0, 0.02) projections
         if isinstance(mod, torch.nn.Linear):
             torch.nn.init.normal_(mod.weight, std=0.02)
@@ -425,7 +431,8 @@ def main() -> None:
         "mhc fused v2": V2,
     }
     tunings["dsv4 fused"] = tunings["mhc fused compile"] = tunings["mhc fused"]
-    tunings["mhc fused op-local"] = {**tunings["mhc fused"], "chain": False}
+    tunings["mhc fused chain"] = {**tunings["mhc fused"], "chain": True}
+    tunings["mhc fused recompute"] = tunings["mhc fused"]
     bw = args.copy_bandwidth
     if bw is None:
         a = torch.randn(1 << 29, device="cuda", dtype=torch.bfloat16)

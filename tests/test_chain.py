@@ -40,13 +40,15 @@ def run_chain(ops, x, params, ws, chained: bool, kind: str = "mhc", extra_use: b
     return x + outs[0] if extra_use else x
 
 
-def check_chain(fused, t, n, c, dtype, device, sublayers=3, kind="mhc", **variant) -> dict[str, float]:
+def check_chain(fused, t, n, c, dtype, device, sublayers=3, kind="mhc", chain=True, **variant) -> dict[str, float]:
+    """Chained sublayers against float64; ``chain``: the junction's launch setting (off: the op-local kernels)."""
     x, params, ws = make_chain(sublayers, t, n, c, dtype, device, seed=100 * n + t + c)
     cot = torch.randn(x.shape, device=device)
     xs = leaves(x)[0]
     ps = [leaves(*p) for p in params]
     _poison_cuda_cache(device)
-    out = run_chain(fused, xs, ps, ws, chained=True, kind=kind, **variant)
+    with overriding({"chain": chain}):
+        out = run_chain(fused, xs, ps, ws, chained=True, kind=kind, **variant)
     (out.float() * cot).sum().backward()
 
     stored = lambda v: v.to(dtype).double()  # noqa: E731  (what the fused path stores: u, y, x_next)
@@ -71,8 +73,7 @@ def assert_as_close_as_op_local(fused, t, n, c, kind="mhc", **variant) -> None:
     to the reference): through three bf16 sublayers the stored streams and gradients alone (strong
     mappings, alpha ~ 1) take the errors to a few 1e-2, junction or not."""
     chained = check_chain(fused, t, n, c, torch.bfloat16, "cpu", kind=kind, **variant)
-    with overriding({"chain": False}):
-        local = check_chain(fused, t, n, c, torch.bfloat16, "cpu", kind=kind, **variant)
+    local = check_chain(fused, t, n, c, torch.bfloat16, "cpu", kind=kind, chain=False, **variant)
     bad = {k: (v, local[k]) for k, v in chained.items() if not (v <= 1.1 * local[k] + 2e-3 and v < 0.1)}
     assert not bad, f"chained vs op-local errors: {bad}"
 
@@ -142,8 +143,12 @@ def test_junction_nobody_consumes_cpu(junction_calls, fused_cpu):
     assert junction_calls == {"chain_forward": 3, "chain_backward": 2, "pre_partial": 4}
 
 
-def test_chain_needs_bf16_and_small_n_cpu(junction_calls, fused_cpu):
-    """fp32 streams and n = 8 keep the op-local kernels."""
+def test_chain_is_off_by_default_and_needs_bf16_and_small_n_cpu(junction_calls, fused_cpu):
+    """The junction is a launch setting, off by default (slower on an H200 today); fp32 streams and n = 8
+    keep the op-local kernels even with it on."""
+    from dualpipe_mhc.kernels.settings import TABLE
+
+    assert not any(entry.narrow.chain for entry in TABLE.values())
     for n, dtype in ((4, torch.float32), (8, torch.bfloat16)):
         assert_close(check_chain(fused_cpu, 5, n, 32, dtype, "cpu", sublayers=1), dtype)
         check_chain(fused_cpu, 5, n, 32, dtype, "cpu", sublayers=2)
@@ -174,11 +179,13 @@ def test_chain_under_split_backward_cpu(junction_calls, fused_cpu):
     x0 = torch.randn(2, 9, n, c).to(torch.bfloat16)
     cot = torch.randn(x0.shape).to(torch.bfloat16)
     x = x0.clone().requires_grad_()
-    forward(x).backward(cot)
+    with overriding({"chain": True}):
+        forward(x).backward(cot)
     want = [x.grad] + [p.grad.clone() for p in hcs.parameters()]
     hcs.zero_grad(set_to_none=True)
     x = x0.clone().requires_grad_()
-    out = forward(x)
+    with overriding({"chain": True}):
+        out = forward(x)
     (dx,), groups = backward_input([out], [cot], [x], hcs.parameters())
     backward_weight(hcs.parameters(), groups)
     got = [dx] + [p.grad for p in hcs.parameters()]
@@ -194,8 +201,7 @@ def test_chain_under_split_backward_cpu(junction_calls, fused_cpu):
 @pytest.mark.parametrize("t, n, c", [(1537, 4, 2048), (77, 4, 1000), (1, 4, 7168), (333, 2, 4096)])
 def test_chain_matches_reference_gpu(fused_gpu, t, n, c):
     chained = check_chain(fused_gpu, t, n, c, torch.bfloat16, "cuda")
-    with overriding({"chain": False}):
-        local = check_chain(fused_gpu, t, n, c, torch.bfloat16, "cuda")
+    local = check_chain(fused_gpu, t, n, c, torch.bfloat16, "cuda", chain=False)
     bad = {k: (v, local[k]) for k, v in chained.items() if not (v <= 1.1 * local[k] + 2e-3 and v < 0.1)}
     assert not bad, f"chained vs op-local errors: {bad}"
 
@@ -211,10 +217,13 @@ def test_chain_candidates_gpu(fused_gpu, which):
 
     if which >= len(CHAIN):
         pytest.skip(f"only {len(CHAIN)} candidates")
-    want = check_chain(fused_gpu, 1537, 4, 2048, torch.bfloat16, "cuda")
+    local = check_chain(fused_gpu, 1537, 4, 2048, torch.bfloat16, "cuda", chain=False)
     with overriding(CHAIN[which]):
         got = check_chain(fused_gpu, 1537, 4, 2048, torch.bfloat16, "cuda")
-    assert all(abs(got[k] - want[k]) <= 0.1 * want[k] + 1e-3 for k in want), (got, want)
+    # the per-token sums of dH (and so dalpha, a sum over all tokens) go through partials per channel
+    # block, whose count differs between configurations: within the op-local path's error, or 2e-2
+    bad = {k: (v, local[k]) for k, v in got.items() if not (v <= 1.1 * local[k] + 2e-3 or v <= 2e-2)}
+    assert not bad, f"chained vs op-local errors: {bad}"
 
 
 @pytest.mark.gpu
@@ -247,7 +256,8 @@ def test_chain_recompute_bitwise_gpu():
     from test_recompute import CFG, _pipeline_step
 
     cfg = CFG.model_copy(update=dict(width=256, heads=4, mlp_hidden=640, layers=3))
-    ref_loss, ref_grads, _ = _pipeline_step(cfg, None, 2, dtype=torch.bfloat16, kernels="triton", device="cuda")
-    loss, grads, _ = _pipeline_step(cfg, 2, 2, dtype=torch.bfloat16, kernels="triton", device="cuda")
+    with overriding({"chain": True}):
+        ref_loss, ref_grads, _ = _pipeline_step(cfg, None, 2, dtype=torch.bfloat16, kernels="triton", device="cuda")
+        loss, grads, _ = _pipeline_step(cfg, 2, 2, dtype=torch.bfloat16, kernels="triton", device="cuda")
     assert torch.equal(loss, ref_loss)
     assert [k for k in ref_grads if not torch.equal(grads[k], ref_grads[k])] == []

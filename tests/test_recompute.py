@@ -242,11 +242,13 @@ sys.path.insert(0, {tests!r})
 from test_recompute import CFG, _pipeline_step, _streams_alive_after_forward
 cfg = CFG.model_copy(update=dict(layers=3))
 out = dict(alive=_streams_alive_after_forward("triton"))
-# fp32 streams run the op-local kernels; bf16 ones chain sublayers (kernels/mhc_chain.py), whose junction
-# writes the x that the rebuild re-derives with the post/res kernel
+# fp32 streams run the op-local kernels; bf16 ones, with the junction switched on, chain sublayers
+# (kernels/mhc_chain.py), whose junction writes the x that the rebuild re-derives with the post/res kernel
+from dualpipe_mhc.kernels.settings import overriding
 for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-    ref = _pipeline_step(cfg, None, 2, dtype=dtype, kernels="triton")
-    got = _pipeline_step(cfg, 2, 2, dtype=dtype, kernels="triton")
+    with overriding({{"chain": True}}):
+        ref = _pipeline_step(cfg, None, 2, dtype=dtype, kernels="triton")
+        got = _pipeline_step(cfg, 2, 2, dtype=dtype, kernels="triton")
     out[name] = dict(loss=torch.equal(ref[0], got[0]), grads=[k for k in ref[1] if not torch.equal(ref[1][k], got[1][k])])
 print(json.dumps(out))
 """
