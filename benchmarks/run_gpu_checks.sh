@@ -52,8 +52,8 @@ case "$1" in
     # est. per shape: torch.compile warm-ups ~30-40 s each (plain compile's graphs serve mhc fused compile
     # too; mhc compile), Liger's Triton JIT ~30 s, 3 passes x 6 variants x ~0.6 s; ~330 s for both shapes.
     gpu_tests block -m gpu tests/test_bench_block.py
-    timeout 400 python3 benchmarks/bench_block.py --variants plain "plain compile" "mhc fused" "mhc fused compile" \
-      "mhc liger" "mhc compile" --passes 3 --rep-ms 400 --out "$OUT"
+    timeout 480 python3 benchmarks/bench_block.py --variants plain "plain compile" "mhc fused" "mhc fused compile" \
+      "mhc fused recompute" "mhc liger" "mhc compile" --passes 3 --rep-ms 400 --out "$OUT"
     ;;
   chain)
     # the junction across sublayers: GPU tests, its launch-settings sweep, the per-kernel table and a quick block A/B
