@@ -224,7 +224,6 @@ class ChainPostResFunction(torch.autograd.Function):
 
 def _hand_over(link: _GradLink | None, x: Tensor, g: Tensor, h_res: Tensor) -> Tensor | None:
     """The post/res op's dL/dx = H_res^T g: handed to x's pre op (None returned), or formed here."""
-    n, c = x.shape[-2:]
     if link is not None and link.hold(g, h_res):
         return None
     dx = torch.einsum("tij,tic->tjc", h_res, g.float()).to(x.dtype)
