@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mhc_pre_common import _dot_bf16, _interpreted, _num_sms, _pow2, resident_programs, wave_splits
+from .mhc_pre_common import _dot_bf16, _interpreted, _num_sms, _pow2, fit_loop_stages, resident_programs, wave_splits
 from .settings import LaunchSettings
 
 
@@ -344,7 +344,9 @@ def chain_backward(
         return (x, y, h_post, h_res, du, phi, h_pre, draw, coef, g, h_res_next, dense, g_out, dy, dh_post, dh_res,
                 partial_like, t, c, block_t)  # fmt: skip
 
-    slots = resident_programs(_chain_bwd_kernel, compile_args, (x.dtype, phi.dtype, g.dtype), constexprs, x.device)
+    dtypes = (x.dtype, phi.dtype, g.dtype)
+    constexprs = fit_loop_stages(_chain_bwd_kernel, compile_args, dtypes, constexprs, x.device)
+    slots = resident_programs(_chain_bwd_kernel, compile_args, dtypes, constexprs, x.device)
     splits = wave_splits(c_blocks, min(t_blocks, 16), slots)  # whole waves; at most 16 dphi partials
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(t, tokens_per_split)

@@ -8,8 +8,8 @@ import triton
 import triton.language as tl
 
 from .mhc_pre_common import (
-    _dot_bf16, _interpreted, _load_proj, _logits, _num_sms, _pow2, _precision, _res_offsets, resident_programs,
-    variant, wave_splits,
+    _dot_bf16, _interpreted, _load_proj, _logits, _num_sms, _pow2, _precision, _res_offsets, fit_loop_stages,
+    resident_programs, variant, wave_splits,
 )  # fmt: skip
 from .settings import LaunchSettings, launch_settings
 from .sinkhorn import sinkhorn_bwd, sinkhorn_init
@@ -286,6 +286,7 @@ def pre_backward_apply(
         return x, du, phi, h_pre, draw, coef, g, h_res, dx, partial_like, t, c, block_t
 
     dtypes = (x.dtype, du.dtype, phi.dtype, g.dtype, dx.dtype)
+    constexprs = fit_loop_stages(_pre_bwd_apply_kernel, compile_args, dtypes, constexprs, x.device)
     slots = resident_programs(_pre_bwd_apply_kernel, compile_args, dtypes, constexprs, x.device)
     splits = wave_splits(c_blocks, min(t_blocks, 16), slots)
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t

@@ -405,6 +405,33 @@ def test_forward_settings_reach_the_backward_cpu(fused_cpu, monkeypatch):
     assert len(seen) == 1 and seen[0].apply_block_t == 8
 
 
+def test_fit_loop_stages_lowers_until_the_kernel_fits():
+    """A table entry's loop stages are lowered where the compiled kernel would not fit the device's shared
+    memory (the H200 apply at n = 1: 239 KB at 3 stages against 227 KB), and kept where it fits."""
+    from types import SimpleNamespace
+
+    from dualpipe_mhc.kernels import mhc_pre_common as mpc
+
+    class Kernel:
+        fn = SimpleNamespace(__name__="stand_in")
+
+        def warmup(self, *args, grid, **kw):
+            return SimpleNamespace(metadata=SimpleNamespace(shared=80_000 * kw["LOOP_STAGES"] + kw["BT"]))
+
+    limit = 232_448
+    mpc._fitted.clear()
+    orig = mpc._shared_limit
+    mpc._shared_limit = lambda device: limit
+    try:
+        cuda = torch.device("cuda", 0)
+        assert mpc.fit_loop_stages(Kernel(), tuple, (), {"LOOP_STAGES": 3, "BT": 64}, cuda) == {"LOOP_STAGES": 2, "BT": 64}
+        assert mpc.fit_loop_stages(Kernel(), tuple, (), {"LOOP_STAGES": 2, "BT": 32}, cuda)["LOOP_STAGES"] == 2
+        assert mpc.fit_loop_stages(Kernel(), tuple, (), {"LOOP_STAGES": 3}, torch.device("cpu")) == {"LOOP_STAGES": 3}
+    finally:
+        mpc._shared_limit = orig
+        mpc._fitted.clear()
+
+
 def test_wave_splits():
     """The apply grid fills whole waves: 32 channel blocks on 132 one-program SMs take 4 splits
     (128 programs), 112 take 7 (784 = 6 waves less 8), and twice the slots twice the splits."""
