@@ -108,9 +108,10 @@ def stream_bytes(t: int, n: int, c: int, esize: int = 2) -> dict[str, tuple[int,
         # (~3 channel splits of M + 1 floats); then that op reads x_next once: partials -> mappings, u
         "chain fwd": (2 * xs + cs + small(3 * (m + 1)), 2 * xs + cs + small(3 * (m + 1))),
         "chained pre fwd": (xs + cs + small(2 * m + 1 + 3 * (m + 1)), xs + cs + small(2 * m + 1 + 3 * (m + 1))),
-        # x, y, du, g_next (H_res_next), draw, coef -> g, dy and dH partials (C / 32 channel blocks of n + n^2)
+        # x, y, du, g_next (H_res_next), draw, coef -> g, dy; moved also: the dH partials, n + n^2 floats a token
+        # per channel block, written and summed (C / 64 blocks: the swept best tile; C / 16 at 16 channels)
         "chain bwd": (3 * xs + 3 * cs + small(m + 2 + 3 * n + 2 * n * n),
-                      3 * xs + 3 * cs + small(m + 2 + 3 * n + 2 * n * n + (c // 32) * (n + n * n))),
+                      3 * xs + 3 * cs + small(m + 2 + 3 * n + 2 * n * n + 2 * (c // 64) * (n + n * n))),
     }
 
 
@@ -133,14 +134,15 @@ def time_case(t: int, n: int, c: int, device: str, overrides: dict) -> dict[str,
         "post_res bwd": bench(lambda: post_res_backward(gx, x, y, h_post, h_res, write_dx=False, settings=st)),
     }
     res["pre bwd"] = res["pre bwd reduce"] + res["pre bwd apply"]
-    if chain_supported(x, st):
-        _, part, ss_part = chain_forward(x, y, h_post, h_res, phi, st)
-        res["chain fwd"] = bench(lambda: chain_forward(x, y, h_post, h_res, phi, st))
+    cst = st.replace(chain=True)  # the junction's rows whether or not the device's entry turns it on
+    if chain_supported(x, cst):
+        _, part, ss_part = chain_forward(x, y, h_post, h_res, phi, cst)
+        res["chain fwd"] = bench(lambda: chain_forward(x, y, h_post, h_res, phi, cst))
         res["chained pre fwd"] = bench(
-            lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, settings=st, partials=(part, ss_part))
+            lambda: pre_forward(x, phi, alpha, bias, ITERS, ref.RMS_EPS, settings=cst, partials=(part, ss_part))
         )
         res["chain bwd"] = bench(
-            lambda: chain_backward(x, y, h_post, h_res, phi, du, h_pre, draw, coef, (gx, h_res), None, st)
+            lambda: chain_backward(x, y, h_post, h_res, phi, du, h_pre, draw, coef, (gx, h_res), None, cst)
         )
     print(f"  resident programs per kernel config (apply grid sizing): {list(mhc_pre_common._resident.values())}")
     v2 = st.replace(cands.V2)  # the previous defaults, same inputs, same run

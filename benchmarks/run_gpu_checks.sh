@@ -50,7 +50,8 @@ case "$1" in
   block)
     # LigerBlock against its float64 reference in bf16 (skips without .whl/liger), then the benchmark. Its budget,
     # est. per shape: torch.compile warm-ups ~30-40 s each (plain compile's graphs serve mhc fused compile
-    # too; mhc compile), Liger's Triton JIT ~30 s, 3 passes x 6 variants x ~0.6 s; ~330 s for both shapes.
+    # too; mhc compile), Liger's Triton JIT ~30 s, 3 passes x 7 variants x ~0.6 s; 378 s for both shapes
+    # with the tests on an H200 (2026-12-01).
     gpu_tests block -m gpu tests/test_bench_block.py
     timeout 480 python3 benchmarks/bench_block.py --variants plain "plain compile" "mhc fused" "mhc fused compile" \
       "mhc fused recompute" "mhc liger" "mhc compile" --passes 3 --rep-ms 400 --out "$OUT"
@@ -63,7 +64,7 @@ case "$1" in
     [ -s "$OUT/chain_best_tuning.json" ] || echo '{}' >"$OUT/chain_best_tuning.json"
     timeout 120 python3 benchmarks/bench_kernels.py --widths 2048 4096 7168 --tuning "$OUT/chain_best_tuning.json" \
       --out "$OUT" 2>&1 | grep "chain\|pre fwd \|pre bwd \|post_res" | tail -18
-    timeout 200 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused op-local" --passes 3 \
+    timeout 200 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused chain" --passes 3 \
       --rep-ms 400 --tuning "$OUT/chain_best_tuning.json" --out "$OUT" 2>&1 | tail -12
     ;;
   stages)

@@ -106,8 +106,14 @@ class HyperConnection(nn.Module):
         if self.recorder is not None:
             self.recorder(ops, h_pre.detach(), h_post.detach(), h_res.detach())
         y = self.sublayer(u)  # [..., C]
-        chained = then is not None and then.kind != "plain" and resolve_backend(then.kernels, x.device.type, then.kind) == backend
-        return ops.post_res(x, y, h_post, h_res, next_phi=then.phi if chained else None)
+        return ops.post_res(x, y, h_post, h_res, next_phi=self._next_phi(then, x.device.type, backend))
+
+    @staticmethod
+    def _next_phi(then: HyperConnection | None, device_type: str, backend: str) -> Tensor | None:
+        """The phi of the pre op this sublayer's output feeds next, if it runs on the same backend."""
+        if then is None or then.kind == "plain" or resolve_backend(then.kernels, device_type, then.kind) != backend:
+            return None
+        return then.phi
 
     def mappings(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(h_pre, h_post, h_res) for input ``x``, through the reference: for reports, not the hot path."""

@@ -58,7 +58,9 @@ def rotary_table(s: int, d: int, base: float, device: torch.device, dtype: torch
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_rotary_table(s: int, d: int, base: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _cached_rotary_table(
+    s: int, d: int, base: float, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     # Built outside inference mode and the graph: the tables are reused by every later forward and backward.
     with torch.inference_mode(False), torch.no_grad():
         return rotary_table(s, d, base, device, dtype)

@@ -24,8 +24,11 @@ sums the next pre op's projection partials while x_next is in registers, and the
 ``mhc_pre(x_next, phi, ...)`` only finishes them. In the backward that pre op runs its reduce and
 defers the rest (its dx and dphi) to the junction's backward, which runs after it (it produced
 x_next) and does that apply and its own post/res backward in one pass, x_next rebuilt from x and
-y. A pass that reaches the junction without the deferred state (x_next fed no chained pre op, or
-that op's node did not run) takes the op-local post/res backward.
+y. A pass that reaches the junction without the deferred state of the same backward pass (x_next
+fed no chained pre op, or that op's node did not run in it) takes the op-local post/res backward.
+The chained pre op returns no gradient for x_next itself (the junction forms it): a hook on x_next,
+``x_next.retain_grad()`` or ``autograd.grad(..., x_next)`` sees only what else reached it. That is
+why the junction is a launch setting (``chain``, off by default) and a chain ends at stage edges.
 
 Launch settings (:mod:`kernels.settings`) are resolved once per call, in the forward, and kept
 for the backward: autograd may run the backward on another thread.
@@ -117,7 +120,7 @@ class _Junction:
 
 class MhcPreFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, phi, alpha, bias, iters, eps, link, kind, settings, junction):  # x: [T, n, C] contiguous
+    def forward(ctx, x, phi, alpha, bias, iters, eps, link, kind, settings, junction):  # x: [T, n, C]
         partials = None
         if junction is not None:
             partials, junction.partials = junction.partials, None
@@ -144,7 +147,7 @@ class MhcPreFunction(torch.autograd.Function):
             dlogit, dalpha_part, draw, coef = pre_backward_reduce(
                 x, alpha, bias, proj, rstd, du, dh_post, dh_res, ctx.iters, kind=ctx.kind, settings=ctx.settings
             )
-            ctx.junction.deferred = (du, h_pre, draw, coef, dx_accum, res_grad)
+            ctx.junction.deferred = (_pass_id(), (du, h_pre, draw, coef, dx_accum, res_grad))
             dalpha, dbias = dalpha_part.sum(0), dlogit.sum(0)
             return None, None, dalpha.to(alpha.dtype), dbias.to(bias.dtype), None, None, None, None, None, None
         dx, dphi, dalpha, dbias = pre_backward(
@@ -192,7 +195,7 @@ class ChainPostResFunction(torch.autograd.Function):
     """post_res with the next sublayer's phi: the junction (:mod:`kernels.mhc_chain`)."""
 
     @staticmethod
-    def forward(ctx, x, y, h_post, h_res, phi, link, junction, settings):  # as PostResFunction; phi: the next op's
+    def forward(ctx, x, y, h_post, h_res, phi, link, junction, settings):  # phi: the next pre op's
         ctx.set_materialize_grads(False)  # the next pre op hands its gradient over through the junction
         n, c = x.shape[-2:]
         ctx.save_for_backward(x, y, h_post, h_res, phi)
@@ -206,20 +209,25 @@ class ChainPostResFunction(torch.autograd.Function):
     def backward(ctx, g):
         x, y, h_post, h_res, phi = ctx.saved_tensors
         n, c = x.shape[-2:]
-        deferred, ctx.junction.deferred = ctx.junction.deferred, None
-        if deferred is None:  # no chained pre op handed over: the op-local backward of whatever reached x_next
+        deferred, ctx.junction.deferred, ctx.junction.partials = ctx.junction.deferred, None, None
+        if deferred is None or deferred[0] != _pass_id():  # nothing handed over in this pass: op-local
             if g is None:
                 return None, None, None, None, None, None, None, None
             return (*_post_res_backward(ctx.link, ctx.settings, g, x, y, h_post, h_res), None, None, None, None)
-        du, h_pre, draw, coef, dense, res_grad = deferred
+        du, h_pre, draw, coef, dense, res_grad = deferred[1]
         if g is not None:  # x_next also fed something else
             g = g.contiguous().view(-1, n, c)
-            dense = g.clone() if dense is None else dense.add_(g)
+            dense = g if dense is None else dense.add_(g)
         g_next, dy, dh_post, dh_res, dphi = chain_backward(
             x.view(-1, n, c), y, h_post, h_res, phi, du, h_pre, draw, coef, res_grad, dense, ctx.settings
         )
-        dx = _hand_over(ctx.link, x, g_next, h_res)
+        dx = _hand_over(ctx.link, x, g_next, h_res) if ctx.needs_input_grad[0] else None
         return dx, dy, dh_post, dh_res, dphi.to(phi.dtype), None, None, None
+
+
+def _pass_id() -> int:
+    """The running backward pass (autograd's graph task): deferred state is taken only within one."""
+    return torch._C._current_graph_task_id()
 
 
 def _hand_over(link: _GradLink | None, x: Tensor, g: Tensor, h_res: Tensor) -> Tensor | None:

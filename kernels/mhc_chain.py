@@ -14,7 +14,8 @@ is in registers anyway (docs/DESIGN.md §4, benchmarks/NOTES_kernels.md "chain")
                        phi^T + coef x_{l+1} + H_res_{l+1}^T g_{l+1} (+ a dense gradient), written
                        once; dphi_{l+1} = x_{l+1}^T draw; then from g_l: dy_l, and dH_post_l, dH_res_l
                        partial sums per channel block (their reduction runs over channels, dphi's
-                       over tokens: one of them must go through partials; these are 20 floats a token).
+                       over tokens: one of them must go through partials: n + n^2 floats a token per
+                       channel block, 20 C / block_c at n = 4, written and summed again).
 
 Per token and sublayer (n streams, C channels), the stream elements moved fall from (10n + 6) C
 to (7n + 6) C: the forward no longer reads x_{l+1} for the projection, the backward neither reads
@@ -335,7 +336,8 @@ def chain_backward(
     g, h_res_next = res_grad if res_grad is not None else (x, h_res)  # stand-ins when RES_GRAD is off
     constexprs = dict(
         n=n, N=ns, M=m, MP=_pow2(m, 16), BT=block_t, BC=block_c, RES_GRAD=res_grad is not None,
-        DENSE=dense is not None, UPCAST=_interpreted(), LOOP_STAGES=s.chain_bwd_loop_stages, num_warps=s.chain_bwd_warps,
+        DENSE=dense is not None, UPCAST=_interpreted(), LOOP_STAGES=s.chain_bwd_loop_stages,
+        num_warps=s.chain_bwd_warps,
     )  # fmt: skip
     dense = x if dense is None else dense
 

@@ -176,7 +176,9 @@ def fit_loop_stages(kernel, make_args, dtypes: tuple, constexprs: dict, device: 
         while fitted["LOOP_STAGES"] > 1:
             try:
                 shared = kernel.warmup(*make_args(), grid=(1,), **fitted).metadata.shared
-            except Exception:  # a Triton without these internals: launch as asked
+            except triton.runtime.errors.OutOfResources:  # a Triton that checks while compiling
+                shared = limit + 1
+            except (AttributeError, TypeError):  # a Triton without these internals: launch as asked
                 break
             if shared <= limit:
                 break

@@ -70,20 +70,20 @@ class LaunchSettings:
     post_bwd_warps: int = 4
     post_bwd_loop_stages: int | None = 2
     # the junction of two chained sublayers (kernels.mhc_chain; bf16 streams, n <= 4): post/res_l fused
-    # with pre_{l+1}'s projection (forward) and apply (backward). Off: on an H200 (2026-12-01,
-    # benchmarks/results/kernels_chain_h200/) its kernels ran at 35 % (forward) and 18-20 % (backward) of
-    # copy against the op-local kernels' 83-99 %, so the block was slower with it (+27.6 / +14.0 % over
-    # plain against +15.5 / +6.2 %), though it moves 24 C fewer bytes a token and sublayer
-    # (2-D [block_t, block_c] tiles of one stream at a time, n <= 4 unrolled; the largest that compile for
-    # sm_90 without spilling, benchmarks/kernel_resources.py)
+    # with pre_{l+1}'s projection (forward) and apply (backward), on 2-D one-stream tiles. Off: on an H200
+    # (2026-12-01, benchmarks/results/kernels_chain_h200/) its kernels ran at 35 % (forward) and 18-20 %
+    # (backward) of copy at these tiles, the swept best, against 70-101 % for the op-local kernels of the same
+    # run, so the block was slower with it (+27.6 / +14.0 % over plain against +15.5 / +6.2 %), though it
+    # moves 24 C fewer bytes a token and sublayer. This backward tile spills on sm_90 (272 B); the tiles that
+    # do not spill ran slower.
     chain: bool = False
     chain_fwd_block_t: int = 64
-    chain_fwd_block_c: int = 32
-    chain_fwd_warps: int = 8
+    chain_fwd_block_c: int = 16
+    chain_fwd_warps: int = 4
     chain_fwd_loop_stages: int | None = 2
-    chain_bwd_block_t: int = 64
-    chain_bwd_block_c: int = 16
-    chain_bwd_warps: int = 8
+    chain_bwd_block_t: int = 16
+    chain_bwd_block_c: int = 64
+    chain_bwd_warps: int = 4
     chain_bwd_loop_stages: int | None = 2
 
     def replace(self, overrides: Mapping[str, Any] | None = None, **more: Any) -> LaunchSettings:

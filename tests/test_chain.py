@@ -14,7 +14,8 @@ import torch
 from dualpipe_mhc.kernels import reference as ref
 from dualpipe_mhc.kernels.settings import overriding
 from test_kernels import (  # noqa: F401  (fixtures: interpreter / compiled kernels)
-    ITERS, ROOT, _kernel_mode, _poison_cuda_cache, assert_close, fused_cpu, fused_gpu, leaves, make_inputs, rel_err, sublayer,
+    ITERS, ROOT, _kernel_mode, _poison_cuda_cache, assert_close, fused_cpu, fused_gpu, leaves, make_inputs, rel_err,
+    sublayer,
 )  # fmt: skip
 
 
@@ -220,9 +221,14 @@ def test_chain_candidates_gpu(fused_gpu, which):
     local = check_chain(fused_gpu, 1537, 4, 2048, torch.bfloat16, "cuda", chain=False)
     with overriding(CHAIN[which]):
         got = check_chain(fused_gpu, 1537, 4, 2048, torch.bfloat16, "cuda")
-    # the per-token sums of dH (and so dalpha, a sum over all tokens) go through partials per channel
-    # block, whose count differs between configurations: within the op-local path's error, or 2e-2
-    bad = {k: (v, local[k]) for k, v in got.items() if not (v <= 1.1 * local[k] + 2e-3 or v <= 2e-2)}
+    # dalpha (3 numbers, each a sum over all tokens of products that largely cancel) is ill-conditioned:
+    # any change of summation order (the forward's channel splits too) moves its bf16 error by up to ~3x
+    # (H200: 0.005 -> 0.014 for two forward candidates); it is held to the layer tolerance, the rest to
+    # the op-local path's error
+    def ok(k: str, v: float) -> bool:
+        return v <= 2e-2 if k.startswith("dalpha") else v <= 1.1 * local[k] + 2e-3
+
+    bad = {k: (v, local[k]) for k, v in got.items() if not ok(k, v)}
     assert not bad, f"chained vs op-local errors: {bad}"
 
 
