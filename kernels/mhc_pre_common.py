@@ -160,6 +160,7 @@ def resident_programs(kernel, make_args, dtypes: tuple, constexprs: dict, device
 
 
 _fitted: dict = {}
+_FIT_OFF_DEVICE = False  # benchmarks/kernel_resources.py compiles for sm_90 from CPU tensors: fit there too
 
 
 def fit_loop_stages(kernel, make_args, dtypes: tuple, constexprs: dict, device: torch.device) -> dict:
@@ -167,7 +168,7 @@ def fit_loop_stages(kernel, make_args, dtypes: tuple, constexprs: dict, device: 
     memory: a table entry swept for one shape can ask too much at another (H200 apply, 3 stages: 239 KB
     at n = 1 against 227 KB a block). Compiles without launching, cached; unchanged off CUDA."""
     stages = constexprs.get("LOOP_STAGES")
-    if device.type != "cuda" or not stages or stages <= 1:
+    if (device.type != "cuda" and not _FIT_OFF_DEVICE) or not stages or stages <= 1:
         return constexprs
     key = (kernel.fn.__name__, tuple(sorted(constexprs.items())), dtypes, device.index)
     if key not in _fitted:
@@ -189,6 +190,8 @@ def fit_loop_stages(kernel, make_args, dtypes: tuple, constexprs: dict, device: 
 
 def _shared_limit(device: torch.device) -> int:
     """Shared memory a program may use on ``device``: the limit Triton checks a launch against."""
+    if device.type != "cuda":
+        return _SM_SHARED - 1024  # compiling for sm_90 off the device (kernel_resources.py)
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
         return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
