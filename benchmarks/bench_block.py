@@ -226,15 +226,21 @@ def _bench_step(stack, x: torch.Tensor, grad: torch.Tensor, rep_ms: int, warmup:
     return do_bench(step, warmup=warmup, rep=rep_ms, grad_to_none=params + [x], return_mode="median")
 
 
-def _peak_gib(stack, x: torch.Tensor, grad: torch.Tensor) -> float:
-    for p in list(stack.parameters()) + [x]:
+def peak_gib(step, leaves: list[torch.Tensor]) -> float:
+    """GiB the CUDA allocator peaked at during one ``step()`` above what was allocated before it,
+    the ``leaves``' gradients cleared first (so the step allocates them, as a first micro-batch does)."""
+    for p in leaves:
         p.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    stack(x).backward(grad)
+    step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def _peak_gib(stack, x: torch.Tensor, grad: torch.Tensor) -> float:
+    return peak_gib(lambda: stack(x).backward(grad), list(stack.parameters()) + [x])
 
 
 def _warm_up(stack, x: torch.Tensor, grad: torch.Tensor) -> float:

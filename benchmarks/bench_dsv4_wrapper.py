@@ -32,6 +32,7 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_block import peak_gib  # noqa: E402
 from results_io import write_results  # noqa: E402
 
 ITERS = 20
@@ -101,14 +102,7 @@ def measure(step, params, x, grad, rep_ms: int) -> dict:
     torch.cuda.synchronize()
     ms = do_bench(lambda: step(x).backward(grad), warmup=50, rep=rep_ms, grad_to_none=params + [x],
                   return_mode="median")  # fmt: skip
-    for p in params + [x]:
-        p.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step(x).backward(grad)
-    torch.cuda.synchronize()
-    return {"ms": ms, "peak_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30}
+    return {"ms": ms, "peak_GiB": peak_gib(lambda: step(x).backward(grad), params + [x])}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
