@@ -94,6 +94,7 @@ def make_case(t: int, n: int, c: int, device: str, dtype=torch.bfloat16):
 def stream_bytes(t: int, n: int, c: int, esize: int = 2) -> dict[str, tuple[int, int]]:
     """(min, moved) bytes per kernel; the fp32 per-token tensors (a few dozen floats) are included in both."""
     m = 2 * n + n * n
+    dh_blocks = triton.cdiv(c, LaunchSettings().chain_bwd_block_c)
     small = lambda floats: t * floats * 4  # noqa: E731
     xs, cs = t * n * c * esize, t * c * esize
     return {
@@ -109,9 +110,9 @@ def stream_bytes(t: int, n: int, c: int, esize: int = 2) -> dict[str, tuple[int,
         "chain fwd": (2 * xs + cs + small(3 * (m + 1)), 2 * xs + cs + small(3 * (m + 1))),
         "chained pre fwd": (xs + cs + small(2 * m + 1 + 3 * (m + 1)), xs + cs + small(2 * m + 1 + 3 * (m + 1))),
         # x, y, du, g_next (H_res_next), draw, coef -> g, dy; moved also: the dH partials, n + n^2 floats a token
-        # per channel block, written and summed (C / 64 blocks: the swept best tile; C / 16 at 16 channels)
+        # per channel block, written and summed (at the default channel block)
         "chain bwd": (3 * xs + 3 * cs + small(m + 2 + 3 * n + 2 * n * n),
-                      3 * xs + 3 * cs + small(m + 2 + 3 * n + 2 * n * n + 2 * (c // 64) * (n + n * n))),
+                      3 * xs + 3 * cs + small(m + 2 + 3 * n + 2 * n * n + 2 * dh_blocks * (n + n * n))),
     }
 
 

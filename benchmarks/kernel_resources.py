@@ -42,7 +42,6 @@ from dualpipe_mhc.kernels.mhc_post import post_res_backward, post_res_forward  #
 from dualpipe_mhc.kernels.settings import DEFAULT, TABLE, launch_settings  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-SHARED_LIMIT = 232448  # bytes of shared memory a program may take on an H100 / H200
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -175,7 +174,7 @@ def main() -> None:
                 # fp32 streams at n = 8 spill on sm_90 at every tile that fits shared memory (the wide apply sizes);
                 # the junction (off by default) spills at the tiles it ran fastest at (NOTES_kernels.md v7)
                 spill_ok = (dtype == torch.float32 and n == 8) or name.startswith("_chain")
-                if (r["stack"] and not spill_ok) or kernel.metadata.shared > SHARED_LIMIT:
+                if (r["stack"] and not spill_ok) or kernel.metadata.shared > mhc_pre_common.SM90_PROGRAM_SHARED:
                     bad.append(f"{name} ({label}, {str(dtype)[6:]}, n={n}, C={c}): stack {r['stack']} B, "
                                f"shared {kernel.metadata.shared} B")  # fmt: skip
     if args.out:

@@ -131,6 +131,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 _SM_REGISTERS, _SM_SHARED, _SM_WARPS = 65536, 233472, 64  # Hopper (sm_90): per multiprocessor
+SM90_PROGRAM_SHARED = _SM_SHARED - 1024  # what one program may take on sm_90: Triton's launch limit there
 _resident: dict = {}
 
 
@@ -191,12 +192,12 @@ def fit_loop_stages(kernel, make_args, dtypes: tuple, constexprs: dict, device: 
 def _shared_limit(device: torch.device) -> int:
     """Shared memory a program may use on ``device``: the limit Triton checks a launch against."""
     if device.type != "cuda":
-        return _SM_SHARED - 1024  # compiling for sm_90 off the device (kernel_resources.py)
+        return SM90_PROGRAM_SHARED  # compiling for sm_90 off the device (kernel_resources.py)
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
         return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
     except Exception:  # another Triton layout: Hopper's 227 KB
-        return _SM_SHARED - 1024
+        return SM90_PROGRAM_SHARED
 
 
 def wave_splits(blocks: int, max_splits: int, slots: int) -> int:
