@@ -32,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .mhc_pre_common import _dot_bf16, _interpreted, _num_sms, _pow2, fit_loop_stages, resident_programs, wave_splits
+from .mhc_pre_common import (
+    _dot_bf16, _interpreted, _num_sms, _pow2, fit_loop_stages, launch_fitted, resident_programs, wave_splits,
+)  # fmt: skip
 from .settings import LaunchSettings
 
 
@@ -353,8 +355,9 @@ def chain_backward(
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(t, tokens_per_split)
     dphi = torch.empty((splits, n * c, m), **f32)
-    _chain_bwd_kernel[(splits, c_blocks)](
-        x, y, h_post, h_res, du, phi, h_pre, draw, coef, g, h_res_next, dense, g_out, dy, dh_post, dh_res, dphi,
-        t, c, tokens_per_split, **constexprs,
+    launch_fitted(
+        _chain_bwd_kernel, (splits, c_blocks),
+        (x, y, h_post, h_res, du, phi, h_pre, draw, coef, g, h_res_next, dense, g_out, dy, dh_post, dh_res, dphi,
+         t, c, tokens_per_split), dtypes, constexprs, x.device,
     )  # fmt: skip
     return g_out, dy, dh_post.sum(0), dh_res.sum(0), (dphi[0] if splits == 1 else dphi.sum(0))

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .mhc_pre_common import (
     _dot_bf16, _interpreted, _load_proj, _logits, _num_sms, _pow2, _precision, _res_offsets, fit_loop_stages,
-    resident_programs, variant, wave_splits,
+    launch_fitted, resident_programs, variant, wave_splits,
 )  # fmt: skip
 from .settings import LaunchSettings, launch_settings
 from .sinkhorn import sinkhorn_bwd, sinkhorn_init
@@ -292,9 +292,10 @@ def pre_backward_apply(
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(t, tokens_per_split)
     dphi_part = torch.empty((splits if fuse_dphi else 1, n * c, m), device=x.device, dtype=torch.float32)
-    _pre_bwd_apply_kernel[(splits, c_blocks)](
-        x, du, phi, h_pre, draw, coef, g, h_res, dx, dphi_part, t, c, tokens_per_split, **constexprs
-    )
+    launch_fitted(
+        _pre_bwd_apply_kernel, (splits, c_blocks),
+        (x, du, phi, h_pre, draw, coef, g, h_res, dx, dphi_part, t, c, tokens_per_split), dtypes, constexprs, x.device,
+    )  # fmt: skip
     if not fuse_dphi:
         return dx, pre_backward_dphi(x, draw, dphi_bf16=dphi_bf16, dphi_lo=dphi_lo)
     return dx, (dphi_part[0] if splits == 1 else dphi_part.sum(0))

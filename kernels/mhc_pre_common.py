@@ -167,11 +167,12 @@ _FIT_OFF_DEVICE = False  # benchmarks/kernel_resources.py compiles for sm_90 fro
 def fit_loop_stages(kernel, make_args, dtypes: tuple, constexprs: dict, device: torch.device) -> dict:
     """``constexprs`` with ``LOOP_STAGES`` lowered until the compiled kernel fits the device's shared
     memory: a table entry swept for one shape can ask too much at another (H200 apply, 3 stages: 239 KB
-    at n = 1 against 227 KB a block). Compiles without launching, cached; unchanged off CUDA."""
+    at n = 1 against 227 KB a block). Compiles without launching, cached; unchanged off CUDA. What the
+    launch itself refuses all the same is fitted by :func:`launch_fitted`."""
     stages = constexprs.get("LOOP_STAGES")
     if (device.type != "cuda" and not _FIT_OFF_DEVICE) or not stages or stages <= 1:
         return constexprs
-    key = (kernel.fn.__name__, tuple(sorted(constexprs.items())), dtypes, device.index)
+    key = _fit_key(kernel, constexprs, dtypes, device)
     if key not in _fitted:
         limit = _shared_limit(device)
         fitted = dict(constexprs)
@@ -180,13 +181,42 @@ def fit_loop_stages(kernel, make_args, dtypes: tuple, constexprs: dict, device: 
                 shared = kernel.warmup(*make_args(), grid=(1,), **fitted).metadata.shared
             except triton.runtime.errors.OutOfResources:  # a Triton that checks while compiling
                 shared = limit + 1
-            except (AttributeError, TypeError):  # a Triton without these internals: launch as asked
+            except (AttributeError, TypeError):  # a Triton without these internals: the launch fits it
                 break
             if shared <= limit:
                 break
             fitted["LOOP_STAGES"] -= 1
         _fitted[key] = fitted
     return _fitted[key]
+
+
+def launch_fitted(kernel, grid: tuple, args: tuple, dtypes: tuple, constexprs: dict, device: torch.device) -> None:
+    """``kernel[grid](*args, **constexprs)``; where Triton refuses the launch for shared memory (it checks
+    when the binary loads, before anything runs), again at one pipeline stage fewer (the loop's
+    ``LOOP_STAGES`` where set, else the kernel's ``num_stages``), the fit remembered for
+    :func:`fit_loop_stages`. The H200's GPU tests found the compile-time fit alone not enough: a launch with
+    the g hand-over at n = 1 asked 239 KB at 3 loop stages, and sweep candidates that leave the stages to
+    Triton (3) asked 245 KB at n = 8."""
+    fitted = dict(constexprs)
+    while True:
+        try:
+            kernel[grid](*args, **fitted)
+            break
+        except triton.runtime.errors.OutOfResources:
+            knob = "LOOP_STAGES" if fitted.get("LOOP_STAGES") else "num_stages"
+            stages = fitted.get(knob) or _TRITON_STAGES
+            if stages <= 1:
+                raise
+            fitted[knob] = stages - 1
+    if fitted != constexprs:
+        _fitted[_fit_key(kernel, constexprs, dtypes, device)] = fitted
+
+
+_TRITON_STAGES = 3  # Triton's num_stages when a launch sets none (CUDA backend)
+
+
+def _fit_key(kernel, constexprs: dict, dtypes: tuple, device: torch.device) -> tuple:
+    return kernel.fn.__name__, tuple(sorted(constexprs.items())), dtypes, device.index
 
 
 def _shared_limit(device: torch.device) -> int:

@@ -432,6 +432,47 @@ def test_fit_loop_stages_lowers_until_the_kernel_fits():
         mpc._fitted.clear()
 
 
+def test_launch_fitted_retries_a_launch_refused_for_shared_memory():
+    """A launch Triton refuses for shared memory (raised when the binary loads, before it runs) goes again at
+    one pipeline stage fewer: the loop's where set, else the kernel's (Triton's default 3). The next fit of
+    the same launch starts there; a launch that fits at no stage count raises."""
+    from types import SimpleNamespace
+
+    import triton
+
+    from dualpipe_mhc.kernels import mhc_pre_common as mpc
+
+    launched = []
+
+    class Kernel:
+        fn = SimpleNamespace(__name__="stand_in")
+
+        def __init__(self, fits_at: int):
+            self.fits_at = fits_at
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if (kw["LOOP_STAGES"] or kw.get("num_stages", 3)) > self.fits_at:
+                    raise triton.runtime.errors.OutOfResources(239_104, 232_448, "shared memory")
+                launched.append((grid, args, kw))
+
+            return launch
+
+    mpc._fitted.clear()
+    cuda = torch.device("cuda", 0)
+    try:
+        mpc.launch_fitted(Kernel(2), (4, 2), (1, 2), ("bf16",), {"LOOP_STAGES": 3, "BT": 64}, cuda)
+        assert launched == [((4, 2), (1, 2), {"LOOP_STAGES": 2, "BT": 64})]
+        remembered = mpc._fitted[mpc._fit_key(Kernel(2), {"LOOP_STAGES": 3, "BT": 64}, ("bf16",), cuda)]
+        assert remembered == {"LOOP_STAGES": 2, "BT": 64}
+        mpc.launch_fitted(Kernel(2), (1,), (), (), {"LOOP_STAGES": None, "BT": 64}, cuda)
+        assert launched[-1][2] == {"LOOP_STAGES": None, "BT": 64, "num_stages": 2}
+        with pytest.raises(triton.runtime.errors.OutOfResources):
+            mpc.launch_fitted(Kernel(0), (1,), (), (), {"LOOP_STAGES": 2, "BT": 64}, cuda)
+    finally:
+        mpc._fitted.clear()
+
+
 def test_wave_splits():
     """The apply grid fills whole waves: 32 channel blocks on 132 one-program SMs take 4 splits
     (128 programs), 112 take 7 (784 = 6 waves less 8), and twice the slots twice the splits."""
