@@ -21,6 +21,7 @@ each one's overhead is quoted against:
                        mHC ops stay the Triton kernels, outside the compiled graphs                vs plain compile
     mhc fused v2       n = 4, the Triton kernels with the previous defaults (kernel_candidates.V2)  vs plain
     mhc fused chain    'mhc fused' with the junction across sublayers (launch setting chain=True)    vs plain
+    mhc fused chain fwd 'mhc fused' with the forward junction alone (chain=True, chain_bwd=False)   vs plain
     mhc fused recompute 'mhc fused' recomputing in blocks of 2 layers (dualpipe_mhc.recompute)      vs plain
     dsv4 fused         n = 4, residual kind 'dsv4' (DeepSeek-V4's mappings) on the same Triton kernels and
                        launch settings as 'mhc fused' (its HyperHead is outside the block: not timed) vs plain
@@ -89,6 +90,7 @@ VARIANTS = {
     "mhc fused compile": Variant("mhc", "triton", compile="sublayer", baseline="plain compile"),
     "mhc fused v2": Variant("mhc", "triton"),
     "mhc fused chain": Variant("mhc", "triton"),  # with the junction across sublayers (launch setting chain)
+    "mhc fused chain fwd": Variant("mhc", "triton"),  # the forward junction alone (chain, not chain_bwd)
     "mhc fused recompute": Variant("mhc", "triton", recompute=2),
     "dsv4 fused": Variant("dsv4", "triton"),
     "mhc liger": Variant("liger"),
@@ -438,6 +440,7 @@ def main() -> None:
     }
     tunings["dsv4 fused"] = tunings["mhc fused compile"] = tunings["mhc fused"]
     tunings["mhc fused chain"] = {**tunings["mhc fused"], "chain": True}
+    tunings["mhc fused chain fwd"] = {**tunings["mhc fused"], "chain": True, "chain_bwd": False}
     tunings["mhc fused recompute"] = tunings["mhc fused"]
     bw = args.copy_bandwidth
     if bw is None:

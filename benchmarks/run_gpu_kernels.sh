@@ -8,6 +8,8 @@
 #       GPU tests of every tuning candidate and the layer at T = 1537 (an A/B call after a kernel change)
 #   bash benchmarks/run_gpu_kernels.sh final    # every GPU test; per-kernel table and block (plain / fused, with
 #       the per-kernel breakdown) at the committed defaults: the figures a release quotes
+#   bash benchmarks/run_gpu_kernels.sh fwdjunction  # every GPU test; the forward junction alone (chain, not
+#       chain_bwd): its sweep, and the block plain / fused / fused chain fwd in 3 interleaved passes
 #   bash benchmarks/run_gpu_kernels.sh profile  # block with the per-kernel breakdown (torch.profiler), timed
 #       first and profiled after (a variant timed right after a profiler pass ran 16 % slow)
 #   bash benchmarks/run_gpu_kernels.sh ncu      # Nsight Compute on the apply, post/res backward and forward
@@ -26,11 +28,12 @@ rm -f "$OUT/pip.txt"
 tag=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 best="$OUT/best_tuning.json"
 
-gpu_tests() {  # every GPU test of the repo, in three processes at once (compilation is the slow part)
-  run() { timeout 240 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -rfEs --tb=short \
+gpu_tests() {  # every GPU test of the repo, in four processes at once (compilation is the slow part)
+  run() { timeout 300 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider -rfEs --tb=short \
             --continue-on-collection-errors -k "$1" >"/tmp/gpu_tests_$2.txt" 2>&1; echo "rc=$?" >>"/tmp/gpu_tests_$2.txt"; }
-  run "layer_matches and fp32" 1 & run "layer_matches and bf16" 2 & run "not layer_matches" 3 & wait
-  for i in 1 2 3; do echo "=== part $i"; cat /tmp/gpu_tests_$i.txt; done >"$OUT/gpu_tests_$tag.txt"
+  run "layer_matches and fp32" 1 & run "layer_matches and bf16" 2 & run "tuning_candidates or chain" 3 &
+  run "not layer_matches and not tuning_candidates and not chain" 4 & wait
+  for i in 1 2 3 4; do echo "=== part $i"; cat /tmp/gpu_tests_$i.txt; done >"$OUT/gpu_tests_$tag.txt"
   grep -h "passed\|failed\|rc=" "$OUT/gpu_tests_$tag.txt"
 }
 
@@ -63,6 +66,17 @@ case "${1:-release}" in
       timeout 150 python3 benchmarks/bench_block.py --variants plain "mhc fused" --rep-ms 800 --profile --out "$OUT"
     } 2>&1 | tee "$OUT/final.log"
     ;;
+  fwdjunction)
+    # the forward junction alone (chain on, chain_bwd off): every GPU test, its launch-settings sweep, then the
+    # block against the op-local kernels, interleaved passes
+    gpu_tests
+    { timeout 120 python3 benchmarks/bench_kernels.py --sweep --sweep-only "chain fwd" --no-cases \
+        --write-tuning "$OUT/chain_fwd_best.json" --out "$OUT" | grep -v "^  sweep"
+      [ -s "$OUT/chain_fwd_best.json" ] || echo '{}' >"$OUT/chain_fwd_best.json"
+      timeout 200 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused chain fwd" --passes 3 \
+        --rep-ms 400 --tuning "$OUT/chain_fwd_best.json" --out "$OUT"
+    } 2>&1 | tee "$OUT/fwdjunction.log"
+    ;;
   profile)
     timeout 300 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused v2" --rep-ms 800 \
       --profile --out "$OUT" 2>&1 | tee "$OUT/profile.log"
@@ -79,5 +93,5 @@ case "${1:-release}" in
         "$OUT/ncu_$op.txt" | head -30
     done
     ;;
-  *) echo "usage: $0 release|sweep|final|profile|ncu"; exit 2 ;;
+  *) echo "usage: $0 release|sweep|final|fwdjunction|profile|ncu"; exit 2 ;;
 esac

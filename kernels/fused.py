@@ -129,8 +129,9 @@ class MhcPreFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(x, phi, alpha, bias, h_pre, proj, rstd)
         ctx.iters, ctx.link, ctx.kind, ctx.settings = iters, link, kind, settings
-        # the junction's backward finishes this op's backward only if autograd will run it: x came out of it
-        ctx.junction = junction if junction is not None and ctx.needs_input_grad[0] else None
+        # the junction's backward finishes this op's backward only if autograd will run it (x came out of it)
+        # and the backward junction is on
+        ctx.junction = junction if junction is not None and settings.chain_bwd and ctx.needs_input_grad[0] else None
         ctx.mark_non_differentiable(h_pre)  # returned for recomputation only: u carries its gradient
         return u, h_pre, h_post, h_res
 

@@ -77,6 +77,9 @@ class LaunchSettings:
     # moves 24 C fewer bytes a token and sublayer. This backward tile spills on sm_90 (272 B); the tiles that
     # do not spill ran slower.
     chain: bool = False
+    # with chain on, the backward junction too; False: the forward junction alone (post/res_l's forward sums
+    # pre_{l+1}'s projection partials), each op's own backward, and x_{l+1}'s gradient formed as without chain
+    chain_bwd: bool = True
     chain_fwd_block_t: int = 64
     chain_fwd_block_c: int = 16
     chain_fwd_warps: int = 4

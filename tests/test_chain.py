@@ -42,13 +42,14 @@ def run_chain(ops, x, params, ws, chained: bool, kind: str = "mhc", extra_use: b
 
 
 def check_chain(fused, t, n, c, dtype, device, sublayers=3, kind="mhc", chain=True, **variant) -> dict[str, float]:
-    """Chained sublayers against float64; ``chain``: the junction's launch setting (off: the op-local kernels)."""
+    """Chained sublayers against float64; ``chain``: the junction's launch setting (off: the op-local kernels),
+    or a dict of launch settings."""
     x, params, ws = make_chain(sublayers, t, n, c, dtype, device, seed=100 * n + t + c)
     cot = torch.randn(x.shape, device=device)
     xs = leaves(x)[0]
     ps = [leaves(*p) for p in params]
     _poison_cuda_cache(device)
-    with overriding({"chain": chain}):
+    with overriding(chain if isinstance(chain, dict) else {"chain": chain}):
         out = run_chain(fused, xs, ps, ws, chained=True, kind=kind, **variant)
     (out.float() * cot).sum().backward()
 
@@ -69,11 +70,11 @@ def check_chain(fused, t, n, c, dtype, device, sublayers=3, kind="mhc", chain=Tr
     return errs
 
 
-def assert_as_close_as_op_local(fused, t, n, c, kind="mhc", **variant) -> None:
+def assert_as_close_as_op_local(fused, t, n, c, kind="mhc", chain=True, **variant) -> None:
     """The chained path is as close to float64 as the op-local kernels (whose every op test_kernels holds
     to the reference): through three bf16 sublayers the stored streams and gradients alone (strong
     mappings, alpha ~ 1) take the errors to a few 1e-2, junction or not."""
-    chained = check_chain(fused, t, n, c, torch.bfloat16, "cpu", kind=kind, **variant)
+    chained = check_chain(fused, t, n, c, torch.bfloat16, "cpu", kind=kind, chain=chain, **variant)
     local = check_chain(fused, t, n, c, torch.bfloat16, "cpu", kind=kind, chain=False, **variant)
     bad = {k: (v, local[k]) for k, v in chained.items() if not (v <= 1.1 * local[k] + 2e-3 and v < 0.1)}
     assert not bad, f"chained vs op-local errors: {bad}"
@@ -110,6 +111,33 @@ def test_chain_matches_reference_cpu(junction_calls, fused_cpu, t, n, c):
     assert_as_close_as_op_local(fused_cpu, t, n, c)
     # chained, three sublayers: two junctions, the first pre op runs its own projection; op-local: 3 of those
     assert junction_calls == {"chain_forward": 2, "chain_backward": 2, "pre_partial": 4}
+
+
+def test_forward_junction_alone_matches_reference_cpu(junction_calls, fused_cpu):
+    """chain_bwd off: the forward junction (projection partials summed while x_{l+1} is written) and each
+    op's own backward."""
+    assert_as_close_as_op_local(fused_cpu, 37, 4, 96, chain={"chain": True, "chain_bwd": False})
+    assert junction_calls == {"chain_forward": 2, "chain_backward": 0, "pre_partial": 4}
+
+
+def test_forward_junction_alone_leaves_x_next_gradient_whole_cpu(fused_cpu):
+    """Without the backward junction, x_{l+1}'s gradient is formed as without chain: a hook on x_{l+1} sees
+    all of it (with the backward junction the chained pre op's share goes through the junction)."""
+    x, params, ws = make_chain(2, 19, 4, 64, torch.bfloat16, "cpu", seed=11)
+    seen = {}
+    for settings in ({"chain": False}, {"chain": True, "chain_bwd": False}, {"chain": True}):
+        xs = leaves(x)[0]
+        ps = [leaves(*p) for p in params]
+        with overriding(settings):
+            u, h_post, h_res = fused_cpu.mhc_pre(xs, *ps[0], ITERS)
+            x1 = fused_cpu.post_res(xs, sublayer(u, ws[0]), h_post, h_res, next_phi=ps[1][0])
+            x1.register_hook(lambda g, key=str(settings): seen.__setitem__(key, g if g is None else g.clone()))
+            u, h_post, h_res = fused_cpu.mhc_pre(x1, *ps[1], ITERS)
+            out = fused_cpu.post_res(x1, sublayer(u, ws[1]), h_post, h_res)
+        out.float().sum().backward()
+    off, fwd_only, both = seen.values()
+    assert rel_err(fwd_only, off) < 5e-3  # the partials summed in another order: not bitwise
+    assert both is None or rel_err(both, off) > 0.1  # the chained pre op's share missing (here: all of it)
 
 
 def test_chain_dsv4_matches_reference_cpu(fused_cpu):
