@@ -6,8 +6,8 @@
 #       fused (best), fused v2, eager, torch.compile (the README's tables)
 #   bash benchmarks/run_gpu_kernels.sh sweep    # sweep -> best; per-kernel table; block plain / fused;
 #       GPU tests of every tuning candidate and the layer at T = 1537 (an A/B call after a kernel change)
-#   bash benchmarks/run_gpu_kernels.sh final    # every GPU test; per-kernel table and block (plain / fused, with
-#       the per-kernel breakdown) at the committed defaults: the figures a release quotes
+#   bash benchmarks/run_gpu_kernels.sh final    # every GPU test; per-kernel table and block (plain, fused, fused
+#       recompute, dsv4 fused; 5 interleaved passes) at the committed defaults: the figures a release quotes
 #   bash benchmarks/run_gpu_kernels.sh fwdjunction  # every GPU test; the forward junction alone (chain, not
 #       chain_bwd): its sweep, and the block plain / fused / fused chain fwd in 3 interleaved passes
 #   bash benchmarks/run_gpu_kernels.sh profile  # block with the per-kernel breakdown (torch.profiler), timed
@@ -63,7 +63,8 @@ case "${1:-release}" in
   final)
     gpu_tests
     { timeout 90 python3 benchmarks/bench_kernels.py --widths 2048 4096 7168 --out "$OUT"
-      timeout 150 python3 benchmarks/bench_block.py --variants plain "mhc fused" --rep-ms 800 --profile --out "$OUT"
+      timeout 300 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused recompute" "dsv4 fused" \
+        --passes 5 --rep-ms 400 --out "$OUT"
     } 2>&1 | tee "$OUT/final.log"
     ;;
   fwdjunction)
