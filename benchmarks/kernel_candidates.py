@@ -17,12 +17,20 @@ V2 = {"fwd_split": False, "apply_dphi_bf16": False, "apply_dphi_lo": True, "appl
 FWD = [
     dict(fwd_split=True, fwd_block_t=bt, fwd_block_k=bk, fwd_warps=w, fwd_stages=st, fwd_k_splits=ks)
     for bt, bk, w, st, ks in [(128, 64, 4, 3, None), (128, 128, 8, 3, None), (64, 128, 4, 3, None),
-                              (128, 64, 8, 4, None), (256, 64, 8, 3, None), (64, 64, 4, 4, None), (128, 64, 4, 3, 8)]
+                              (128, 64, 8, 4, None), (256, 64, 8, 3, None), (64, 64, 4, 4, None), (128, 64, 4, 3, 8),
+                              # K splits that fill the H200's slots evenly (the default gives 5 at T = 8192: 320
+                              # programs for 396 slots, 2 or 3 an SM)
+                              (128, 64, 4, 3, 3), (128, 64, 4, 3, 4), (128, 64, 4, 3, 6), (64, 64, 4, 3, 3),
+                              (64, 64, 4, 3, 6), (128, 64, 4, 2, None)]
 ]  # fmt: skip
 REDUCE = [
     dict(reduce_block_t=bt, reduce_block_c=bc, reduce_warps=w, reduce_loop_stages=ls)
     for bt, bc, w, ls in [(4, 256, 4, None), (8, 256, 4, None), (16, 256, 8, None), (4, 128, 2, None),
-                          (4, 256, 4, 2), (4, 128, 2, 3), (8, 256, 4, 2), (4, 512, 4, 2)]
+                          (4, 256, 4, 2), (4, 128, 2, 3), (8, 256, 4, 2), (4, 512, 4, 2),
+                          # fewer tokens and warps a program: the H200 sweep's trend (4 tokens, 2 warps best), more
+                          # programs an SM to hide each one's Sinkhorn backward tail
+                          (2, 128, 1, None), (4, 128, 1, None), (2, 256, 2, None), (2, 128, 2, None),
+                          (4, 64, 1, None), (1, 128, 1, None), (2, 128, 1, 2)]
 ]  # fmt: skip
 APPLY = [
     dict(apply_block_t=bt, apply_block_q=bq, apply_warps=w, apply_fuse_dphi=True, apply_dphi_bf16=True,

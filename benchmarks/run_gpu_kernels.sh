@@ -10,6 +10,8 @@
 #       recompute, dsv4 fused; 5 interleaved passes) at the committed defaults: the figures a release quotes
 #   bash benchmarks/run_gpu_kernels.sh fwdjunction  # every GPU test; the forward junction alone (chain, not
 #       chain_bwd): its sweep, and the block plain / fused / fused chain fwd in 3 interleaved passes
+#   bash benchmarks/run_gpu_kernels.sh retune "pre fwd" -- 7 8  # those kernels' sweep; block at the defaults and
+#       at the sweep's best; GPU tests of the listed candidates
 #   bash benchmarks/run_gpu_kernels.sh profile  # block with the per-kernel breakdown (torch.profiler), timed
 #       first and profiled after (a variant timed right after a profiler pass ran 16 % slow)
 #   bash benchmarks/run_gpu_kernels.sh ncu      # Nsight Compute on the apply, post/res backward and forward
@@ -78,6 +80,23 @@ case "${1:-release}" in
         --rep-ms 400 --tuning "$OUT/chain_fwd_best.json" --out "$OUT"
     } 2>&1 | tee "$OUT/fwdjunction.log"
     ;;
+  retune)
+    # bash benchmarks/run_gpu_kernels.sh retune "pre fwd" "pre bwd reduce" [-- CANDIDATE_INDEX ...]: sweep those
+    # kernels' candidates, then the block at the committed defaults ($OUT/defaults) and at the sweep's best ($OUT),
+    # 3 interleaved passes each; the GPU test of each listed candidate (kernel_candidates.ALL indices)
+    shift; kernels=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do kernels+=("$1"); shift; done; shift
+    { timeout 150 python3 benchmarks/bench_kernels.py --sweep --sweep-only "${kernels[@]}" --no-cases \
+        --write-tuning "$best" --out "$OUT" | grep -v "^  sweep"
+      [ -s "$best" ] || echo '{}' >"$best"
+      timeout 120 python3 benchmarks/bench_block.py --variants plain "mhc fused" --passes 3 --rep-ms 400 \
+        --out "$OUT/defaults" | tail -4
+      timeout 120 python3 benchmarks/bench_block.py --variants plain "mhc fused" --passes 3 --rep-ms 400 \
+        --tuning "$best" --out "$OUT" | tail -4
+    } 2>&1 | tee "$OUT/retune.log"
+    ids=(); for i in "$@"; do ids+=("tests/test_kernels.py::test_tuning_candidates_gpu[$i]"); done
+    [ ${#ids[@]} -gt 0 ] && timeout 150 python3 -m pytest -q -m gpu "${ids[@]}" -p no:cacheprovider -rfEs \
+      --tb=short 2>&1 | tail -8 | tee "$OUT/gpu_tests_$tag.txt"
+    ;;
   profile)
     timeout 300 python3 benchmarks/bench_block.py --variants plain "mhc fused" "mhc fused v2" --rep-ms 800 \
       --profile --out "$OUT" 2>&1 | tee "$OUT/profile.log"
@@ -94,5 +113,5 @@ case "${1:-release}" in
         "$OUT/ncu_$op.txt" | head -30
     done
     ;;
-  *) echo "usage: $0 release|sweep|final|fwdjunction|profile|ncu"; exit 2 ;;
+  *) echo "usage: $0 release|sweep|final|fwdjunction|retune|profile|ncu"; exit 2 ;;
 esac

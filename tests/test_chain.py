@@ -14,8 +14,8 @@ import torch
 from dualpipe_mhc.kernels import reference as ref
 from dualpipe_mhc.kernels.settings import overriding
 from test_kernels import (  # noqa: F401  (fixtures: interpreter / compiled kernels)
-    ITERS, ROOT, _kernel_mode, _poison_cuda_cache, assert_close, fused_cpu, fused_gpu, leaves, make_inputs, rel_err,
-    sublayer,
+    ITERS, KERNEL_CANDIDATES, _kernel_mode, _poison_cuda_cache, assert_close, fused_cpu, fused_gpu, leaves, make_inputs,
+    rel_err, sublayer,
 )  # fmt: skip
 
 
@@ -236,18 +236,11 @@ def test_chain_matches_reference_gpu(fused_gpu, t, n, c):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("which", range(12))
+@pytest.mark.parametrize("which", range(len(KERNEL_CANDIDATES.CHAIN)))
 def test_chain_candidates_gpu(fused_gpu, which):
     """Every junction configuration the sweep may pick computes what the default does."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from kernel_candidates import CHAIN
-
-    if which >= len(CHAIN):
-        pytest.skip(f"only {len(CHAIN)} candidates")
     local = check_chain(fused_gpu, 1537, 4, 2048, torch.bfloat16, "cuda", chain=False)
-    with overriding(CHAIN[which]):
+    with overriding(KERNEL_CANDIDATES.CHAIN[which]):
         got = check_chain(fused_gpu, 1537, 4, 2048, torch.bfloat16, "cuda")
     # dalpha (3 numbers, each a sum over all tokens of products that largely cancel) is ill-conditioned:
     # any change of summation order (the forward's channel splits too) moves its bf16 error by up to ~3x

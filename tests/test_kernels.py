@@ -17,6 +17,7 @@ run in float64 on the same (dtype-rounded) inputs. Tolerances, per stream dtype:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -27,6 +28,17 @@ from dualpipe_mhc.kernels import reference as ref
 from dualpipe_mhc.kernels.settings import launch_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_candidates():
+    """benchmarks/kernel_candidates.py (plain dicts): what the sweep may pick, for the GPU tests' parameters."""
+    spec = importlib.util.spec_from_file_location("kernel_candidates", ROOT / "benchmarks" / "kernel_candidates.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+KERNEL_CANDIDATES = _load_candidates()
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 2e-2)}  # (forward, backward)
 ITERS = 20
@@ -619,19 +631,12 @@ def test_ops_alone_gpu(fused_gpu, n, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("which", range(44))
+@pytest.mark.parametrize("which", range(len(KERNEL_CANDIDATES.ALL)))
 def test_tuning_candidates_gpu(fused_gpu, which):
     """Every configuration the sweep may pick computes the same function (bf16, n = 4 and 8)."""
-    import sys
-
     from dualpipe_mhc.kernels.settings import overriding
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from kernel_candidates import ALL as cands
-
-    if which >= len(cands):
-        pytest.skip(f"only {len(cands)} candidates")
-    with overriding(cands[which]):
+    with overriding(KERNEL_CANDIDATES.ALL[which]):
         for t, n, c in ((1537, 4, 2048), (77, 8, 1000)):
             torch.manual_seed(which + n)
             assert_close(check_layer(fused_gpu, t, n, c, torch.bfloat16, "cuda"), torch.bfloat16)
