@@ -47,7 +47,8 @@ import triton.language as tl
 
 from .mhc_pre_bwd import pre_backward, pre_backward_apply, pre_backward_dphi, pre_backward_reduce  # noqa: F401
 from .mhc_pre_common import (
-    _dot_bf16, _h_pre, _interpreted, _load_proj, _logits, _mappings, _num_sms, _pow2, _precision, variant,
+    _dot_bf16, _h_pre, _interpreted, _load_proj, _logits, _mappings, _pow2, _precision, resident_programs, variant,
+    wave_splits,
 )  # fmt: skip
 from .settings import LaunchSettings, launch_settings
 
@@ -254,18 +255,25 @@ def pre_forward(
         if mp > 32:  # n = 8's 128-wide phi tiles: block_k 128 asked 233 KB of shared memory (H100: 227 KB)
             bk = min(bk, 64)
         t_blocks = triton.cdiv(t, bt)
+        constexprs = dict(
+            M=m, MP=mp, BT=bt, BK=bk, UPCAST=_interpreted(), num_warps=num_warps or (s.fwd_warps if mp <= 32 else 8),
+            num_stages=num_stages or s.fwd_stages,
+        )  # fmt: skip
         k_splits = k_splits or s.fwd_k_splits
-        if k_splits is None:  # ~2 programs per SM, each at least 4 K-blocks long
-            k_splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), t_blocks), triton.cdiv(k, 4 * bk)))
+        if k_splits is None:  # the resident programs evenly loaded, each at least 4 K-blocks long
+            # (as the apply's token splits: on an H200 at T = 8192, 6 splits = 384 programs on 396 slots ran 4-5 %
+            # faster than 5 = 320, two or three an SM; benchmarks/results/kernels_retune_h200/)
+            def compile_args():  # 1-element stand-ins for the partials: compiles as the real launch will
+                stand_in = torch.empty(1, device=x.device, dtype=torch.float32)
+                return x, phi, stand_in, stand_in, t, k, bk
+
+            slots = resident_programs(_pre_fwd_partial_kernel, compile_args, (x.dtype, phi.dtype), constexprs, x.device)
+            k_splits = wave_splits(t_blocks, triton.cdiv(k, 4 * bk), slots)
         ks = triton.cdiv(triton.cdiv(k, k_splits), bk) * bk
         k_splits = triton.cdiv(k, ks)
         part = torch.empty((k_splits, t, mp), **f32)
         ss_part = torch.empty((k_splits, t), **f32)
-        _pre_fwd_partial_kernel[(t_blocks, k_splits)](
-            x, phi, part, ss_part, t, k, ks, M=m, MP=mp, BT=bt, BK=bk, UPCAST=_interpreted(),
-            num_warps=num_warps or (s.fwd_warps if mp <= 32 else 8),
-            num_stages=num_stages or s.fwd_stages,
-        )  # fmt: skip
+        _pre_fwd_partial_kernel[(t_blocks, k_splits)](x, phi, part, ss_part, t, k, ks, **constexprs)
         _finish_aggregate(part, ss_part, x, alpha, bias, u, h_pre, h_post, h_res, proj, rstd, iters, eps, kind,
                           agg_block_t, agg_block_c)  # fmt: skip
         return u, h_pre, h_post, h_res, proj, rstd

@@ -362,14 +362,20 @@ def test_apply_defaults_fit_shared_memory():
 
 
 def test_h200_entry_is_its_sweep():
-    """The H200 table entry is what its sweep picked (benchmarks/results/kernels_sweep_h200/), field for field."""
+    """The H200 table entry is what its sweeps picked, field for field: the whole sweep
+    (benchmarks/results/kernels_sweep_h200/), then the reduce retuned (kernels_retune_h200/). The retune's
+    forward winner, a fixed 4 K splits, is not taken: the launcher's rule (evenly loaded resident programs)
+    picks 6 at T = 8192, within 0.5 % of it in the same sweep, and adapts to other token counts."""
     import json
-    from pathlib import Path
 
     from dualpipe_mhc.kernels.settings import TABLE
 
-    best = json.loads((Path(__file__).parents[1] / "benchmarks/results/kernels_sweep_h200/best_tuning.json").read_text())
-    assert best and TABLE["NVIDIA H200"].narrow == TABLE["default"].narrow.replace(best)
+    results = ROOT / "benchmarks/results"
+    best = json.loads((results / "kernels_sweep_h200/best_tuning.json").read_text())
+    retune = json.loads((results / "kernels_retune_h200/best_tuning.json").read_text())
+    reduce = {k: v for k, v in retune.items() if k.startswith("reduce_")}
+    assert best and reduce and retune["fwd_k_splits"] == 4 and best["fwd_k_splits"] is None
+    assert TABLE["NVIDIA H200"].narrow == TABLE["default"].narrow.replace(best).replace(reduce)
 
 
 def test_launch_settings_override_is_explicit_and_per_thread():
