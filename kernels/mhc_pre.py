@@ -268,7 +268,7 @@ def pre_forward(
                 return x, phi, stand_in, stand_in, t, k, bk
 
             slots = resident_programs(_pre_fwd_partial_kernel, compile_args, (x.dtype, phi.dtype), constexprs, x.device)
-            k_splits = wave_splits(t_blocks, triton.cdiv(k, 4 * bk), slots)
+            k_splits = wave_splits(t_blocks, min(triton.cdiv(k, 4 * bk), 16), slots)  # <= 16 partials, as the apply
         ks = triton.cdiv(triton.cdiv(k, k_splits), bk) * bk
         k_splits = triton.cdiv(k, ks)
         part = torch.empty((k_splits, t, mp), **f32)
