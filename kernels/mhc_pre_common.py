@@ -169,25 +169,27 @@ def fit_loop_stages(kernel, make_args, dtypes: tuple, constexprs: dict, device: 
     memory: a table entry swept for one shape can ask too much at another (H200 apply, 3 stages: 239 KB
     at n = 1 against 227 KB a block). Compiles without launching, cached; unchanged off CUDA. What the
     launch itself refuses all the same is fitted by :func:`launch_fitted`."""
-    stages = constexprs.get("LOOP_STAGES")
-    if (device.type != "cuda" and not _FIT_OFF_DEVICE) or not stages or stages <= 1:
-        return constexprs
     key = _fit_key(kernel, constexprs, dtypes, device)
-    if key not in _fitted:
-        limit = _shared_limit(device)
-        fitted = dict(constexprs)
-        while fitted["LOOP_STAGES"] > 1:
-            try:
-                shared = kernel.warmup(*make_args(), grid=(1,), **fitted).metadata.shared
-            except triton.runtime.errors.OutOfResources:  # a Triton that checks while compiling
-                shared = limit + 1
-            except (AttributeError, TypeError):  # a Triton without these internals: the launch fits it
-                break
-            if shared <= limit:
-                break
-            fitted["LOOP_STAGES"] -= 1
-        _fitted[key] = fitted
+    stages = constexprs.get("LOOP_STAGES")
+    if key in _fitted or (device.type != "cuda" and not _FIT_OFF_DEVICE) or not stages or stages <= 1:
+        return _fitted.get(key, constexprs)  # a fit launch_fitted found (e.g. of num_stages) included
+    limit = _shared_limit(device)
+    fitted = dict(constexprs)
+    while fitted["LOOP_STAGES"] > 1:
+        try:
+            shared = kernel.warmup(*make_args(), grid=(1,), **fitted).metadata.shared
+        except triton.runtime.errors.OutOfResources:  # a Triton that checks while compiling
+            shared = limit + 1
+        except (AttributeError, TypeError):  # a Triton without these internals: the launch fits it
+            break
+        if shared <= limit:
+            break
+        fitted["LOOP_STAGES"] -= 1
+    _fitted[key] = fitted
     return _fitted[key]
+
+
+_TRITON_STAGES = 3  # Triton's num_stages when a launch sets none (CUDA backend)
 
 
 def launch_fitted(kernel, grid: tuple, args: tuple, dtypes: tuple, constexprs: dict, device: torch.device) -> None:
@@ -210,9 +212,6 @@ def launch_fitted(kernel, grid: tuple, args: tuple, dtypes: tuple, constexprs: d
             fitted[knob] = stages - 1
     if fitted != constexprs:
         _fitted[_fit_key(kernel, constexprs, dtypes, device)] = fitted
-
-
-_TRITON_STAGES = 3  # Triton's num_stages when a launch sets none (CUDA backend)
 
 
 def _fit_key(kernel, constexprs: dict, dtypes: tuple, device: torch.device) -> tuple:

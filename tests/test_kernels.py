@@ -485,6 +485,8 @@ def test_launch_fitted_retries_a_launch_refused_for_shared_memory():
         assert remembered == {"LOOP_STAGES": 2, "BT": 64}
         mpc.launch_fitted(Kernel(2), (1,), (), (), {"LOOP_STAGES": None, "BT": 64}, cuda)
         assert launched[-1][2] == {"LOOP_STAGES": None, "BT": 64, "num_stages": 2}
+        # the next launch of the same kind asks the compile-time fit first, which now knows
+        assert mpc.fit_loop_stages(Kernel(2), tuple, (), {"LOOP_STAGES": None, "BT": 64}, cuda)["num_stages"] == 2
         with pytest.raises(triton.runtime.errors.OutOfResources):
             mpc.launch_fitted(Kernel(0), (1,), (), (), {"LOOP_STAGES": 2, "BT": 64}, cuda)
     finally:
