@@ -18,8 +18,8 @@ FWD = [
     dict(fwd_split=True, fwd_block_t=bt, fwd_block_k=bk, fwd_warps=w, fwd_stages=st, fwd_k_splits=ks)
     for bt, bk, w, st, ks in [(128, 64, 4, 3, None), (128, 128, 8, 3, None), (64, 128, 4, 3, None),
                               (128, 64, 8, 4, None), (256, 64, 8, 3, None), (64, 64, 4, 4, None), (128, 64, 4, 3, 8),
-                              # K splits that fill the H200's slots evenly (the default gives 5 at T = 8192: 320
-                              # programs for 396 slots, 2 or 3 an SM)
+                              # K splits that fill the H200's slots evenly (the rule before 2026-12-01 gave
+                              # 5 at T = 8192: 320 programs for 396 slots, 2 or 3 an SM)
                               (128, 64, 4, 3, 3), (128, 64, 4, 3, 4), (128, 64, 4, 3, 6), (64, 64, 4, 3, 3),
                               (64, 64, 4, 3, 6), (128, 64, 4, 2, None)]
 ]  # fmt: skip
