@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from .mhc_pre_common import (
-    _dot_bf16, _interpreted, _num_sms, _pow2, fit_loop_stages, launch_fitted, resident_programs, wave_splits,
+    MAX_PARTIALS, _dot_bf16, _interpreted, _num_sms, _pow2, fit_loop_stages, launch_fitted, resident_programs,
+    wave_splits,
 )  # fmt: skip
 from .settings import LaunchSettings
 
@@ -351,7 +352,7 @@ def chain_backward(
     dtypes = (x.dtype, phi.dtype, g.dtype)
     constexprs = fit_loop_stages(_chain_bwd_kernel, compile_args, dtypes, constexprs, x.device)
     slots = resident_programs(_chain_bwd_kernel, compile_args, dtypes, constexprs, x.device)
-    splits = wave_splits(c_blocks, min(t_blocks, 16), slots)  # whole waves; at most 16 dphi partials
+    splits = wave_splits(c_blocks, min(t_blocks, MAX_PARTIALS), slots)  # whole waves; few dphi partials
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(t, tokens_per_split)
     dphi = torch.empty((splits, n * c, m), **f32)

@@ -47,8 +47,8 @@ import triton.language as tl
 
 from .mhc_pre_bwd import pre_backward, pre_backward_apply, pre_backward_dphi, pre_backward_reduce  # noqa: F401
 from .mhc_pre_common import (
-    _dot_bf16, _h_pre, _interpreted, _load_proj, _logits, _mappings, _num_sms, _pow2, _precision, resident_programs,
-    variant, wave_splits,
+    MAX_PARTIALS, _dot_bf16, _h_pre, _interpreted, _load_proj, _logits, _mappings, _num_sms, _pow2, _precision,
+    resident_programs, variant, wave_splits,
 )  # fmt: skip
 from .settings import LaunchSettings, launch_settings
 
@@ -268,9 +268,9 @@ def pre_forward(
                 return x, phi, stand_in, stand_in, t, k, bk
 
             slots = resident_programs(_pre_fwd_partial_kernel, compile_args, (x.dtype, phi.dtype), constexprs, x.device)
-            # at most 16 partials (uncapped, the rule took 37 at C 4096 and ran 1.7x slower), unless few tokens need
-            # more splits for ~2 programs an SM (the rule before: T 1024 keeps its 32 splits)
-            most = max(16, triton.cdiv(2 * _num_sms(x.device), t_blocks))
+            # at most MAX_PARTIALS (uncapped, the rule took 37 at C 4096 and ran 1.7x slower), unless few tokens
+            # need more splits for ~2 programs an SM (the rule before: T 1024 keeps its 32 splits)
+            most = max(MAX_PARTIALS, triton.cdiv(2 * _num_sms(x.device), t_blocks))
             k_splits = wave_splits(t_blocks, min(triton.cdiv(k, 4 * bk), most), slots)
         ks = triton.cdiv(triton.cdiv(k, k_splits), bk) * bk
         k_splits = triton.cdiv(k, ks)

@@ -8,8 +8,8 @@ import triton
 import triton.language as tl
 
 from .mhc_pre_common import (
-    _dot_bf16, _interpreted, _load_proj, _logits, _num_sms, _pow2, _precision, _res_offsets, fit_loop_stages,
-    launch_fitted, resident_programs, variant, wave_splits,
+    MAX_PARTIALS, _dot_bf16, _interpreted, _load_proj, _logits, _num_sms, _pow2, _precision, _res_offsets,
+    fit_loop_stages, launch_fitted, resident_programs, variant, wave_splits,
 )  # fmt: skip
 from .settings import LaunchSettings, launch_settings
 from .sinkhorn import sinkhorn_bwd, sinkhorn_init
@@ -288,7 +288,7 @@ def pre_backward_apply(
     dtypes = (x.dtype, du.dtype, phi.dtype, g.dtype, dx.dtype)
     constexprs = fit_loop_stages(_pre_bwd_apply_kernel, compile_args, dtypes, constexprs, x.device)
     slots = resident_programs(_pre_bwd_apply_kernel, compile_args, dtypes, constexprs, x.device)
-    splits = wave_splits(c_blocks, min(t_blocks, 16), slots)
+    splits = wave_splits(c_blocks, min(t_blocks, MAX_PARTIALS), slots)
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(t, tokens_per_split)
     dphi_part = torch.empty((splits if fuse_dphi else 1, n * c, m), device=x.device, dtype=torch.float32)
@@ -311,7 +311,7 @@ def pre_backward_dphi(
     k, m = n * c, draw.shape[1]
     k_blocks = triton.cdiv(k, block_k)
     t_blocks = triton.cdiv(t, block_t)
-    splits = max(1, min(t_blocks, 16, triton.cdiv(2 * _num_sms(x.device), k_blocks)))
+    splits = max(1, min(t_blocks, MAX_PARTIALS, triton.cdiv(2 * _num_sms(x.device), k_blocks)))
     tokens_per_split = triton.cdiv(t_blocks, splits) * block_t
     splits = triton.cdiv(t, tokens_per_split)
     dphi_part = torch.empty((splits, k, m), device=x.device, dtype=torch.float32)

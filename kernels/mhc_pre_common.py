@@ -229,6 +229,9 @@ def _shared_limit(device: torch.device) -> int:
         return SM90_PROGRAM_SHARED
 
 
+MAX_PARTIALS = 16  # most splits a launch sums partials over afterwards (each split writes a partial; 37 cost 1.7x)
+
+
 def wave_splits(blocks: int, max_splits: int, slots: int) -> int:
     """Token splits s (1..max_splits) for a grid of s x ``blocks`` programs that wastes the least of
     its last wave on ``slots`` resident programs (ties: the fewest splits, the fewest partials)."""
